@@ -1,0 +1,34 @@
+// Host API of the CUDA SSD kernels (kernels/ssd_*.cu). Same math and conventions as
+// ssd::cpu::ssd_fwd / ssd_bwd in src/backend/cpu/cpu_ops.h, in mixed precision:
+// xBC, dt (raw, strided), y, dy, dxBC, ddt are bf16; dt_bias, A_log, D, states and their
+// gradients are fp32; all accumulation is fp32.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "backend/backend.h"
+
+namespace ssd::cuda {
+
+using bf16 = __nv_bfloat16;
+
+// Scratch bytes ssd_fwd / ssd_bwd need for these sizes (the caller allocates once and reuses).
+size_t ssd_workspace_bytes(const SsdDims& d);
+
+void ssd_fwd(const SsdDims& d, const bf16* xBC, const bf16* dt, int64_t ld_dt,
+             const float* dt_bias, const float* A_log, const float* D,
+             const float* initial_state, bf16* y, float* final_state, void* workspace,
+             cudaStream_t stream);
+
+// dxBC, ddt (columns [0, nheads) of each row) and d_initial_state are overwritten;
+// d_dt_bias, dA_log, dD accumulate. initial_state, dfinal_state, d_initial_state may be null.
+void ssd_bwd(const SsdDims& d, const bf16* xBC, const bf16* dt, int64_t ld_dt,
+             const float* dt_bias, const float* A_log, const float* D,
+             const float* initial_state, const bf16* dy, const float* dfinal_state, bf16* dxBC,
+             bf16* ddt, int64_t ld_ddt, float* d_dt_bias, float* dA_log, float* dD,
+             float* d_initial_state, void* workspace, cudaStream_t stream);
+
+}  // namespace ssd::cuda

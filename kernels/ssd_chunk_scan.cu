@@ -1,0 +1,132 @@
+// SSD step 5: the output of each chunk,
+//   y_t = exp(cs_t) C_t S_in^T                                   (carried state)
+//       + sum_{s <= t in chunk} CB[t][s] exp(cs_t - cs_s) dt_s x_s  (intra-chunk, causal)
+//       + D x_t.
+// One block (4 warps x 16 rows) per (64-token tile, PT-column slice of headdim, chunk, head,
+// batch); both products on bf16 tensor cores, the masked/decayed CB tile built in registers
+// straight into A fragments.
+#include "ssd_common.cuh"
+
+namespace ssd::cuda::detail {
+
+template <int NT>
+__global__ __launch_bounds__(128) void chunk_scan_fwd_kernel(
+    const bf16* __restrict__ xBC, int64_t ldx, const float* __restrict__ D,
+    const float* __restrict__ dt, const float* __restrict__ cs, const float* __restrict__ CB,
+    const float* __restrict__ states, bf16* __restrict__ y, int L, int H, int G, int P, int N,
+    int nc, int Q) {
+  constexpr int PT = NT * 8, LDX = PT + 8, LDS = 72;
+  __shared__ __align__(16) bf16 Cs[64 * LDS];
+  __shared__ __align__(16) bf16 Ss[PT * LDS];
+  __shared__ __align__(16) bf16 Xs[64 * LDX];
+  __shared__ float cs_s[256], dt_s[256];
+  const int npb = P / PT;
+  const int pb = blockIdx.x % npb, tb = blockIdx.x / npb;
+  const int c = blockIdx.y % nc, h = blockIdx.y / nc, b = blockIdx.z;
+  const int g = h / (H / G);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tq = lane & 3;
+  const int64_t d_inner = static_cast<int64_t>(H) * P;
+
+  const int64_t cbase = ((static_cast<int64_t>(b) * H + h) * nc + c) * Q;
+  for (int t = threadIdx.x; t < Q; t += blockDim.x) {
+    cs_s[t] = cs[cbase + t];
+    dt_s[t] = dt[cbase + t];
+  }
+  const int64_t row0 = static_cast<int64_t>(b) * L + static_cast<int64_t>(c) * Q;
+  const int t0 = tb * 64;
+  float acc[NT][4];
+  zero_acc(acc);
+
+  // carried state: C_t (64 x N) . S_in^T (N x PT)
+  const float* S = states + ((static_cast<int64_t>(b) * (nc + 1) + c) * H + h) *
+                                static_cast<int64_t>(P) * N + static_cast<int64_t>(pb) * PT * N;
+  const bf16* Cg = xBC + (row0 + t0) * ldx + d_inner + static_cast<int64_t>(G + g) * N;
+  for (int n0 = 0; n0 < N; n0 += 64) {
+    __syncthreads();
+    load_tile(Cs, LDS, Cg + n0, ldx, 64, 64, L - (c * Q + t0));
+    load_tile_f32(Ss, LDS, S + n0, N, PT, 64);
+    __syncthreads();
+    warp_mma_smem<NT, true>(acc, Cs, LDS, warp * 16, Ss, LDS, 64, lane);
+  }
+  const int r0 = t0 + warp * 16 + (lane >> 2), r1 = r0 + 8;  // chunk-local rows
+  const float cs0 = cs_s[r0], cs1 = cs_s[r1];
+  {
+    const float e0 = __expf(cs0), e1 = __expf(cs1);
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      acc[j][0] *= e0;
+      acc[j][1] *= e0;
+      acc[j][2] *= e1;
+      acc[j][3] *= e1;
+    }
+  }
+
+  // intra-chunk: (CB o decay o dt, causal) (64 x 64 per s-block) . X_s (64 x PT)
+  const float* CBp = CB + ((static_cast<int64_t>(b) * nc + c) * G + g) * Q * Q;
+  const bf16* Xg = xBC + row0 * ldx + static_cast<int64_t>(h) * P + pb * PT;
+  for (int sb = 0; sb <= tb; ++sb) {
+    const int s0 = sb * 64;
+    __syncthreads();
+    load_tile(Xs, LDX, Xg + s0 * ldx, ldx, 64, PT, L - (c * Q + s0));
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < 64; k += 16) {
+      uint32_t a[4];
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int s = s0 + k + half * 8 + tq * 2;
+        const float2 c0 = *reinterpret_cast<const float2*>(CBp + static_cast<int64_t>(r0) * Q + s);
+        const float2 c1 = *reinterpret_cast<const float2*>(CBp + static_cast<int64_t>(r1) * Q + s);
+        const float w0 = dt_s[s], w1 = dt_s[s + 1], q0 = cs_s[s], q1 = cs_s[s + 1];
+        a[half * 2 + 0] = pack_bf16(s <= r0 ? c0.x * __expf(cs0 - q0) * w0 : 0.f,
+                                    s + 1 <= r0 ? c0.y * __expf(cs0 - q1) * w1 : 0.f);
+        a[half * 2 + 1] = pack_bf16(s <= r1 ? c1.x * __expf(cs1 - q0) * w0 : 0.f,
+                                    s + 1 <= r1 ? c1.y * __expf(cs1 - q1) * w1 : 0.f);
+      }
+#pragma unroll
+      for (int j = 0; j < NT; j += 2) {
+        uint32_t bb[4];
+        ldb_kn(bb, Xs, LDX, j * 8, k, lane);
+        mma_bf16(acc[j], a, bb[0], bb[1]);
+        mma_bf16(acc[j + 1], a, bb[2], bb[3]);
+      }
+    }
+  }
+
+  // y = acc + D x
+  const float Dh = D[h];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = half ? r1 : r0;
+    if (c * Q + r >= L) continue;
+    const bf16* xr = xBC + (row0 + r) * ldx + static_cast<int64_t>(h) * P + pb * PT + tq * 2;
+    bf16* yr = y + (row0 + r) * d_inner + static_cast<int64_t>(h) * P + pb * PT + tq * 2;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const float2 xv = ld_bf16x2(xr + j * 8);
+      st_bf16x2(yr + j * 8, acc[j][half * 2] + Dh * xv.x, acc[j][half * 2 + 1] + Dh * xv.y);
+    }
+  }
+}
+
+void launch_chunk_scan_fwd(const SsdDims& d, const bf16* xBC, const float* D, const float* dt,
+                           const float* cs, const float* CB, const float* states, bf16* y,
+                           cudaStream_t st) {
+  const int P = static_cast<int>(d.headdim), nc = static_cast<int>(d.nchunks());
+  const int PT = P >= 64 ? 64 : 32;
+  dim3 grid(static_cast<unsigned>((d.chunk / 64) * (P / PT)),
+            static_cast<unsigned>(nc * d.nheads), static_cast<unsigned>(d.batch));
+  auto args = [&](auto kern) {
+    kern<<<grid, 128, 0, st>>>(xBC, d.conv_dim(), D, dt, cs, CB, states, y,
+                               static_cast<int>(d.seqlen), static_cast<int>(d.nheads),
+                               static_cast<int>(d.ngroups), P, static_cast<int>(d.dstate), nc,
+                               static_cast<int>(d.chunk));
+  };
+  if (PT == 64)
+    args(chunk_scan_fwd_kernel<8>);
+  else
+    args(chunk_scan_fwd_kernel<4>);
+  check_launch("ssd chunk_scan_fwd");
+}
+
+}  // namespace ssd::cuda::detail

@@ -1,0 +1,118 @@
+// SSD forward and backward: the chunked state-space-dual algorithm as a sequence of steps,
+// one kernel file each (ssd_chunk_cumsum, ssd_chunk_bmm, ssd_chunk_state, ssd_state_passing,
+// ssd_chunk_scan; backward: ssd_state_passing_bwd, ssd_chunk_scan_bwd, ssd_chunk_state_bwd,
+// ssd_dt_bwd). The backward recomputes the forward's states from the inputs.
+#include <string>
+
+#include "core/error.h"
+#include "ssd.h"
+#include "ssd_common.cuh"
+
+namespace ssd::cuda {
+
+namespace {
+SsdProfiler* g_profiler = nullptr;
+
+void mark(const char* step, cudaStream_t st) {
+  if (g_profiler) g_profiler->mark(step, st);
+}
+
+void check_dims(const SsdDims& d) {
+  if (d.batch <= 0 || d.seqlen <= 0 || d.nheads <= 0 || d.ngroups <= 0)
+    fail("ssd (cuda): empty dimensions");
+  if (d.nheads % d.ngroups != 0) fail("ssd (cuda): nheads ", d.nheads, " % ngroups ", d.ngroups);
+  if (d.chunk != 64 && d.chunk != 128 && d.chunk != 256)
+    fail("ssd (cuda): chunk must be 64, 128 or 256, got ", d.chunk);
+  if (d.headdim % 32 != 0 || d.headdim > 256 || (d.headdim > 32 && d.headdim % 64 != 0))
+    fail("ssd (cuda): headdim must be 32 or a multiple of 64 up to 256, got ", d.headdim);
+  if (d.dstate % 64 != 0 || d.dstate > 256)
+    fail("ssd (cuda): dstate must be a multiple of 64 up to 256, got ", d.dstate);
+  if (d.nchunks() * d.nheads > 65535 || d.nchunks() * d.ngroups > 65535)
+    fail("ssd (cuda): too many chunks x heads for one launch");
+}
+}  // namespace
+
+void ssd_set_profiler(SsdProfiler* p) { g_profiler = p; }
+
+namespace detail {
+void check_launch(const char* what) {
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) fail(what, ": ", cudaGetErrorString(e));
+}
+}  // namespace detail
+
+size_t ssd_workspace_bytes(const SsdDims& d) {
+  detail::SsdWorkspace w;
+  return detail::carve_workspace(d, nullptr, true, &w);
+}
+
+void ssd_fwd(const SsdDims& d, const bf16* xBC, const bf16* dt, int64_t ld_dt,
+             const float* dt_bias, const float* A_log, const float* D,
+             const float* initial_state, bf16* y, float* final_state, void* workspace,
+             cudaStream_t stream) {
+  using namespace detail;
+  check_dims(d);
+  SsdWorkspace w;
+  carve_workspace(d, workspace, false, &w);
+  const int nc = static_cast<int>(d.nchunks());
+  const int64_t d_inner = d.d_inner(), GN = d.ngroups * d.dstate;
+  mark("start", stream);
+  launch_chunk_cumsum(d, dt, ld_dt, dt_bias, A_log, w.dt, w.cs, stream);
+  mark("chunk_cumsum", stream);
+  launch_chunk_bmm(d, xBC, d_inner + GN, d_inner, true, w.CB, stream);
+  mark("chunk_bmm(CB)", stream);
+  launch_chunk_state(d, xBC, d.conv_dim(), xBC, d_inner, w.dt, w.cs, 0, w.states, nc + 1, 1,
+                     stream);
+  mark("chunk_state", stream);
+  launch_state_passing(d, w.states, w.cs, initial_state, final_state, stream);
+  mark("state_passing", stream);
+  launch_chunk_scan_fwd(d, xBC, D, w.dt, w.cs, w.CB, w.states, y, stream);
+  mark("chunk_scan", stream);
+}
+
+void ssd_bwd(const SsdDims& d, const bf16* xBC, const bf16* dt, int64_t ld_dt,
+             const float* dt_bias, const float* A_log, const float* D,
+             const float* initial_state, const bf16* dy, const float* dfinal_state, bf16* dxBC,
+             bf16* ddt, int64_t ld_ddt, float* d_dt_bias, float* dA_log, float* dD,
+             float* d_initial_state, void* workspace, cudaStream_t stream) {
+  using namespace detail;
+  check_dims(d);
+  SsdWorkspace w;
+  carve_workspace(d, workspace, true, &w);
+  const int nc = static_cast<int>(d.nchunks());
+  const int64_t d_inner = d.d_inner(), GN = d.ngroups * d.dstate;
+  const size_t nq = static_cast<size_t>(d.batch * d.nheads * nc * d.chunk) * sizeof(float);
+  mark("start", stream);
+  cudaMemsetAsync(w.ddt_dir, 0, nq, stream);
+  cudaMemsetAsync(w.dcs, 0, nq, stream);
+  // recompute the forward's states
+  launch_chunk_cumsum(d, dt, ld_dt, dt_bias, A_log, w.dt, w.cs, stream);
+  mark("chunk_cumsum", stream);
+  launch_chunk_bmm(d, xBC, d_inner + GN, d_inner, true, w.CB, stream);
+  launch_chunk_bmm(d, xBC, d_inner, d_inner + GN, false, w.BC, stream);
+  mark("chunk_bmm(CB,BC)", stream);
+  launch_chunk_state(d, xBC, d.conv_dim(), xBC, d_inner, w.dt, w.cs, 0, w.states, nc + 1, 1,
+                     stream);
+  mark("chunk_state", stream);
+  launch_state_passing(d, w.states, w.cs, initial_state, nullptr, stream);
+  mark("state_passing", stream);
+  // state gradients
+  launch_chunk_state(d, dy, d_inner, xBC, d_inner + GN, w.dt, w.cs, 1, w.dstates, nc, 0,
+                     stream);
+  mark("chunk_state(dS_local)", stream);
+  launch_state_passing_bwd(d, w.states, w.dstates, w.cs, dfinal_state, d_initial_state, w.dcs,
+                           stream);
+  mark("state_passing_bwd", stream);
+  launch_chunk_scan_bwd_dx(d, xBC, dy, D, w.dt, w.cs, w.BC, w.dstates, dxBC, w.ddt_dir, dD,
+                           stream);
+  mark("chunk_scan_bwd_dx", stream);
+  launch_chunk_state_bwd_dB(d, xBC, dy, w.dt, w.cs, w.BC, w.dstates, dxBC, w.dcs, stream);
+  mark("chunk_state_bwd_dB", stream);
+  launch_chunk_scan_bwd_dC(d, xBC, dy, w.dt, w.cs, w.CB, w.states, dxBC, w.dcs, stream);
+  mark("chunk_scan_bwd_dC", stream);
+  launch_dt_bwd(d, dt, ld_dt, dt_bias, A_log, w.dt, w.dcs, w.ddt_dir, ddt, ld_ddt, d_dt_bias,
+                dA_log, stream);
+  mark("dt_bwd", stream);
+}
+
+}  // namespace ssd::cuda

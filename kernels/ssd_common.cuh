@@ -1,0 +1,321 @@
+// Shared pieces of the CUDA SSD kernels (kernels/ssd_*.cu): the workspace layout, the host
+// launchers of each algorithm step, an optional per-step profiler hook, and (for nvcc only)
+// the device helpers: bf16 tensor-core fragments (mma.sync m16n8k16 + ldmatrix), tile loaders
+// and block scans.
+//
+// Layouts (all fp32, in the workspace), with nc = nchunks, Q = chunk:
+//   dt, cs    [batch, nheads, nc, Q]      dt = softplus(dt_raw + dt_bias) (0 past seqlen),
+//                                         cs = within-chunk inclusive cumsum of dt * A
+//   CB        [batch, nc, ngroups, Q, Q]  CB[t][s] = C_t . B_s (tiles with s-block <= t-block)
+//   BC        [batch, nc, ngroups, Q, Q]  BC[s][t] = B_s . C_t (tiles with t-block >= s-block)
+//   states    [batch, nc+1, nheads, P, N] slot c = state entering chunk c, slot nc = final
+//   dstates   [batch, nc, nheads, P, N]   dL/d(state leaving chunk c)
+//   ddt_dir   [batch, nheads, nc, Q]      dL/d dt through the explicit dt factors
+//   dcs       [batch, nheads, nc, Q]      dL/d cs
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "backend/backend.h"
+
+namespace ssd::cuda {
+
+// Optional hook: when set, ssd_fwd / ssd_bwd call mark(step) after launching each step, so a
+// profiler can record a cudaEvent there. Not thread-safe; for benchmarks.
+struct SsdProfiler {
+  virtual ~SsdProfiler() = default;
+  virtual void mark(const char* step, cudaStream_t stream) = 0;
+};
+void ssd_set_profiler(SsdProfiler* p);  // nullptr disables
+
+namespace detail {
+
+struct SsdWorkspace {
+  float* dt = nullptr;
+  float* cs = nullptr;
+  float* CB = nullptr;
+  float* states = nullptr;
+  float* BC = nullptr;
+  float* dstates = nullptr;
+  float* ddt_dir = nullptr;
+  float* dcs = nullptr;
+};
+
+// Carves `base` (may be null to only count) into the pieces; returns the bytes used.
+inline size_t carve_workspace(const SsdDims& d, void* base, bool bwd, SsdWorkspace* w) {
+  const size_t B = d.batch, H = d.nheads, nc = d.nchunks(), Q = d.chunk, G = d.ngroups,
+               P = d.headdim, N = d.dstate;
+  size_t off = 0;
+  char* p = static_cast<char*>(base);
+  auto take = [&](size_t nfloat) -> float* {
+    float* r = p ? reinterpret_cast<float*>(p + off) : nullptr;
+    off += (nfloat * sizeof(float) + 255) & ~size_t(255);
+    return r;
+  };
+  w->dt = take(B * H * nc * Q);
+  w->cs = take(B * H * nc * Q);
+  w->CB = take(B * nc * G * Q * Q);
+  w->states = take(B * (nc + 1) * H * P * N);
+  if (bwd) {
+    w->BC = take(B * nc * G * Q * Q);
+    w->dstates = take(B * nc * H * P * N);
+    w->ddt_dir = take(B * H * nc * Q);
+    w->dcs = take(B * H * nc * Q);
+  }
+  return off;
+}
+
+// ---- host launchers, one per step (defined in the .cu named after the step) ----
+using bf16 = __nv_bfloat16;
+
+// ssd_chunk_cumsum.cu
+void launch_chunk_cumsum(const SsdDims& d, const bf16* dt_raw, int64_t ld_dt,
+                         const float* dt_bias, const float* A_log, float* dt, float* cs,
+                         cudaStream_t st);
+// ssd_chunk_bmm.cu: out[t][s] = X_t . Y_s per chunk and group; X, Y at column offsets xoff,
+// yoff (+ g*dstate) of xBC. lower: tiles with s-block <= t-block, else >=.
+void launch_chunk_bmm(const SsdDims& d, const bf16* xBC, int64_t xoff, int64_t yoff, bool lower,
+                      float* out, cudaStream_t st);
+// ssd_chunk_state.cu: out[b, c + slot_off (of out_slots), h][p][n] = sum_s w_s U_s[p] V_s[n]
+// with U at column h*headdim of a [tokens, ldu] matrix, V at column voff + g*dstate of xBC.
+// mode 0: w_s = exp(cs_last - cs_s) * dt_s (chunk states); mode 1: w_s = exp(cs_s).
+void launch_chunk_state(const SsdDims& d, const bf16* U, int64_t ldu, const bf16* xBC,
+                        int64_t voff, const float* dt, const float* cs, int mode, float* out,
+                        int out_slots, int slot_off, cudaStream_t st);
+// ssd_state_passing.cu: states slots 1..nc hold chunk states on entry, entering states (and
+// the final state in slot nc) on exit; slot 0 = initial state.
+void launch_state_passing(const SsdDims& d, float* states, const float* cs,
+                          const float* initial_state, float* final_state, cudaStream_t st);
+// ssd_chunk_scan.cu
+void launch_chunk_scan_fwd(const SsdDims& d, const bf16* xBC, const float* D, const float* dt,
+                           const float* cs, const float* CB, const float* states, bf16* y,
+                           cudaStream_t st);
+// ssd_state_passing_bwd.cu: dstates holds per-chunk local gradients on entry,
+// dL/d(state leaving chunk c) on exit; adds <dstate_out, state_out> to dcs at each chunk end.
+void launch_state_passing_bwd(const SsdDims& d, const float* states, float* dstates,
+                              const float* cs, const float* dfinal, float* dinit, float* dcs,
+                              cudaStream_t st);
+// ssd_chunk_scan_bwd.cu
+void launch_chunk_scan_bwd_dx(const SsdDims& d, const bf16* xBC, const bf16* dy,
+                              const float* D, const float* dt, const float* cs, const float* BC,
+                              const float* dstates, bf16* dxBC, float* ddt_dir, float* dD,
+                              cudaStream_t st);
+void launch_chunk_scan_bwd_dC(const SsdDims& d, const bf16* xBC, const bf16* dy,
+                              const float* dt, const float* cs, const float* CB,
+                              const float* states, bf16* dxBC, float* dcs, cudaStream_t st);
+// ssd_chunk_state_bwd.cu
+void launch_chunk_state_bwd_dB(const SsdDims& d, const bf16* xBC, const bf16* dy,
+                               const float* dt, const float* cs, const float* BC,
+                               const float* dstates, bf16* dxBC, float* dcs, cudaStream_t st);
+// ssd_dt_bwd.cu
+void launch_dt_bwd(const SsdDims& d, const bf16* dt_raw, int64_t ld_dt, const float* dt_bias,
+                   const float* A_log, const float* dt, const float* dcs, const float* ddt_dir,
+                   bf16* ddt, int64_t ld_ddt, float* d_dt_bias, float* dA_log,
+                   cudaStream_t st);
+
+void check_launch(const char* what);  // throws ssd::Error on a launch error
+
+}  // namespace detail
+}  // namespace ssd::cuda
+
+#if defined(__CUDACC__)
+namespace ssd::cuda::detail {
+
+constexpr unsigned kFull = 0xffffffffu;
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ float2 ld_bf16x2(const bf16* p) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+}
+__device__ __forceinline__ void st_bf16x2(bf16* p, float a, float b) {
+  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const bf16* p) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const bf16* p) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
+// d += a (16x16, row) * b (16x8, col), bf16 in, fp32 accumulate.
+// Accumulator: d[0],d[1] at row lane/4, cols 2*(lane%4)+{0,1}; d[2],d[3] at row lane/4+8.
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// A fragment (16 rows m0.., 16 k k0..) from shared memory stored [m][k] (k contiguous).
+__device__ __forceinline__ void lda_mk(uint32_t (&a)[4], const bf16* s, int ld, int m0, int k0,
+                                       int lane) {
+  ldsm_x4(a, s + (m0 + (lane & 15)) * ld + k0 + ((lane >> 4) << 3));
+}
+// A fragment from shared memory stored [k][m] (m contiguous).
+__device__ __forceinline__ void lda_km(uint32_t (&a)[4], const bf16* s, int ld, int m0, int k0,
+                                       int lane) {
+  ldsm_x4_t(a, s + (k0 + (lane & 7) + ((lane >> 4) << 3)) * ld + m0 + (((lane >> 3) & 1) << 3));
+}
+// B fragments of two n8 tiles (n0.., n0+8..) x k16 from shared memory stored [n][k]:
+// b[0],b[1] for tile n0, b[2],b[3] for tile n0+8.
+__device__ __forceinline__ void ldb_nk(uint32_t (&b)[4], const bf16* s, int ld, int n0, int k0,
+                                       int lane) {
+  ldsm_x4(b, s + (n0 + (lane & 7) + ((lane >> 4) << 3)) * ld + k0 + (((lane >> 3) & 1) << 3));
+}
+// Same from shared memory stored [k][n] (n contiguous).
+__device__ __forceinline__ void ldb_kn(uint32_t (&b)[4], const bf16* s, int ld, int n0, int k0,
+                                       int lane) {
+  ldsm_x4_t(b, s + (k0 + (lane & 7) + (((lane >> 3) & 1) << 3)) * ld + n0 + ((lane >> 4) << 3));
+}
+
+// acc[NT][4] (16 rows x NT*8 cols) += A(16 x K from smem [m][k]) * B(K x NT*8), K = 16*ksteps.
+// B stored [n][k] (kNK) or [k][n].
+template <int NT, bool kNK>
+__device__ __forceinline__ void warp_mma_smem(float (&acc)[NT][4], const bf16* As, int lda,
+                                              int m0, const bf16* Bs, int ldb, int K, int lane) {
+  for (int k = 0; k < K; k += 16) {
+    uint32_t a[4];
+    lda_mk(a, As, lda, m0, k, lane);
+#pragma unroll
+    for (int j = 0; j < NT; j += 2) {
+      uint32_t b[4];
+      if constexpr (kNK)
+        ldb_nk(b, Bs, ldb, j * 8, k, lane);
+      else
+        ldb_kn(b, Bs, ldb, j * 8, k, lane);
+      mma_bf16(acc[j], a, b[0], b[1]);
+      mma_bf16(acc[j + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// Accumulator columns [16*kk, 16*kk+16) of a 16-row tile as an A fragment (bf16).
+template <int NT>
+__device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&acc)[NT][4], int kk) {
+  a[0] = pack_bf16(acc[2 * kk][0], acc[2 * kk][1]);
+  a[1] = pack_bf16(acc[2 * kk][2], acc[2 * kk][3]);
+  a[2] = pack_bf16(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
+  a[3] = pack_bf16(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
+}
+
+template <int NT>
+__device__ __forceinline__ void zero_acc(float (&acc)[NT][4]) {
+#pragma unroll
+  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+}
+
+// Copies a rows x cols bf16 tile (cols % 8 == 0, 16-byte aligned rows) from global memory
+// (row stride ldg) to shared memory (row stride lds); rows >= valid are zero-filled.
+__device__ __forceinline__ void load_tile(bf16* s, int lds, const bf16* g, int64_t ldg, int rows,
+                                          int cols, int valid) {
+  const int cv = cols >> 3;
+  for (int i = threadIdx.x; i < rows * cv; i += blockDim.x) {
+    const int r = i / cv, c = (i - r * cv) << 3;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (r < valid) v = *reinterpret_cast<const uint4*>(g + r * ldg + c);
+    *reinterpret_cast<uint4*>(s + r * lds + c) = v;
+  }
+}
+// Same, each row r multiplied by w[r] (fp32) before rounding to bf16.
+__device__ __forceinline__ void load_tile_scaled(bf16* s, int lds, const bf16* g, int64_t ldg,
+                                                 int rows, int cols, int valid, const float* w) {
+  const int cv = cols >> 3;
+  for (int i = threadIdx.x; i < rows * cv; i += blockDim.x) {
+    const int r = i / cv, c = (i - r * cv) << 3;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (r < valid) {
+      v = *reinterpret_cast<const uint4*>(g + r * ldg + c);
+      const float wr = w[r];
+      uint32_t* u = reinterpret_cast<uint32_t*>(&v);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        float2 f = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&u[q]));
+        u[q] = pack_bf16(f.x * wr, f.y * wr);
+      }
+    }
+    *reinterpret_cast<uint4*>(s + r * lds + c) = v;
+  }
+}
+// fp32 global tile (rows x cols, cols % 8 == 0, 16-byte aligned rows) -> bf16 shared tile.
+__device__ __forceinline__ void load_tile_f32(bf16* s, int lds, const float* g, int64_t ldg,
+                                              int rows, int cols) {
+  const int cv = cols >> 3;
+  for (int i = threadIdx.x; i < rows * cv; i += blockDim.x) {
+    const int r = i / cv, c = (i - r * cv) << 3;
+    const float4 a = *reinterpret_cast<const float4*>(g + r * ldg + c);
+    const float4 b = *reinterpret_cast<const float4*>(g + r * ldg + c + 4);
+    uint4 v;
+    v.x = pack_bf16(a.x, a.y);
+    v.y = pack_bf16(a.z, a.w);
+    v.z = pack_bf16(b.x, b.y);
+    v.w = pack_bf16(b.z, b.w);
+    *reinterpret_cast<uint4*>(s + r * lds + c) = v;
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  return v;
+}
+// Sum over the 4 lanes of a quad (lanes sharing one accumulator row).
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(kFull, v, 1);
+  v += __shfl_xor_sync(kFull, v, 2);
+  return v;
+}
+
+// Inclusive prefix sum over the block (blockDim.x a multiple of 32, at most 1024).
+// sh: 32 floats of shared memory. Call once per kernel (or __syncthreads() between calls).
+__device__ __forceinline__ float block_incl_scan(float v, float* sh) {
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const float n = __shfl_up_sync(kFull, v, o);
+    if (lane >= o) v += n;
+  }
+  if (lane == 31) sh[w] = v;
+  __syncthreads();
+  if (w == 0) {
+    float s = lane < nw ? sh[lane] : 0.f;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const float n = __shfl_up_sync(kFull, s, o);
+      if (lane >= o) s += n;
+    }
+    sh[lane] = s;
+  }
+  __syncthreads();
+  if (w > 0) v += sh[w - 1];
+  return v;
+}
+
+// Softplus as the CPU reference defines it (x > 20 -> x).
+__device__ __forceinline__ float softplus_f(float z) { return z > 20.f ? z : log1pf(expf(z)); }
+
+// Raises a kernel's dynamic shared memory limit once (per kernel pointer value).
+template <class K>
+inline void allow_smem(K kernel, size_t bytes) {
+  if (bytes > 48 * 1024)
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         static_cast<int>(bytes));
+}
+
+}  // namespace ssd::cuda::detail
+#endif  // __CUDACC__

@@ -1,0 +1,57 @@
+// SSD backward of step 4, sequential over chunks from the last. With g = dL/d(state leaving
+// chunk c) (dfinal_state, or 0, for the last chunk):
+//   dcs[c, last] += <g, S_out[c]>   (S_out[c] = states slot c+1: the exp(cs_last) factors of
+//                                    both the carried state and the chunk's own state)
+//   dstates[c] = g;  g <- exp(cs_last[c]) * g + dS_local[c]   (dS_local: dstates on entry)
+// and finally d_initial_state = g.
+#include "ssd_common.cuh"
+
+namespace ssd::cuda::detail {
+
+__global__ __launch_bounds__(256) void state_passing_bwd_kernel(
+    const float* __restrict__ states, float* __restrict__ dstates, const float* __restrict__ cs,
+    const float* __restrict__ dfinal, float* __restrict__ dinit, float* __restrict__ dcs, int H,
+    int PN, int nc, int Q) {
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int e = (blockIdx.x * blockDim.x + threadIdx.x) * 4;
+  const bool active = e < PN;
+  const int64_t bh = static_cast<int64_t>(b) * H + h;
+  const int64_t slot_stride = static_cast<int64_t>(H) * PN;
+  const float* sbase = states + (static_cast<int64_t>(b) * (nc + 1) * H + h) * PN + e;
+  float* dbase = dstates + (static_cast<int64_t>(b) * nc * H + h) * PN + e;
+  float4 g = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (active && dfinal) g = *reinterpret_cast<const float4*>(dfinal + bh * PN + e);
+  for (int c = nc - 1; c >= 0; --c) {
+    float dot = 0.f;
+    float4 dl = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (active) {
+      const float4 so = *reinterpret_cast<const float4*>(sbase + (c + 1) * slot_stride);
+      dl = *reinterpret_cast<const float4*>(dbase + c * slot_stride);
+      dot = g.x * so.x + g.y * so.y + g.z * so.z + g.w * so.w;
+      *reinterpret_cast<float4*>(dbase + c * slot_stride) = g;
+    }
+    dot = warp_sum(dot);
+    if ((threadIdx.x & 31) == 0 && dot != 0.f) atomicAdd(dcs + (bh * nc + c) * Q + Q - 1, dot);
+    const float dec = expf(cs[(bh * nc + c) * Q + Q - 1]);
+    g.x = dec * g.x + dl.x;
+    g.y = dec * g.y + dl.y;
+    g.z = dec * g.z + dl.z;
+    g.w = dec * g.w + dl.w;
+  }
+  if (active && dinit) *reinterpret_cast<float4*>(dinit + bh * PN + e) = g;
+}
+
+void launch_state_passing_bwd(const SsdDims& d, const float* states, float* dstates,
+                              const float* cs, const float* dfinal, float* dinit, float* dcs,
+                              cudaStream_t st) {
+  const int PN = static_cast<int>(d.headdim * d.dstate);
+  dim3 grid((PN / 4 + 255) / 256, static_cast<unsigned>(d.nheads),
+            static_cast<unsigned>(d.batch));
+  state_passing_bwd_kernel<<<grid, 256, 0, st>>>(states, dstates, cs, dfinal, dinit, dcs,
+                                                 static_cast<int>(d.nheads), PN,
+                                                 static_cast<int>(d.nchunks()),
+                                                 static_cast<int>(d.chunk));
+  check_launch("ssd state_passing_bwd");
+}
+
+}  // namespace ssd::cuda::detail

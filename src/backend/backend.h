@@ -1,0 +1,152 @@
+// The backend interface: every operation the Mamba-2 model and the trainer need, forward and
+// backward. The model is written once against this class; the CPU backend (src/backend/cpu) is
+// the fp32/fp64 reference, the CUDA backend (src/backend/cuda + kernels/) the fast one.
+//
+// Conventions, for every op:
+//  - Activations are row-major [tokens, features] with tokens = batch * seqlen (batch-major).
+//  - Outputs named d<param> (parameter gradients) are ACCUMULATED into (+=), so gradient
+//    accumulation over micro-batches needs no extra pass. Every other output is overwritten.
+//  - Two dtypes per backend. accum_dtype(): parameters (master copies), their gradients and
+//    optimizer moments, the residual stream, SSD states, saved rstd and stats. compute_dtype():
+//    activations, and the GEMM weights (embedding, in_proj, out_proj), of which the model keeps
+//    a compute-dtype copy refreshed after each optimizer step. Other parameters (norm weights,
+//    conv1d weight and bias, dt_bias, A_log, D) are read in accum dtype.
+//    CPU: both f32 (training) or both f64 (gradient checks). CUDA: bf16 compute, f32 accum.
+//  - Optional tensors are passed as pointers; nullptr means "not wanted / not given".
+#pragma once
+#include <memory>
+#include <span>
+#include <string>
+
+#include "core/tensor.h"
+
+namespace ssd {
+
+// Sizes of one SSD call. Heads of one group share B and C (nheads % ngroups == 0).
+struct SsdDims {
+  int64_t batch = 0, seqlen = 0, nheads = 0, headdim = 0, ngroups = 0, dstate = 0, chunk = 0;
+  int64_t d_inner() const { return nheads * headdim; }
+  int64_t conv_dim() const { return d_inner() + 2 * ngroups * dstate; }  // width of xBC
+  int64_t tokens() const { return batch * seqlen; }
+  int64_t nchunks() const { return (seqlen + chunk - 1) / chunk; }
+};
+
+// Inputs of the SSD op. xBC is the conv output [tokens, conv_dim] laid out as
+// x [nheads*headdim] | B [ngroups*dstate] | C [ngroups*dstate]. dt is the raw projection
+// (before dt_bias and softplus). States are [batch, nheads, headdim, dstate].
+struct SsdInputs {
+  Tensor xBC;
+  ColSlice dt;            // [tokens, nheads]
+  Tensor dt_bias;         // [nheads]
+  Tensor A_log;           // [nheads], A = -exp(A_log)
+  Tensor D;               // [nheads]
+  const Tensor* initial_state = nullptr;
+};
+
+// Gradients of the SSD op. dxBC and ddt are overwritten; dt_bias/A_log/D grads accumulate.
+struct SsdGrads {
+  Tensor dxBC;            // [tokens, conv_dim]
+  ColSlice ddt;           // [tokens, nheads], gradient w.r.t. the raw dt
+  Tensor d_dt_bias, dA_log, dD;
+  Tensor* d_initial_state = nullptr;  // [batch, nheads, headdim, dstate] or null
+};
+
+struct AdamWHyper {
+  double lr = 0, beta1 = 0.9, beta2 = 0.95, eps = 1e-8;
+  int64_t step = 1;         // 1-based, for bias correction
+  double grad_scale = 1.0;  // multiplies every gradient first (clipping)
+};
+
+// One parameter as the optimizer sees it.
+struct AdamWSlot {
+  Tensor param, grad, m, v;
+  double weight_decay = 0;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual Device device() const = 0;
+  virtual std::string name() const = 0;
+  // dtype used for activations and for the weights the GEMMs read.
+  virtual DType compute_dtype() const = 0;
+  virtual DType accum_dtype() const = 0;
+
+  // ---- memory ----
+  virtual Tensor alloc(const Shape& shape, DType dtype) = 0;  // uninitialised
+  virtual void zero(Tensor& t) = 0;
+  virtual void upload(Tensor& dst, const void* host_src) = 0;      // same dtype
+  virtual void download(void* host_dst, const Tensor& src) = 0;    // same dtype
+  virtual void convert(const Tensor& src, Tensor& dst) = 0;        // any dtype -> any dtype
+  virtual void synchronize() {}
+
+  // ---- layers ----
+  // out[t, :] = weight[tokens[t], :]
+  virtual void embedding_fwd(const Tensor& tokens, const Tensor& weight, Tensor& out) = 0;
+  virtual void embedding_bwd(const Tensor& tokens, const Tensor& dout, Tensor& dweight) = 0;
+
+  // residual_out = x + residual_in (residual_in may be null: first layer);
+  // y = residual_out * rsqrt(mean(residual_out^2) + eps) * weight; rstd [tokens] saved.
+  virtual void add_rmsnorm_fwd(const Tensor& x, const Tensor* residual_in, const Tensor& weight,
+                               double eps, Tensor& residual_out, Tensor& y, Tensor& rstd) = 0;
+  // d_residual = dresidual_next (may be null) + dL/dresidual_out through the norm. It is the
+  // gradient for both x and residual_in.
+  virtual void add_rmsnorm_bwd(const Tensor& dy, const Tensor* dresidual_next,
+                               const Tensor& residual_out, const Tensor& weight,
+                               const Tensor& rstd, Tensor& d_residual, Tensor& dweight) = 0;
+
+  // y[M, N] = x[M, K] @ w[N, K]^T
+  virtual void linear_fwd(const Tensor& x, const Tensor& w, Tensor& y) = 0;
+  // dx = dy @ w (dx may be null); dw += dy^T @ x
+  virtual void linear_bwd(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dx,
+                          Tensor& dw) = 0;
+
+  // Causal depthwise conv over time for each sequence, then SiLU.
+  // in: [batch*seqlen, >= C] columns; w: [C, 1, K]; bias: [C]; out: [batch*seqlen, C].
+  virtual void conv1d_silu_fwd(const ColSlice& in, int64_t batch, int64_t seqlen,
+                               const Tensor& w, const Tensor& bias, Tensor& out) = 0;
+  virtual void conv1d_silu_bwd(const ColSlice& in, int64_t batch, int64_t seqlen,
+                               const Tensor& w, const Tensor& bias, const Tensor& dout,
+                               ColSlice& din, Tensor& dw, Tensor& dbias) = 0;
+
+  // The SSD layer: dt = softplus(dt_raw + dt_bias), per head h and step t
+  //   state_t = exp(dt_t * A_h) * state_{t-1} + dt_t * x_t B_t^T,  y_t = state_t C_t + D_h x_t
+  // y: [tokens, nheads*headdim]. final_state optional.
+  virtual void ssd_fwd(const SsdDims& d, const SsdInputs& in, Tensor& y,
+                       Tensor* final_state) = 0;
+  // dfinal_state: gradient flowing into the final state (context parallelism), may be null.
+  virtual void ssd_bwd(const SsdDims& d, const SsdInputs& in, const Tensor& dy,
+                       const Tensor* dfinal_state, SsdGrads& g) = 0;
+
+  // out = rmsnorm_groups(y * silu(z)) * weight, normalised over groups of group_size columns.
+  // y, out: [tokens, D]; z: D columns; rstd: [tokens, D/group_size] saved for backward.
+  virtual void gated_rmsnorm_fwd(const Tensor& y, const ColSlice& z, const Tensor& weight,
+                                 int64_t group_size, double eps, Tensor& out, Tensor& rstd) = 0;
+  virtual void gated_rmsnorm_bwd(const Tensor& dout, const Tensor& y, const ColSlice& z,
+                                 const Tensor& weight, int64_t group_size, const Tensor& rstd,
+                                 Tensor& dy, ColSlice& dz, Tensor& dweight) = 0;
+
+  // Tied LM head + cross-entropy, never holding all logits at once.
+  // logits = hidden[T, Dm] @ weight[V, Dm]^T; targets [T] int32, -1 = ignored.
+  // stats (f64 [3], accumulated): += {sum of loss over counted tokens, counted tokens, argmax hits}.
+  // If dhidden is given: dhidden = grad_scale * dloss/dhidden (overwritten) and
+  // dweight += grad_scale * dloss/dweight, where loss is the SUM over counted tokens.
+  virtual void lm_head_ce(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
+                          double grad_scale, Tensor& stats, Tensor* dhidden,
+                          Tensor* dweight) = 0;
+
+  // ---- optimizer ----
+  // sum over tensors of sum(x^2), in double.
+  virtual double sum_squares(std::span<const Tensor> ts) = 0;
+  // Decoupled weight decay AdamW on every slot: p -= lr*(mhat/(sqrt(vhat)+eps) + wd*p).
+  virtual void adamw_step(std::span<AdamWSlot> slots, const AdamWHyper& h) = 0;
+};
+
+// The CPU backend; always available. dtype F32 (training) or F64 (gradient checks).
+std::unique_ptr<Backend> make_cpu_backend(DType dtype = DType::F32);
+// The CUDA backend on `device_index`; throws ssd::Error when not built with CUDA or no GPU.
+std::unique_ptr<Backend> make_cuda_backend(int device_index);
+// Number of usable GPUs (0 without CUDA support or without a GPU).
+int cuda_device_count();
+
+}  // namespace ssd

@@ -1,0 +1,87 @@
+// The CPU reference kernels, on raw pointers, templated on the scalar type (float for training,
+// double for gradient checks). cpu_backend.cpp checks shapes and dtypes and calls these.
+// Each op lives in its own .cpp and is explicitly instantiated for float and double.
+// Same conventions as backend.h: parameter gradients (dw, dbias, ...) accumulate, the rest is
+// overwritten. `ld*` arguments are row strides in elements.
+#pragma once
+#include <cstdint>
+
+#include "backend/backend.h"
+
+namespace ssd::cpu {
+
+// embedding.cpp
+template <class T>
+void embedding_fwd(const int32_t* tokens, int64_t ntok, const T* weight, int64_t vocab,
+                   int64_t dim, T* out);
+template <class T>
+void embedding_bwd(const int32_t* tokens, int64_t ntok, const T* dout, int64_t vocab,
+                   int64_t dim, T* dweight);
+
+// rmsnorm.cpp
+template <class T>
+void add_rmsnorm_fwd(const T* x, const T* residual_in, const T* weight, int64_t ntok,
+                     int64_t dim, double eps, T* residual_out, T* y, T* rstd);
+template <class T>
+void add_rmsnorm_bwd(const T* dy, const T* dresidual_next, const T* residual_out,
+                     const T* weight, const T* rstd, int64_t ntok, int64_t dim, T* d_residual,
+                     T* dweight);
+
+// linear.cpp (BLAS)
+template <class T>
+void linear_fwd(const T* x, const T* w, int64_t M, int64_t N, int64_t K, T* y);
+template <class T>
+void linear_bwd(const T* x, const T* w, const T* dy, int64_t M, int64_t N, int64_t K, T* dx,
+                T* dw);
+
+// conv1d.cpp: in[b*L + t, c] at in[(b*L+t)*ld_in + c]; w [C, K]; causal (left zero padding).
+template <class T>
+void conv1d_silu_fwd(const T* in, int64_t ld_in, int64_t batch, int64_t seqlen, int64_t C,
+                     const T* w, const T* bias, int64_t K, T* out);
+template <class T>
+void conv1d_silu_bwd(const T* in, int64_t ld_in, int64_t batch, int64_t seqlen, int64_t C,
+                     const T* w, const T* bias, int64_t K, const T* dout, T* din,
+                     int64_t ld_din, T* dw, T* dbias);
+
+// ssd.cpp: the chunked (dual) algorithm. xBC [tokens, conv_dim]; dt at dt[tok*ld_dt + h].
+// States [batch, nheads, headdim, dstate]; initial_state / final_state may be null.
+template <class T>
+void ssd_fwd(const SsdDims& d, const T* xBC, const T* dt, int64_t ld_dt, const T* dt_bias,
+             const T* A_log, const T* D, const T* initial_state, T* y, T* final_state);
+// dxBC [tokens, conv_dim] and ddt (at ddt[tok*ld_ddt + h]) overwritten; d_dt_bias, dA_log, dD
+// accumulate; d_initial_state overwritten when non-null; dfinal_state may be null.
+template <class T>
+void ssd_bwd(const SsdDims& d, const T* xBC, const T* dt, int64_t ld_dt, const T* dt_bias,
+             const T* A_log, const T* D, const T* initial_state, const T* dy,
+             const T* dfinal_state, T* dxBC, T* ddt, int64_t ld_ddt, T* d_dt_bias, T* dA_log,
+             T* dD, T* d_initial_state);
+// ssd_naive.cpp: the sequential recurrence, token by token (the specification tests use).
+template <class T>
+void ssd_naive_fwd(const SsdDims& d, const T* xBC, const T* dt, int64_t ld_dt,
+                   const T* dt_bias, const T* A_log, const T* D, const T* initial_state, T* y,
+                   T* final_state);
+
+// gated_rmsnorm.cpp: out = rmsnorm_groups(y * silu(z)) * weight; z at z[tok*ld_z + c].
+template <class T>
+void gated_rmsnorm_fwd(const T* y, const T* z, int64_t ld_z, const T* weight, int64_t ntok,
+                       int64_t dim, int64_t group_size, double eps, T* out, T* rstd);
+template <class T>
+void gated_rmsnorm_bwd(const T* dout, const T* y, const T* z, int64_t ld_z, const T* weight,
+                       const T* rstd, int64_t ntok, int64_t dim, int64_t group_size, T* dy,
+                       T* dz, int64_t ld_dz, T* dweight);
+
+// cross_entropy.cpp: tied LM head + cross-entropy, logits computed a block of rows at a time.
+// stats[0..2] += {sum loss, counted tokens, argmax hits}; dhidden/dweight may be null (eval).
+template <class T>
+void lm_head_ce(const T* hidden, const T* weight, const int32_t* targets, int64_t ntok,
+                int64_t dim, int64_t vocab, double grad_scale, double* stats, T* dhidden,
+                T* dweight);
+
+// adamw.cpp
+template <class T>
+double sum_squares(const T* x, int64_t n);
+template <class T>
+void adamw_step(T* p, const T* g, T* m, T* v, int64_t n, double weight_decay,
+                const AdamWHyper& h);
+
+}  // namespace ssd::cpu

@@ -1,0 +1,119 @@
+// Gated, grouped RMSNorm (Mamba-2's norm before out_proj):
+//   g = y * silu(z);  out = g * rstd_group * weight,  rstd_group = 1/sqrt(mean_group(g^2) + eps)
+// over groups of group_size consecutive columns.
+#include <algorithm>
+#include <cmath>
+
+#include "backend/cpu/cpu_ops.h"
+
+namespace ssd::cpu {
+
+namespace {
+inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+}  // namespace
+
+template <class T>
+void gated_rmsnorm_fwd(const T* y, const T* z, int64_t ld_z, const T* weight, int64_t ntok,
+                       int64_t dim, int64_t group_size, double eps, T* out, T* rstd) {
+  SSD_CHECK(group_size > 0 && dim % group_size == 0, "dim ", dim, " not a multiple of group ",
+            group_size);
+  const int64_t ng = dim / group_size;
+#pragma omp parallel for schedule(static) if (ntok * dim > 16384)
+  for (int64_t t = 0; t < ntok; ++t) {
+    const T* yr = y + t * dim;
+    const T* zr = z + t * ld_z;
+    T* o = out + t * dim;
+    for (int64_t j = 0; j < ng; ++j) {
+      const int64_t c0 = j * group_size, c1 = c0 + group_size;
+      double ss = 0;
+      for (int64_t c = c0; c < c1; ++c) {
+        const double zc = static_cast<double>(zr[c]);
+        const double g = static_cast<double>(yr[c]) * zc * sigmoid(zc);
+        ss += g * g;
+      }
+      const double s = 1.0 / std::sqrt(ss / static_cast<double>(group_size) + eps);
+      rstd[t * ng + j] = static_cast<T>(s);
+      for (int64_t c = c0; c < c1; ++c) {
+        const double zc = static_cast<double>(zr[c]);
+        const double g = static_cast<double>(yr[c]) * zc * sigmoid(zc);
+        o[c] = static_cast<T>(g * s * static_cast<double>(weight[c]));
+      }
+    }
+  }
+}
+
+// Per group, with s = rstd, go = dout * weight, n = group_size:
+//   dg_i = s * go_i - s^3 * g_i / n * sum_k go_k g_k
+//   dy_i = dg_i * silu(z_i),  dz_i = dg_i * y_i * silu'(z_i),  silu' = sig * (1 + z (1 - sig))
+template <class T>
+void gated_rmsnorm_bwd(const T* dout, const T* y, const T* z, int64_t ld_z, const T* weight,
+                       const T* rstd, int64_t ntok, int64_t dim, int64_t group_size, T* dy,
+                       T* dz, int64_t ld_dz, T* dweight) {
+  SSD_CHECK(group_size > 0 && dim % group_size == 0, "dim ", dim, " not a multiple of group ",
+            group_size);
+  const int64_t ng = dim / group_size;
+  const double inv_n = 1.0 / static_cast<double>(group_size);
+  const bool par = ntok * dim > 16384;
+#pragma omp parallel for schedule(static) if (par)
+  for (int64_t t = 0; t < ntok; ++t) {
+    const T* dor = dout + t * dim;
+    const T* yr = y + t * dim;
+    const T* zr = z + t * ld_z;
+    T* dyr = dy + t * dim;
+    T* dzr = dz + t * ld_dz;
+    for (int64_t j = 0; j < ng; ++j) {
+      const int64_t c0 = j * group_size, c1 = c0 + group_size;
+      const double s = static_cast<double>(rstd[t * ng + j]);
+      double dot = 0;
+      for (int64_t c = c0; c < c1; ++c) {
+        const double zc = static_cast<double>(zr[c]);
+        const double g = static_cast<double>(yr[c]) * zc * sigmoid(zc);
+        dot += static_cast<double>(dor[c]) * static_cast<double>(weight[c]) * g;
+      }
+      const double k = s * s * s * inv_n * dot;
+      for (int64_t c = c0; c < c1; ++c) {
+        const double zc = static_cast<double>(zr[c]), yc = static_cast<double>(yr[c]);
+        const double sg = sigmoid(zc), silu = zc * sg;
+        const double g = yc * silu;
+        const double dg = s * static_cast<double>(dor[c]) * static_cast<double>(weight[c]) - k * g;
+        dyr[c] = static_cast<T>(dg * silu);
+        dzr[c] = static_cast<T>(dg * yc * sg * (1.0 + zc * (1.0 - sg)));
+      }
+    }
+  }
+  // dweight_c += sum_t dout[t,c] * g[t,c] * rstd[t, c/group_size]: column blocks, tokens in
+  // order (deterministic whatever the thread count).
+  constexpr int64_t CB = 64;
+  const int64_t nblk = (dim + CB - 1) / CB;
+#pragma omp parallel for schedule(static) if (par && nblk > 1)
+  for (int64_t b = 0; b < nblk; ++b) {
+    const int64_t c0 = b * CB, c1 = std::min(dim, c0 + CB);
+    double acc[CB] = {};
+    for (int64_t t = 0; t < ntok; ++t) {
+      const T* dor = dout + t * dim;
+      const T* yr = y + t * dim;
+      const T* zr = z + t * ld_z;
+      const T* sr = rstd + t * ng;
+      for (int64_t c = c0; c < c1; ++c) {
+        const double zc = static_cast<double>(zr[c]);
+        const double g = static_cast<double>(yr[c]) * zc * sigmoid(zc);
+        acc[c - c0] += static_cast<double>(dor[c]) * g * static_cast<double>(sr[c / group_size]);
+      }
+    }
+    for (int64_t c = c0; c < c1; ++c)
+      dweight[c] = static_cast<T>(static_cast<double>(dweight[c]) + acc[c - c0]);
+  }
+}
+
+template void gated_rmsnorm_fwd<float>(const float*, const float*, int64_t, const float*,
+                                       int64_t, int64_t, int64_t, double, float*, float*);
+template void gated_rmsnorm_fwd<double>(const double*, const double*, int64_t, const double*,
+                                        int64_t, int64_t, int64_t, double, double*, double*);
+template void gated_rmsnorm_bwd<float>(const float*, const float*, const float*, int64_t,
+                                       const float*, const float*, int64_t, int64_t, int64_t,
+                                       float*, float*, int64_t, float*);
+template void gated_rmsnorm_bwd<double>(const double*, const double*, const double*, int64_t,
+                                        const double*, const double*, int64_t, int64_t, int64_t,
+                                        double*, double*, int64_t, double*);
+
+}  // namespace ssd::cpu

@@ -1,0 +1,259 @@
+#include "cli/commands.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include "backend/backend.h"
+#include "cli/bench_ssd.h"
+#include "core/error.h"
+#include "data/data.h"
+#include "dist/comm.h"
+#include "io/checkpoint.h"
+#include "io/export.h"
+#include "model/mamba2.h"
+#include "train/trainer.h"
+
+namespace fs = std::filesystem;
+
+namespace ssd::cli {
+namespace {
+
+// Pulls "--name value" out of args; returns "" when absent.
+std::string take(std::vector<std::string>& args, const std::string& name, bool* found = nullptr) {
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (args[i] == name) {
+      if (i + 1 >= args.size()) fail("option ", name, " needs a value");
+      std::string v = args[i + 1];
+      args.erase(args.begin() + i, args.begin() + i + 2);
+      if (found) *found = true;
+      return v;
+    }
+  }
+  if (found) *found = false;
+  return "";
+}
+
+bool take_flag(std::vector<std::string>& args, const std::string& name) {
+  auto it = std::find(args.begin(), args.end(), name);
+  if (it == args.end()) return false;
+  args.erase(it);
+  return true;
+}
+
+void no_more(const std::vector<std::string>& args, const char* cmd) {
+  if (!args.empty()) fail("unexpected argument '", args[0], "' for '", cmd, "' (see --help)");
+}
+
+std::vector<std::string> take_sets(std::vector<std::string>& args) {
+  std::vector<std::string> sets;
+  for (size_t i = 0; i < args.size();) {
+    if (args[i] == "--set") {
+      if (i + 1 >= args.size()) fail("option --set needs section.key=value");
+      sets.push_back(args[i + 1]);
+      args.erase(args.begin() + i, args.begin() + i + 2);
+    } else if (args[i].rfind("--set=", 0) == 0) {
+      sets.push_back(args[i].substr(6));
+      args.erase(args.begin() + i);
+    } else {
+      ++i;
+    }
+  }
+  return sets;
+}
+
+std::vector<HostTensor> expected_params(const ModelConfig& m) {
+  std::vector<HostTensor> e;
+  for (const auto& s : param_table(m)) e.push_back({s.name, s.shape, {}});
+  return e;
+}
+
+}  // namespace
+
+Config config_from_args(const std::vector<std::string>& in, std::vector<std::string>* rest) {
+  std::vector<std::string> args = in;
+  auto sets = take_sets(args);
+  bool has = false;
+  std::string path = take(args, "--config", &has);
+  if (rest) *rest = args;
+  if (has) return load_config(path, sets);
+  return parse_config(default_config_yaml(), sets, "default");
+}
+
+int cmd_train(const std::vector<std::string>& in) {
+  std::vector<std::string> args;
+  if (std::find(in.begin(), in.end(), "--help") != in.end()) {
+    std::printf("usage: ssdtrain train [--config FILE] [--set section.key=value ...]\n"
+                "Trains on train.device (auto: GPU when present). Writes <run.dir>/config.yaml,\n"
+                "metrics.jsonl and checkpoints; resumes from the newest checkpoint (train.resume=auto).\n"
+                "SIGTERM/SIGINT/SIGUSR1 finish the step, write a checkpoint and exit.\n");
+    return 0;
+  }
+  Config cfg = config_from_args(in, &args);
+  no_more(args, "train");
+  install_stop_handlers();
+  TrainResult r = train(cfg);
+  (void)r;
+  return 0;
+}
+
+int cmd_eval(const std::vector<std::string>& in) {
+  std::vector<std::string> args = in;
+  auto sets = take_sets(args);
+  std::string ckpt = take(args, "--checkpoint");
+  no_more(args, "eval");
+  if (ckpt.empty()) fail("eval needs --checkpoint FILE");
+  CheckpointData ck = read_checkpoint(ckpt);
+  Config cfg = parse_config(ck.config_yaml, sets, ckpt + " (stored config)");
+  check_checkpoint_shapes(ck, expected_params(cfg.model));
+  auto be = make_backend_for(cfg.train.device, ProcessGrid::world().local_rank());
+  Mamba2LM model(cfg.model, *be, cfg.train.micro_batch, cfg.train.seq_len);
+  std::vector<std::vector<float>> vals;
+  for (auto& p : ck.params) vals.push_back(std::move(p.data));
+  model.params_from_host(vals);
+  auto data = make_data_source(cfg, 0, 1);
+  const int64_t B = cfg.train.micro_batch, L = cfg.train.seq_len;
+  std::vector<int32_t> tok(B * L), tgt(B * L);
+  Tensor stats = model.new_stats();
+  for (int64_t i = 0; i < cfg.run.eval_batches; ++i) {
+    data->eval_batch(i, tok.data(), tgt.data(), B, L);
+    model.forward_loss(tok.data(), tgt.data(), stats);
+  }
+  auto s = model.read_stats(stats);
+  std::printf("eval %s (step %lld): loss %.4f, accuracy %.4f over %.0f tokens\n", ckpt.c_str(),
+              (long long)ck.step, s[0] / std::max(1.0, s[1]), s[2] / std::max(1.0, s[1]), s[1]);
+  return 0;
+}
+
+int cmd_export(const std::vector<std::string>& in) {
+  std::vector<std::string> args = in;
+  std::string ckpt = take(args, "--checkpoint");
+  std::string out = take(args, "--out");
+  std::string dtype = take(args, "--dtype");
+  std::string format = take(args, "--format");
+  bool with_ref = take_flag(args, "--with-reference");
+  no_more(args, "export");
+  if (ckpt.empty() || out.empty()) fail("export needs --checkpoint FILE and --out DIR");
+  if (dtype.empty()) dtype = "fp32";
+  if (format.empty()) format = "hf";
+  if (dtype != "fp32" && dtype != "bf16") fail("--dtype must be fp32 or bf16, got '", dtype, "'");
+  if (format != "hf" && format != "mamba_ssm")
+    fail("--format must be hf or mamba_ssm, got '", format, "'");
+  CheckpointData ck = read_checkpoint(ckpt);
+  Config cfg = parse_config(ck.config_yaml, {}, ckpt + " (stored config)");
+  check_checkpoint_shapes(ck, expected_params(cfg.model));
+  export_model(cfg.model, ck.params, out,
+               format == "hf" ? ExportFormat::HuggingFace : ExportFormat::MambaSsm,
+               dtype == "bf16" ? ExportDType::BF16 : ExportDType::F32);
+  std::printf("exported %s (step %lld) to %s (%s, %s)\n", ckpt.c_str(), (long long)ck.step,
+              out.c_str(), format.c_str(), dtype.c_str());
+  if (with_ref) {
+    // Logits of the CPU fp32 model on fixed tokens, for scripts/check_hf_export.py.
+    const int64_t L = 24;
+    auto be = make_cpu_backend(DType::F32);
+    Mamba2LM model(cfg.model, *be, 1, L);
+    std::vector<std::vector<float>> vals;
+    for (auto& p : ck.params) vals.push_back(p.data);
+    model.params_from_host(vals);
+    std::vector<int32_t> tok(L);
+    for (int64_t t = 0; t < L; ++t) tok[t] = static_cast<int32_t>((t * 7 + 3) % cfg.model.vocab_size);
+    auto logits = model.logits(tok.data());
+    const int64_t V = cfg.model.padded_vocab();
+    fs::path ref = fs::path(out) / "reference.json";
+    std::ofstream f(ref);
+    f << "{\"tokens\": [";
+    for (int64_t t = 0; t < L; ++t) f << (t ? ", " : "") << tok[t];
+    f << "], \"logits\": [";
+    char buf[32];
+    for (int64_t t = 0; t < L; ++t) {
+      f << (t ? ", " : "") << "[";
+      for (int64_t v = 0; v < V; ++v) {
+        std::snprintf(buf, sizeof buf, "%.8g", logits[t * V + v]);
+        f << (v ? ", " : "") << buf;
+      }
+      f << "]";
+    }
+    f << "]}\n";
+    if (!f) fail("cannot write '", ref.string(), "'");
+    std::printf("wrote %s\n", ref.string().c_str());
+  }
+  return 0;
+}
+
+int cmd_config(const std::vector<std::string>& in) {
+  std::vector<std::string> args;
+  Config cfg = config_from_args(in, &args);
+  no_more(args, "config");
+  std::fputs(config_to_yaml(cfg).c_str(), stdout);
+  return 0;
+}
+
+namespace {
+
+// Times whole optimizer steps (forward, backward, AdamW) on the configured backend.
+int bench_train(const std::vector<std::string>& in) {
+  std::vector<std::string> args;
+  Config cfg = config_from_args(in, &args);
+  std::string steps_s = take(args, "--steps");
+  no_more(args, "bench train");
+  const int64_t steps = steps_s.empty() ? 10 : std::stoll(steps_s);
+  auto be = make_backend_for(cfg.train.device, 0);
+  Mamba2LM model(cfg.model, *be, cfg.train.micro_batch, cfg.train.seq_len);
+  model.init(cfg.train.seed);
+  auto data = make_data_source(cfg, 0, 1);
+  const int64_t B = cfg.train.micro_batch, L = cfg.train.seq_len, T = B * L;
+  std::vector<int32_t> tok(T), tgt(T);
+  data->next_train(tok.data(), tgt.data(), B, L);
+  std::vector<AdamWSlot> slots;
+  for (size_t i = 0; i < model.table().size(); ++i) {
+    Tensor m = be->alloc(model.params()[i].shape, be->accum_dtype());
+    Tensor v = be->alloc(model.params()[i].shape, be->accum_dtype());
+    be->zero(m);
+    be->zero(v);
+    slots.push_back({model.params()[i], model.grads()[i], m, v, 0.0});
+  }
+  Tensor stats = model.new_stats();
+  std::vector<double> times;
+  const int64_t warmup = 2;
+  for (int64_t s = 0; s < warmup + steps; ++s) {
+    be->synchronize();
+    auto t0 = std::chrono::steady_clock::now();
+    model.zero_grads();
+    model.forward_backward(tok.data(), tgt.data(), 1.0 / T, stats);
+    AdamWHyper h;
+    h.lr = 1e-4;
+    h.step = s + 1;
+    be->adamw_step(slots, h);
+    model.refresh_compute_weights();
+    be->synchronize();
+    auto t1 = std::chrono::steady_clock::now();
+    if (s >= warmup) times.push_back(std::chrono::duration<double>(t1 - t0).count());
+  }
+  std::sort(times.begin(), times.end());
+  const double med = times[times.size() / 2];
+  const auto& m = cfg.model;
+  const double params = static_cast<double>(count_params(model.table()));
+  const double ssd_flops = m.n_layer * 3.0 * 2.0 * m.nheads() *
+                           (m.chunk_size * m.headdim + 2.0 * m.d_state * m.headdim);
+  const double tok_s = T / med;
+  const double mfu = (6 * params + ssd_flops) * tok_s / 790e12;
+  std::printf("bench train: backend %s, %.0f params, batch %lld x seqlen %lld\n",
+              be->name().c_str(), params, (long long)B, (long long)L);
+  std::printf("step median %.3f ms over %lld steps | %.0f tokens/s | MFU %.1f%% (of 790 TFLOP/s)\n",
+              med * 1e3, (long long)steps, tok_s, mfu * 100);
+  return 0;
+}
+
+}  // namespace
+
+int cmd_bench(const std::vector<std::string>& args, int argc, char** argv) {
+  if (args.empty()) fail("bench needs a target: ssd or train");
+  if (args[0] == "ssd") return run_bench_ssd(argc - 1, argv + 1);
+  if (args[0] == "train") return bench_train({args.begin() + 1, args.end()});
+  fail("unknown bench target '", args[0], "' (ssd or train)");
+}
+
+}  // namespace ssd::cli

@@ -1,0 +1,97 @@
+// Typed configuration: parsed from YAML once, validated before any work starts.
+// Every key lives in exactly one table (config.cpp); unknown keys are errors.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace ssd {
+
+struct ModelConfig {
+  int64_t d_model = 64;
+  int64_t n_layer = 2;
+  int64_t d_state = 16;
+  int64_t headdim = 16;
+  int64_t expand = 2;
+  int64_t ngroups = 1;
+  int64_t d_conv = 4;
+  int64_t chunk_size = 64;
+  int64_t vocab_size = 256;
+  int64_t pad_vocab_size_multiple = 16;
+  double norm_eps = 1e-5;
+
+  int64_t d_inner() const { return expand * d_model; }
+  int64_t nheads() const { return d_inner() / headdim; }
+  int64_t conv_dim() const { return d_inner() + 2 * ngroups * d_state; }
+  int64_t d_in_proj() const { return 2 * d_inner() + 2 * ngroups * d_state + nheads(); }
+  int64_t padded_vocab() const {
+    int64_t m = pad_vocab_size_multiple;
+    return (vocab_size + m - 1) / m * m;
+  }
+};
+
+struct TrainConfig {
+  std::string device = "auto";  // auto | cpu | cuda
+  int64_t seed = 1234;
+  int64_t seq_len = 256;
+  int64_t micro_batch = 8;
+  int64_t grad_accum = 1;
+  int64_t max_steps = 200;
+  double lr = 3e-3;
+  double min_lr = 3e-4;
+  int64_t warmup_steps = 20;
+  double weight_decay = 0.1;
+  double grad_clip = 1.0;  // 0 disables clipping
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double adam_eps = 1e-8;
+  std::string resume = "auto";     // auto | never | PATH
+  std::string init_from = "";      // exported model directory to start from
+  std::string on_nan = "stop";     // stop | skip
+};
+
+struct DataConfig {
+  std::string kind = "mqar";       // mqar | text
+  std::string path = "";           // text: a file or directory of .txt files
+  double val_fraction = 0.05;      // text: tail of the corpus held out for eval
+  // MQAR (multi-query associative recall)
+  int64_t mqar_num_pairs = 8;
+  int64_t mqar_key_vocab = 64;
+  int64_t mqar_value_vocab = 64;
+};
+
+struct RunConfig {
+  std::string name = "";          // defaults to the config file's stem
+  std::string dir = "";           // defaults to runs/<name>
+  int64_t log_every = 10;
+  int64_t eval_every = 0;         // 0: only at the end
+  int64_t eval_batches = 4;
+};
+
+struct CheckpointConfig {
+  int64_t every = 0;              // steps between checkpoints; 0: only at the end
+  int64_t keep_last = 3;
+  std::string dir = "";           // defaults to <run.dir>/checkpoints
+};
+
+struct Config {
+  ModelConfig model;
+  TrainConfig train;
+  DataConfig data;
+  RunConfig run;
+  CheckpointConfig checkpoint;
+  std::string source;             // file it came from ("" for built-in)
+};
+
+// Loads a YAML file, applies `key.path=value` overrides, validates. Throws ssd::Error naming
+// the offending key or file.
+Config load_config(const std::string& path, const std::vector<std::string>& overrides);
+// Same, from YAML text (tests, and configs stored inside checkpoints).
+Config parse_config(const std::string& yaml_text, const std::vector<std::string>& overrides,
+                    const std::string& origin);
+// The fully resolved config as YAML (every key, defaults included).
+std::string config_to_yaml(const Config& c);
+// Checks cross-field rules; throws ssd::Error naming the key.
+void validate(const Config& c);
+
+}  // namespace ssd

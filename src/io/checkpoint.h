@@ -1,0 +1,64 @@
+// Checkpoints: one HDF5 file per checkpoint, written atomically, verified on load.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace ssd {
+
+inline constexpr int64_t kCheckpointFormatVersion = 1;
+
+// A named full (unsharded) fp32 tensor on the host.
+struct HostTensor {
+  std::string name;
+  Shape shape;
+  std::vector<float> data;
+};
+
+struct CheckpointData {
+  int64_t format_version = kCheckpointFormatVersion;
+  int64_t step = 0;                 // optimizer steps completed
+  std::string config_yaml;          // the full resolved config
+  std::vector<HostTensor> params;   // in parameter-table order
+  std::vector<HostTensor> adam_m;   // same names and shapes as params
+  std::vector<HostTensor> adam_v;
+  // Small named state: RNG states, data-loader position, schedule position, token counts...
+  std::map<std::string, std::vector<uint64_t>> state;
+  // Set by read_checkpoint to the file it came from (used in error messages); not stored.
+  std::string source;
+};
+
+// Writes <path> atomically: <path>.tmp.<pid>, flush + fsync, rename, fsync the directory.
+// Every dataset carries a checksum verified by read_checkpoint.
+void write_checkpoint(const std::string& path, const CheckpointData& ckpt);
+
+// Reads and verifies a checkpoint. Throws ssd::Error naming the file and what is wrong
+// (not HDF5, truncated, checksum mismatch, missing dataset, newer format version).
+CheckpointData read_checkpoint(const std::string& path);
+
+// Checkpoint file name for a step inside a checkpoint directory: step_00001234.h5
+std::string checkpoint_path(const std::string& dir, int64_t step);
+// Newest complete checkpoint in dir (by step number in the name), if any.
+std::optional<std::string> latest_checkpoint(const std::string& dir);
+// Deletes all but the newest keep_last checkpoints in dir (keep_last <= 0 keeps all).
+void prune_checkpoints(const std::string& dir, int64_t keep_last);
+
+// Checks a checkpoint's tensors against the parameter names/shapes expected; throws naming the
+// first mismatch (missing, unexpected, wrong shape).
+void check_checkpoint_shapes(const CheckpointData& ckpt, const std::vector<HostTensor>& expected);
+
+// ---- File helpers shared by the I/O layer (checkpoints and exports) ----
+// "<path>.tmp.<pid>": where an atomic write puts its bytes before commit_file.
+std::string temp_path(const std::string& path);
+// fsyncs tmp, renames it to path, fsyncs path's directory. On failure removes tmp and throws.
+void commit_file(const std::string& tmp, const std::string& path);
+// Writes bytes to path atomically (temp_path, write, commit_file).
+void write_file_atomic(const std::string& path, const std::string& bytes);
+// CRC-32 (IEEE 802.3 polynomial, the value zlib's crc32() gives), continuing from crc.
+uint32_t crc32(const void* data, size_t n, uint32_t crc = 0);
+
+}  // namespace ssd

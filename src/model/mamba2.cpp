@@ -1,0 +1,249 @@
+#include "model/mamba2.h"
+
+#include <array>
+
+namespace ssd {
+
+Mamba2LM::Mamba2LM(const ModelConfig& cfg, Backend& be, int64_t batch, int64_t seqlen)
+    : cfg_(cfg), be_(be), batch_(batch), seqlen_(seqlen), T_(batch * seqlen) {
+  table_ = param_table(cfg_);
+  const DType acc = be_.accum_dtype(), cmp = be_.compute_dtype();
+  for (size_t i = 0; i < table_.size(); ++i) {
+    const auto& s = table_[i];
+    params_.push_back(be_.alloc(s.shape, acc));
+    grads_.push_back(be_.alloc(s.shape, acc));
+    be_.zero(grads_.back());
+    // GEMM weights get a compute-dtype copy when the dtypes differ; otherwise they alias.
+    compute_.push_back(s.gemm_weight && cmp != acc ? be_.alloc(s.shape, cmp) : params_.back());
+  }
+  auto find = [&](const std::string& name) {
+    for (size_t i = 0; i < table_.size(); ++i)
+      if (table_[i].name == name) return static_cast<int>(i);
+    fail("internal: parameter ", name, " missing from the table");
+  };
+  emb_ = find("embedding.weight");
+  norm_f_ = find("norm_f.weight");
+  for (int i = 0; i < cfg_.n_layer; ++i) {
+    std::string p = "layers." + std::to_string(i) + ".";
+    std::string m = p + "mixer.";
+    lp_.push_back({find(p + "norm.weight"), find(m + "in_proj.weight"), find(m + "conv1d.weight"),
+                   find(m + "conv1d.bias"), find(m + "dt_bias"), find(m + "A_log"), find(m + "D"),
+                   find(m + "norm.weight"), find(m + "out_proj.weight")});
+  }
+
+  const int64_t D = cfg_.d_model, Di = cfg_.d_inner();
+  tokens_ = be_.alloc({T_}, DType::I32);
+  targets_ = be_.alloc({T_}, DType::I32);
+  x_ = be_.alloc({T_, D}, cmp);
+  for (int i = 0; i < cfg_.n_layer; ++i) {
+    LayerActs a;
+    a.residual = be_.alloc({T_, D}, acc);
+    a.rstd = be_.alloc({T_}, acc);
+    a.hidden = be_.alloc({T_, D}, cmp);
+    a.zxbcdt = be_.alloc({T_, cfg_.d_in_proj()}, cmp);
+    a.xBC = be_.alloc({T_, cfg_.conv_dim()}, cmp);
+    a.y = be_.alloc({T_, Di}, cmp);
+    a.grstd = be_.alloc({T_, cfg_.ngroups}, acc);
+    a.ynorm = be_.alloc({T_, Di}, cmp);
+    acts_.push_back(std::move(a));
+  }
+  res_f_ = be_.alloc({T_, D}, acc);
+  rstd_f_ = be_.alloc({T_}, acc);
+  hidden_f_ = be_.alloc({T_, D}, cmp);
+  d_hidden_ = be_.alloc({T_, D}, cmp);
+  d_ynorm_ = be_.alloc({T_, Di}, cmp);
+  d_y_ = be_.alloc({T_, Di}, cmp);
+  d_xBC_ = be_.alloc({T_, cfg_.conv_dim()}, cmp);
+  d_zxbcdt_ = be_.alloc({T_, cfg_.d_in_proj()}, cmp);
+  d_res_[0] = be_.alloc({T_, D}, acc);
+  d_res_[1] = be_.alloc({T_, D}, acc);
+  d_x_ = cmp == acc ? Tensor{} : be_.alloc({T_, D}, cmp);
+}
+
+void Mamba2LM::init(uint64_t seed) {
+  std::vector<std::vector<float>> host;
+  for (const auto& s : table_) {
+    host.emplace_back(shape_numel(s.shape));
+    init_param(s, cfg_, seed, host.back().data());
+  }
+  params_from_host(host);
+}
+
+std::vector<std::vector<float>> Mamba2LM::params_to_host() {
+  std::vector<std::vector<float>> out;
+  for (auto& p : params_) {
+    out.emplace_back(p.numel());
+    if (p.dtype == DType::F32) {
+      be_.download(out.back().data(), p);
+    } else {  // f64 (gradient-check models): go through a host f64 buffer
+      std::vector<double> tmp(p.numel());
+      be_.download(tmp.data(), p);
+      for (size_t i = 0; i < tmp.size(); ++i) out.back()[i] = static_cast<float>(tmp[i]);
+    }
+  }
+  return out;
+}
+
+void Mamba2LM::params_from_host(const std::vector<std::vector<float>>& values) {
+  SSD_CHECK(values.size() == params_.size());
+  for (size_t i = 0; i < params_.size(); ++i) {
+    SSD_CHECK(static_cast<int64_t>(values[i].size()) == params_[i].numel(), table_[i].name);
+    if (params_[i].dtype == DType::F32) {
+      be_.upload(params_[i], values[i].data());
+    } else {
+      std::vector<double> tmp(values[i].begin(), values[i].end());
+      be_.upload(params_[i], tmp.data());
+    }
+  }
+  refresh_compute_weights();
+}
+
+void Mamba2LM::refresh_compute_weights() {
+  for (size_t i = 0; i < params_.size(); ++i)
+    if (compute_[i].data != params_[i].data) be_.convert(params_[i], compute_[i]);
+}
+
+void Mamba2LM::zero_grads() {
+  for (auto& g : grads_) be_.zero(g);
+}
+
+Tensor Mamba2LM::new_stats() {
+  Tensor s = be_.alloc({3}, DType::F64);
+  be_.zero(s);
+  return s;
+}
+
+std::array<double, 3> Mamba2LM::read_stats(const Tensor& stats) {
+  std::array<double, 3> out{};
+  be_.download(out.data(), stats);
+  return out;
+}
+
+SsdDims Mamba2LM::ssd_dims() const {
+  SsdDims d;
+  d.batch = batch_;
+  d.seqlen = seqlen_;
+  d.nheads = cfg_.nheads();
+  d.headdim = cfg_.headdim;
+  d.ngroups = cfg_.ngroups;
+  d.dstate = cfg_.d_state;
+  d.chunk = cfg_.chunk_size;
+  return d;
+}
+
+SsdInputs Mamba2LM::ssd_inputs(int i) const {
+  const auto& a = acts_[i];
+  const auto& p = lp_[i];
+  SsdInputs in;
+  in.xBC = a.xBC;
+  in.dt = cols(a.zxbcdt, cfg_.d_inner() + cfg_.conv_dim(), cfg_.nheads());
+  in.dt_bias = params_[p.dt_bias];
+  in.A_log = params_[p.A_log];
+  in.D = params_[p.D];
+  return in;
+}
+
+void Mamba2LM::upload_tokens(const int32_t* tokens, const int32_t* targets) {
+  be_.upload(tokens_, tokens);
+  if (targets) be_.upload(targets_, targets);
+}
+
+void Mamba2LM::forward() {
+  const double eps = cfg_.norm_eps;
+  const int64_t Di = cfg_.d_inner();
+  be_.embedding_fwd(tokens_, w(emb_), x_);
+  for (int i = 0; i < cfg_.n_layer; ++i) {
+    auto& a = acts_[i];
+    const auto& p = lp_[i];
+    const Tensor* res_in = i == 0 ? nullptr : &acts_[i - 1].residual;
+    be_.add_rmsnorm_fwd(x_, res_in, params_[p.norm], eps, a.residual, a.hidden, a.rstd);
+    be_.linear_fwd(a.hidden, w(p.in_proj), a.zxbcdt);
+    be_.conv1d_silu_fwd(cols(a.zxbcdt, Di, cfg_.conv_dim()), batch_, seqlen_, params_[p.conv_w],
+                        params_[p.conv_b], a.xBC);
+    be_.ssd_fwd(ssd_dims(), ssd_inputs(i), a.y, nullptr);
+    be_.gated_rmsnorm_fwd(a.y, cols(a.zxbcdt, 0, Di), params_[p.gnorm], Di / cfg_.ngroups, eps,
+                          a.ynorm, a.grstd);
+    be_.linear_fwd(a.ynorm, w(p.out_proj), x_);
+  }
+  be_.add_rmsnorm_fwd(x_, &acts_.back().residual, params_[norm_f_], eps, res_f_, hidden_f_,
+                      rstd_f_);
+}
+
+void Mamba2LM::forward_loss(const int32_t* tokens, const int32_t* targets, Tensor& stats) {
+  upload_tokens(tokens, targets);
+  forward();
+  be_.lm_head_ce(hidden_f_, w(emb_), targets_, 1.0, stats, nullptr, nullptr);
+}
+
+std::vector<float> Mamba2LM::logits(const int32_t* tokens) {
+  upload_tokens(tokens, nullptr);
+  forward();
+  const int64_t V = cfg_.padded_vocab();
+  Tensor out = be_.alloc({T_, V}, be_.compute_dtype());
+  be_.linear_fwd(hidden_f_, w(emb_), out);
+  Tensor out_acc = be_.alloc({T_, V}, be_.accum_dtype());
+  be_.convert(out, out_acc);
+  Tensor host32 = out_acc;
+  std::vector<float> result(T_ * V);
+  if (out_acc.dtype == DType::F32) {
+    be_.download(result.data(), out_acc);
+  } else {
+    std::vector<double> tmp(T_ * V);
+    be_.download(tmp.data(), out_acc);
+    for (size_t i = 0; i < tmp.size(); ++i) result[i] = static_cast<float>(tmp[i]);
+  }
+  return result;
+}
+
+void Mamba2LM::forward_backward(const int32_t* tokens, const int32_t* targets,
+                                double grad_scale, Tensor& stats) {
+  upload_tokens(tokens, targets);
+  forward();
+  const int64_t Di = cfg_.d_inner();
+  const int64_t conv_dim = cfg_.conv_dim();
+
+  // Head + loss: d_hidden_ = dL/d hidden_f.
+  be_.lm_head_ce(hidden_f_, w(emb_), targets_, grad_scale, stats, &d_hidden_, &grads_[emb_]);
+  // The residual stream's gradient, ping-ponged between two buffers: d_res_[cur] holds
+  // dL/d residual after layer i's add, which is also dL/d (mixer output of layer i-1).
+  int cur = 0;
+  be_.add_rmsnorm_bwd(d_hidden_, nullptr, res_f_, params_[norm_f_], rstd_f_, d_res_[cur],
+                      grads_[norm_f_]);
+  for (int i = cfg_.n_layer - 1; i >= 0; --i) {
+    auto& a = acts_[i];
+    const auto& p = lp_[i];
+    // Mixer output gradient in compute dtype.
+    const Tensor* dout = &d_res_[cur];
+    if (d_x_.defined()) {
+      be_.convert(d_res_[cur], d_x_);
+      dout = &d_x_;
+    }
+    be_.linear_bwd(a.ynorm, w(p.out_proj), *dout, &d_ynorm_, grads_[p.out_proj]);
+    ColSlice dz = cols(d_zxbcdt_, 0, Di);
+    be_.gated_rmsnorm_bwd(d_ynorm_, a.y, cols(a.zxbcdt, 0, Di), params_[p.gnorm],
+                          Di / cfg_.ngroups, a.grstd, d_y_, dz, grads_[p.gnorm]);
+    SsdGrads g;
+    g.dxBC = d_xBC_;
+    g.ddt = cols(d_zxbcdt_, Di + conv_dim, cfg_.nheads());
+    g.d_dt_bias = grads_[p.dt_bias];
+    g.dA_log = grads_[p.A_log];
+    g.dD = grads_[p.D];
+    be_.ssd_bwd(ssd_dims(), ssd_inputs(i), d_y_, nullptr, g);
+    ColSlice dxbc_in = cols(d_zxbcdt_, Di, conv_dim);
+    be_.conv1d_silu_bwd(cols(a.zxbcdt, Di, conv_dim), batch_, seqlen_, params_[p.conv_w],
+                        params_[p.conv_b], d_xBC_, dxbc_in, grads_[p.conv_w], grads_[p.conv_b]);
+    be_.linear_bwd(a.hidden, w(p.in_proj), d_zxbcdt_, &d_hidden_, grads_[p.in_proj]);
+    // Through this layer's add + norm: the residual gradient before layer i.
+    be_.add_rmsnorm_bwd(d_hidden_, &d_res_[cur], a.residual, params_[p.norm], a.rstd,
+                        d_res_[1 - cur], grads_[p.norm]);
+    cur = 1 - cur;
+  }
+  const Tensor* demb = &d_res_[cur];
+  if (d_x_.defined()) {
+    be_.convert(d_res_[cur], d_x_);
+    demb = &d_x_;
+  }
+  be_.embedding_bwd(tokens_, *demb, grads_[emb_]);
+}
+
+}  // namespace ssd

@@ -1,0 +1,88 @@
+// The Mamba-2 language model, written once against the Backend interface:
+//   embedding -> n_layer x [residual add + RMSNorm -> Mamba2 mixer] -> add + norm_f -> tied head
+// Mixer: in_proj -> [z | xBC | dt]; conv1d+SiLU on xBC; SSD; gated RMSNorm with z; out_proj.
+// Buffers are allocated once for a fixed (batch, seqlen); every step reuses them.
+#pragma once
+#include <array>
+#include <vector>
+
+#include "backend/backend.h"
+#include "config/config.h"
+#include "model/params.h"
+
+namespace ssd {
+
+class Mamba2LM {
+ public:
+  Mamba2LM(const ModelConfig& cfg, Backend& be, int64_t batch, int64_t seqlen);
+
+  const ModelConfig& config() const { return cfg_; }
+  const std::vector<ParamSpec>& table() const { return table_; }
+  int64_t batch() const { return batch_; }
+  int64_t seqlen() const { return seqlen_; }
+
+  // Master parameters and gradients (accum dtype), in table order.
+  std::vector<Tensor>& params() { return params_; }
+  std::vector<Tensor>& grads() { return grads_; }
+
+  // Initialises every parameter from the table's rules (seeded; independent of backend).
+  void init(uint64_t seed);
+  // Host fp32 copies of the parameters, and loading from them (checkpoints, export, import).
+  std::vector<std::vector<float>> params_to_host();
+  void params_from_host(const std::vector<std::vector<float>>& values);
+  // Re-derives the compute-dtype copies of the GEMM weights; call after changing params.
+  void refresh_compute_weights();
+  void zero_grads();
+
+  // One micro-batch, forward and backward. tokens/targets: host int32 [batch*seqlen];
+  // targets -1 are ignored. Gradients of grad_scale * (sum of token losses) accumulate into
+  // grads(); stats (f64 [3] from new_stats()) accumulate {loss sum, tokens, argmax hits}.
+  void forward_backward(const int32_t* tokens, const int32_t* targets, double grad_scale,
+                        Tensor& stats);
+  // Forward only (evaluation).
+  void forward_loss(const int32_t* tokens, const int32_t* targets, Tensor& stats);
+  // Logits [batch*seqlen, padded_vocab] as host fp32 (small inputs: tests and export checks).
+  std::vector<float> logits(const int32_t* tokens);
+
+  Tensor new_stats();                        // zeroed f64 [3] on the backend
+  std::array<double, 3> read_stats(const Tensor& stats);
+
+ private:
+  struct LayerActs {
+    Tensor residual;  // residual stream after this layer's add (accum)
+    Tensor rstd;      // [T] of the pre-mixer RMSNorm
+    Tensor hidden;    // normalised input of the mixer [T, d_model]
+    Tensor zxbcdt;    // in_proj output [T, d_in_proj]
+    Tensor xBC;       // conv1d+SiLU output [T, conv_dim]
+    Tensor y;         // SSD output [T, d_inner]
+    Tensor grstd;     // [T, ngroups] of the gated norm
+    Tensor ynorm;     // gated norm output [T, d_inner]
+  };
+  // Index of a parameter in the table for layer i (or -1 for the global ones).
+  struct LayerParams {
+    int norm, in_proj, conv_w, conv_b, dt_bias, A_log, D, gnorm, out_proj;
+  };
+
+  void upload_tokens(const int32_t* tokens, const int32_t* targets);
+  void forward();
+  const Tensor& w(int idx) const { return compute_[idx]; }
+  SsdDims ssd_dims() const;
+  SsdInputs ssd_inputs(int layer) const;
+
+  ModelConfig cfg_;
+  Backend& be_;
+  int64_t batch_, seqlen_, T_;
+  std::vector<ParamSpec> table_;
+  std::vector<Tensor> params_, grads_, compute_;
+  std::vector<LayerParams> lp_;
+  int emb_ = 0, norm_f_ = 0;
+
+  Tensor tokens_, targets_;
+  Tensor x_;                 // embedding / mixer output, input of the next add [T, d_model]
+  std::vector<LayerActs> acts_;
+  Tensor res_f_, rstd_f_, hidden_f_;
+  // backward scratch (shared by all layers)
+  Tensor d_hidden_, d_ynorm_, d_y_, d_xBC_, d_zxbcdt_, d_res_[2], d_x_;
+};
+
+}  // namespace ssd

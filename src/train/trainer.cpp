@@ -1,0 +1,408 @@
+#include "train/trainer.h"
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "data/data.h"
+#include "dist/comm.h"
+#include "io/checkpoint.h"
+#include "io/export.h"
+#include "model/mamba2.h"
+#include "train/schedule.h"
+
+namespace fs = std::filesystem;
+
+namespace ssd {
+namespace {
+
+std::atomic<int> g_stop_signal{0};
+
+void on_stop_signal(int sig) { g_stop_signal.store(sig); }
+
+std::vector<float> to_host_f32(Backend& be, const Tensor& t) {
+  std::vector<float> out(t.numel());
+  if (t.dtype == DType::F32) {
+    be.download(out.data(), t);
+  } else {
+    Tensor tmp = be.alloc(t.shape, DType::F32);
+    be.convert(t, tmp);
+    be.download(out.data(), tmp);
+  }
+  return out;
+}
+
+void from_host_f32(Backend& be, Tensor& t, const std::vector<float>& v) {
+  if (t.dtype == DType::F32) {
+    be.upload(t, v.data());
+  } else {
+    Tensor tmp = be.alloc(t.shape, DType::F32);
+    be.upload(tmp, v.data());
+    be.convert(tmp, t);
+  }
+}
+
+// Writes a small text file atomically (temp name, then rename).
+void write_text_atomic(const fs::path& path, const std::string& text) {
+  fs::path tmp = path;
+  tmp += ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::trunc);
+    if (!f) fail("cannot write '", tmp.string(), "'");
+    f << text;
+    f.flush();
+    if (!f) fail("error writing '", tmp.string(), "'");
+  }
+  fs::rename(tmp, path);
+}
+
+// Keeps only the metrics lines of steps <= last_step (a resumed run rewrites what follows).
+void truncate_metrics(const fs::path& path, int64_t last_step) {
+  if (!fs::exists(path)) return;
+  std::ifstream in(path);
+  std::ostringstream kept;
+  std::string line;
+  while (std::getline(in, line)) {
+    auto p = line.find("\"step\":");
+    if (p == std::string::npos) continue;
+    int64_t s = std::atoll(line.c_str() + p + 7);
+    if (s <= last_step) kept << line << "\n";
+  }
+  write_text_atomic(path, kept.str());
+}
+
+std::string fmt_duration(double s) {
+  if (!std::isfinite(s) || s < 0) return "?";
+  int64_t t = static_cast<int64_t>(s + 0.5);
+  char buf[32];
+  if (t >= 3600) std::snprintf(buf, sizeof buf, "%lld:%02lld:%02lld", (long long)(t / 3600), (long long)(t / 60 % 60), (long long)(t % 60));
+  else std::snprintf(buf, sizeof buf, "%lld:%02lld", (long long)(t / 60), (long long)(t % 60));
+  return buf;
+}
+
+std::string fmt_rate(double r) {
+  char buf[32];
+  if (r >= 1e6) std::snprintf(buf, sizeof buf, "%.2fM", r / 1e6);
+  else if (r >= 1e3) std::snprintf(buf, sizeof buf, "%.1fK", r / 1e3);
+  else std::snprintf(buf, sizeof buf, "%.0f", r);
+  return buf;
+}
+
+class Trainer {
+ public:
+  explicit Trainer(const Config& cfg)
+      : cfg_(cfg), grid_(ProcessGrid::world()),
+        be_(make_backend_for(cfg.train.device, grid_.local_rank())),
+        data_(make_data_source(cfg, grid_.rank(), grid_.size())),
+        model_(cfg.model, *be_, cfg.train.micro_batch, cfg.train.seq_len) {
+    const auto& t = model_.table();
+    for (size_t i = 0; i < t.size(); ++i) {
+      Tensor m = be_->alloc(t[i].shape, be_->accum_dtype());
+      Tensor v = be_->alloc(t[i].shape, be_->accum_dtype());
+      be_->zero(m);
+      be_->zero(v);
+      slots_.push_back({model_.params()[i], model_.grads()[i], m, v,
+                        t[i].weight_decay ? cfg.train.weight_decay : 0.0});
+    }
+    stats_ = model_.new_stats();
+  }
+
+  TrainResult run();
+
+ private:
+  void start_state();
+  void save_checkpoint();
+  void log(const std::string& s) { if (grid_.is_root()) std::printf("%s\n", s.c_str()), std::fflush(stdout); }
+  void metric(const std::string& json) {
+    if (!grid_.is_root()) return;
+    metrics_ << json << "\n";
+    metrics_.flush();
+  }
+  std::pair<double, double> evaluate();
+
+  Config cfg_;
+  ProcessGrid& grid_;
+  std::unique_ptr<Backend> be_;
+  std::unique_ptr<DataSource> data_;
+  Mamba2LM model_;
+  std::vector<AdamWSlot> slots_;
+  Tensor stats_;
+  int64_t step_ = 0;           // optimizer steps completed
+  int64_t tokens_seen_ = 0;
+  std::ofstream metrics_;
+  std::string last_ckpt_;
+};
+
+void Trainer::start_state() {
+  const auto& tc = cfg_.train;
+  model_.init(static_cast<uint64_t>(tc.seed));
+  std::string resume_from;
+  if (tc.resume == "auto") {
+    if (auto p = latest_checkpoint(cfg_.checkpoint.dir)) resume_from = *p;
+  } else if (tc.resume != "never") {
+    resume_from = tc.resume;
+  } else if (latest_checkpoint(cfg_.checkpoint.dir)) {
+    fail("train.resume=never but '", cfg_.checkpoint.dir,
+         "' already holds checkpoints of an earlier run; set run.dir (or checkpoint.dir) to a "
+         "new directory, delete the old one, or use train.resume=auto to continue it");
+  }
+
+  if (!resume_from.empty()) {
+    CheckpointData ck = read_checkpoint(resume_from);
+    std::vector<HostTensor> expected;
+    for (const auto& s : model_.table()) expected.push_back({s.name, s.shape, {}});
+    check_checkpoint_shapes(ck, expected);
+    std::vector<std::vector<float>> vals;
+    for (auto& p : ck.params) vals.push_back(std::move(p.data));
+    model_.params_from_host(vals);
+    for (size_t i = 0; i < slots_.size(); ++i) {
+      from_host_f32(*be_, slots_[i].m, ck.adam_m[i].data);
+      from_host_f32(*be_, slots_[i].v, ck.adam_v[i].data);
+    }
+    step_ = ck.step;
+    auto it = ck.state.find("data." + std::to_string(grid_.rank()));
+    if (it == ck.state.end()) it = ck.state.find("data.0");
+    if (it == ck.state.end()) fail("checkpoint '", resume_from, "' has no data-loader state");
+    data_->set_state(it->second);
+    if (auto tk = ck.state.find("tokens_seen"); tk != ck.state.end() && !tk->second.empty())
+      tokens_seen_ = static_cast<int64_t>(tk->second[0]);
+    last_ckpt_ = resume_from;
+    log("resumed from " + resume_from + " at step " + std::to_string(step_));
+  } else if (!tc.init_from.empty()) {
+    std::vector<HostTensor> expected;
+    for (const auto& s : model_.table()) expected.push_back({s.name, s.shape, {}});
+    auto loaded = import_model(tc.init_from, cfg_.model, expected);
+    std::vector<std::vector<float>> vals;
+    for (auto& p : loaded) vals.push_back(std::move(p.data));
+    model_.params_from_host(vals);
+    log("initialised weights from " + tc.init_from);
+  }
+}
+
+void Trainer::save_checkpoint() {
+  // Every rank holds the same parameters and moments; rank 0 writes. Data positions differ per
+  // rank, so they are gathered into the file by rank (here: rank 0's and, with MPI, each's).
+  CheckpointData ck;
+  ck.step = step_;
+  ck.config_yaml = config_to_yaml(cfg_);
+  auto host = model_.params_to_host();
+  const auto& t = model_.table();
+  for (size_t i = 0; i < t.size(); ++i) {
+    ck.params.push_back({t[i].name, t[i].shape, std::move(host[i])});
+    ck.adam_m.push_back({t[i].name, t[i].shape, to_host_f32(*be_, slots_[i].m)});
+    ck.adam_v.push_back({t[i].name, t[i].shape, to_host_f32(*be_, slots_[i].v)});
+  }
+  // Data-loader states of all ranks: each rank's 4 words, summed into place (others zero).
+  std::vector<uint64_t> mine = data_->state();
+  const int64_t w = static_cast<int64_t>(mine.size());
+  std::vector<double> all(static_cast<size_t>(w * grid_.size()), 0.0);
+  // RNG words do not survive a trip through double; send them as 32-bit halves.
+  std::vector<double> halves(static_cast<size_t>(2 * w * grid_.size()), 0.0);
+  for (int64_t i = 0; i < w; ++i) {
+    halves[2 * (grid_.rank() * w + i)] = static_cast<double>(mine[i] >> 32);
+    halves[2 * (grid_.rank() * w + i) + 1] = static_cast<double>(mine[i] & 0xffffffffull);
+  }
+  grid_.allreduce_sum(halves.data(), static_cast<int64_t>(halves.size()));
+  for (int r = 0; r < grid_.size(); ++r) {
+    std::vector<uint64_t> s(w);
+    for (int64_t i = 0; i < w; ++i)
+      s[i] = (static_cast<uint64_t>(halves[2 * (r * w + i)]) << 32) |
+             static_cast<uint64_t>(halves[2 * (r * w + i) + 1]);
+    ck.state["data." + std::to_string(r)] = s;
+  }
+  ck.state["tokens_seen"] = {static_cast<uint64_t>(tokens_seen_)};
+  if (grid_.is_root()) {
+    fs::create_directories(cfg_.checkpoint.dir);
+    std::string path = checkpoint_path(cfg_.checkpoint.dir, step_);
+    write_checkpoint(path, ck);
+    prune_checkpoints(cfg_.checkpoint.dir, cfg_.checkpoint.keep_last);
+    last_ckpt_ = path;
+    log("checkpoint " + path);
+  }
+  grid_.barrier();
+}
+
+std::pair<double, double> Trainer::evaluate() {
+  const int64_t B = cfg_.train.micro_batch, L = cfg_.train.seq_len;
+  std::vector<int32_t> tok(B * L), tgt(B * L);
+  Tensor stats = model_.new_stats();
+  for (int64_t i = 0; i < cfg_.run.eval_batches; ++i) {
+    data_->eval_batch(i * grid_.size() + grid_.rank(), tok.data(), tgt.data(), B, L);
+    model_.forward_loss(tok.data(), tgt.data(), stats);
+  }
+  auto s = model_.read_stats(stats);
+  grid_.allreduce_sum(s.data(), 3);
+  return {s[0] / std::max(1.0, s[1]), s[2] / std::max(1.0, s[1])};
+}
+
+TrainResult Trainer::run() {
+  const auto& tc = cfg_.train;
+  TrainResult res;
+  start_state();
+
+  // The run directory: made only now that the config, data and backend are known good.
+  if (grid_.is_root()) {
+    fs::create_directories(cfg_.run.dir);
+    write_text_atomic(fs::path(cfg_.run.dir) / "config.yaml", config_to_yaml(cfg_));
+    fs::path mpath = fs::path(cfg_.run.dir) / "metrics.jsonl";
+    truncate_metrics(mpath, step_);
+    metrics_.open(mpath, std::ios::app);
+    if (!metrics_) fail("cannot open '", mpath.string(), "' for writing");
+  }
+
+  const int64_t B = tc.micro_batch, L = tc.seq_len, A = tc.grad_accum;
+  const int64_t tokens_per_step = B * L * A * grid_.size();
+  log("ssdtrain: " + std::to_string(count_params(model_.table())) + " parameters, backend " +
+      be_->name() + ", " + std::to_string(grid_.size()) + " rank(s), data " + data_->describe());
+  log("run dir " + cfg_.run.dir + "; " + std::to_string(tokens_per_step) +
+      " tokens per step; steps " + std::to_string(step_ + 1) + ".." + std::to_string(tc.max_steps));
+
+  std::vector<int32_t> tok(A * B * L), tgt(A * B * L);
+  auto t_start = std::chrono::steady_clock::now();
+  auto t_window = t_start;
+  int64_t window_tokens = 0, steps_this_run = 0, skipped = 0;
+  const bool acc_metric = data_->reports_accuracy();
+
+  while (step_ < tc.max_steps) {
+    const int64_t step = step_ + 1;
+    const double lr = lr_at(step, tc.lr, tc.min_lr, tc.warmup_steps, tc.max_steps);
+    // All micro-batches first: the loss is a mean over every scored token of the step.
+    for (int64_t a = 0; a < A; ++a)
+      data_->next_train(tok.data() + a * B * L, tgt.data() + a * B * L, B, L);
+    double counted = 0;
+    for (auto v : tgt) counted += v >= 0;
+    grid_.allreduce_sum(&counted, 1);
+    const double grad_scale = 1.0 / std::max(1.0, counted);
+
+    model_.zero_grads();
+    be_->zero(stats_);
+    for (int64_t a = 0; a < A; ++a)
+      model_.forward_backward(tok.data() + a * B * L, tgt.data() + a * B * L, grad_scale, stats_);
+    for (auto& g : model_.grads()) grid_.allreduce_sum(*be_, g);
+    auto st = model_.read_stats(stats_);
+    grid_.allreduce_sum(st.data(), 3);
+    const double loss = st[0] / std::max(1.0, st[1]);
+    const double acc = st[2] / std::max(1.0, st[1]);
+
+    std::vector<Tensor> gl(model_.grads().begin(), model_.grads().end());
+    const double gnorm = std::sqrt(be_->sum_squares(gl));
+    if (!std::isfinite(loss) || !std::isfinite(gnorm)) {
+      if (tc.on_nan == "stop")
+        fail("step ", step, ": loss is ", loss, " and gradient norm ", gnorm,
+             " (not finite); stopping. The last good checkpoint is ",
+             last_ckpt_.empty() ? std::string("(none written yet)") : last_ckpt_,
+             ". Lower train.lr, or set train.on_nan=skip to skip such steps.");
+      ++skipped;
+      log("warning: step " + std::to_string(step) + " has a non-finite loss/gradient; update skipped (train.on_nan=skip)");
+      step_ = step;
+      continue;
+    }
+    AdamWHyper h;
+    h.lr = lr;
+    h.beta1 = tc.beta1;
+    h.beta2 = tc.beta2;
+    h.eps = tc.adam_eps;
+    h.step = step - skipped;
+    h.grad_scale = (tc.grad_clip > 0 && gnorm > tc.grad_clip) ? tc.grad_clip / (gnorm + 1e-6) : 1.0;
+    be_->adamw_step(slots_, h);
+    model_.refresh_compute_weights();
+    step_ = step;
+    ++steps_this_run;
+    tokens_seen_ += tokens_per_step;
+    window_tokens += tokens_per_step;
+    if (steps_this_run == 1) res.first_loss = loss;
+    res.last_loss = loss;
+
+    if (step % cfg_.run.log_every == 0 || step == tc.max_steps || steps_this_run == 1) {
+      be_->synchronize();
+      auto now = std::chrono::steady_clock::now();
+      double dt = std::chrono::duration<double>(now - t_window).count();
+      double rate = window_tokens / std::max(dt, 1e-9);
+      double elapsed = std::chrono::duration<double>(now - t_start).count();
+      double eta = (tc.max_steps - step) * tokens_per_step / std::max(rate, 1e-9);
+      char line[512];
+      std::snprintf(line, sizeof line,
+                    "step %*lld/%lld | loss %.4f%s | lr %.2e | gnorm %.3f | %s tok/s | ETA %s",
+                    (int)std::to_string(tc.max_steps).size(), (long long)step,
+                    (long long)tc.max_steps, loss,
+                    acc_metric ? (" | acc " + std::to_string(acc).substr(0, 5)).c_str() : "",
+                    lr, gnorm, fmt_rate(rate).c_str(), fmt_duration(eta).c_str());
+      log(line);
+      char js[512];
+      std::snprintf(js, sizeof js,
+                    "{\"step\": %lld, \"loss\": %.6f, \"acc\": %.6f, \"lr\": %.6e, \"grad_norm\": "
+                    "%.6f, \"tokens_per_s\": %.1f, \"tokens\": %lld, \"elapsed_s\": %.3f}",
+                    (long long)step, loss, acc, lr, gnorm, rate, (long long)tokens_seen_, elapsed);
+      metric(js);
+      t_window = now;
+      window_tokens = 0;
+    }
+    const bool last = step == tc.max_steps;
+    if ((cfg_.run.eval_every > 0 && step % cfg_.run.eval_every == 0) || last) {
+      auto [el, ea] = evaluate();
+      res.last_eval_loss = el;
+      res.last_eval_acc = ea;
+      char line[256];
+      std::snprintf(line, sizeof line, "eval step %lld | loss %.4f%s", (long long)step, el,
+                    acc_metric ? (" | acc " + std::to_string(ea).substr(0, 5)).c_str() : "");
+      log(line);
+      char js[256];
+      std::snprintf(js, sizeof js, "{\"step\": %lld, \"eval_loss\": %.6f, \"eval_acc\": %.6f}",
+                    (long long)step, el, ea);
+      metric(js);
+    }
+    int sig = 0;
+    const bool stop = grid_.any(stop_requested(&sig));
+    if ((cfg_.checkpoint.every > 0 && step % cfg_.checkpoint.every == 0) || last || stop)
+      save_checkpoint();
+    if (stop) {
+      log("stopped by signal " + std::to_string(sig) + " after step " + std::to_string(step) +
+          "; checkpoint " + last_ckpt_ + ". Run the same command again to resume.");
+      res.stopped_by_signal = true;
+      break;
+    }
+  }
+  res.steps_done = step_;
+  if (grid_.is_root() && !res.stopped_by_signal)
+    log("done: " + std::to_string(step_) + " steps, final loss " + std::to_string(res.last_loss));
+  return res;
+}
+
+}  // namespace
+
+std::unique_ptr<Backend> make_backend_for(const std::string& device, int local_rank) {
+  if (device == "cpu") return make_cpu_backend(DType::F32);
+  int n = cuda_device_count();
+  if (device == "cuda") {
+    if (n == 0) fail("train.device=cuda but no CUDA GPU is available");
+    return make_cuda_backend(local_rank % n);
+  }
+  return n > 0 ? make_cuda_backend(local_rank % n) : make_cpu_backend(DType::F32);
+}
+
+TrainResult train(const Config& cfg) {
+  Trainer t(cfg);
+  return t.run();
+}
+
+void install_stop_handlers() {
+  struct sigaction sa {};
+  sa.sa_handler = on_stop_signal;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGINT, &sa, nullptr);
+  sigaction(SIGUSR1, &sa, nullptr);
+}
+
+bool stop_requested(int* sig) {
+  int s = g_stop_signal.load();
+  if (sig) *sig = s;
+  return s != 0;
+}
+
+}  // namespace ssd

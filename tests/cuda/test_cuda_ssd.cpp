@@ -1,0 +1,262 @@
+// The CUDA SSD kernels (kernels/ssd_*.cu) against the CPU reference ssd::cpu::ssd_fwd/ssd_bwd
+// in fp32, on the same bf16-rounded inputs. One relative error per output tensor
+// (max |gpu - ref| / max |ref|) must stay <= 1e-2; NaN never passes.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "backend/cpu/cpu_ops.h"
+#include "testutil.h"
+
+#ifdef SSD_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#include "ssd.h"
+#endif
+
+namespace {
+
+#ifdef SSD_HAVE_CUDA
+
+using ssd::SsdDims;
+
+constexpr double kTol = 1e-2;
+
+bool have_gpu() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+#define CUDA_OK(x) ASSERT_EQ((x), cudaSuccess) << cudaGetErrorString(x)
+
+// float <-> bf16 bits, round to nearest even (the test's own, host side).
+uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+float from_bf16(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+// Rounds v to bf16 in place; returns the bits.
+std::vector<uint16_t> round_bf16(std::vector<float>& v) {
+  std::vector<uint16_t> b(v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    b[i] = to_bf16(v[i]);
+    v[i] = from_bf16(b[i]);
+  }
+  return b;
+}
+
+template <class T>
+struct DevBuf {
+  T* p = nullptr;
+  size_t n = 0;
+  explicit DevBuf(size_t count) : n(count) {
+    if (cudaMalloc(&p, std::max<size_t>(count, 1) * sizeof(T)) != cudaSuccess) p = nullptr;
+  }
+  DevBuf(const DevBuf&) = delete;
+  ~DevBuf() { cudaFree(p); }
+  void up(const std::vector<T>& h) { cudaMemcpy(p, h.data(), n * sizeof(T), cudaMemcpyHostToDevice); }
+  std::vector<T> down() const {
+    std::vector<T> h(n);
+    cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost);
+    return h;
+  }
+};
+
+struct Case {
+  int64_t batch, seqlen, nheads, headdim, ngroups, dstate, chunk;
+  bool init, dfinal;
+  int64_t ld_extra;  // ld_dt = nheads + ld_extra (dt_raw at column 0 of each row)
+};
+
+std::string case_name(const Case& c) {
+  char s[160];
+  std::snprintf(s, sizeof s, "b%lld_L%lld_h%lld_p%lld_g%lld_n%lld_q%lld%s%s_ld%lld",
+                (long long)c.batch, (long long)c.seqlen, (long long)c.nheads,
+                (long long)c.headdim, (long long)c.ngroups, (long long)c.dstate,
+                (long long)c.chunk, c.init ? "_init" : "", c.dfinal ? "_dfinal" : "",
+                (long long)c.ld_extra);
+  return s;
+}
+
+// Columns [off, off+width) of a [rows, ld] matrix.
+template <class T>
+std::vector<double> cols(const std::vector<T>& m, int64_t rows, int64_t ld, int64_t off,
+                         int64_t width) {
+  std::vector<double> r(static_cast<size_t>(rows * width));
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < width; ++j) r[i * width + j] = static_cast<double>(m[i * ld + off + j]);
+  return r;
+}
+std::vector<double> cols_bf16(const std::vector<uint16_t>& m, int64_t rows, int64_t ld,
+                              int64_t off, int64_t width) {
+  std::vector<double> r(static_cast<size_t>(rows * width));
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < width; ++j) r[i * width + j] = from_bf16(m[i * ld + off + j]);
+  return r;
+}
+template <class T>
+std::vector<double> dbl(const std::vector<T>& v) {
+  return std::vector<double>(v.begin(), v.end());
+}
+
+class CudaSsd : public ::testing::TestWithParam<Case> {};
+
+TEST_P(CudaSsd, MatchesCpuReference) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA GPU visible (cudaGetDeviceCount reports none)";
+  const Case cs = GetParam();
+  SsdDims d;
+  d.batch = cs.batch;
+  d.seqlen = cs.seqlen;
+  d.nheads = cs.nheads;
+  d.headdim = cs.headdim;
+  d.ngroups = cs.ngroups;
+  d.dstate = cs.dstate;
+  d.chunk = cs.chunk;
+  const int64_t T = d.tokens(), CD = d.conv_dim(), DI = d.d_inner(), H = d.nheads;
+  const int64_t ld_dt = H + cs.ld_extra, ld_ddt = H + 2;
+  const int64_t SN = d.batch * H * d.headdim * d.dstate;
+  const uint64_t seed = 1234 + 17 * static_cast<uint64_t>(cs.seqlen + cs.nheads + cs.chunk);
+
+  // inputs (rounded to bf16 where the kernels read bf16)
+  auto xBC = ssdtest::randn<float>(T * CD, seed + 1);
+  auto dt_raw = ssdtest::randn<float>(T * ld_dt, seed + 2, 0.5);
+  auto dt_bias = ssdtest::uniform<float>(H, seed + 3, 0.001, 0.1);
+  for (auto& v : dt_bias) v = std::log(std::expm1(v));
+  auto A_log = ssdtest::uniform<float>(H, seed + 4, 1.0, 16.0);
+  for (auto& v : A_log) v = std::log(v);
+  auto D = ssdtest::randn<float>(H, seed + 5);
+  auto init = ssdtest::randn<float>(SN, seed + 6);
+  auto dy = ssdtest::randn<float>(T * DI, seed + 7);
+  auto dfinal = ssdtest::randn<float>(SN, seed + 8);
+  const auto xBC_b = round_bf16(xBC);
+  const auto dt_b = round_bf16(dt_raw);
+  const auto dy_b = round_bf16(dy);
+  const float* init_h = cs.init ? init.data() : nullptr;
+  const float* dfinal_h = cs.dfinal ? dfinal.data() : nullptr;
+  // accumulating outputs start from these values on both sides
+  const std::vector<float> acc0 = ssdtest::randn<float>(H, seed + 9, 0.1);
+
+  // CPU reference
+  std::vector<float> y_ref(T * DI), fs_ref(SN);
+  ssd::cpu::ssd_fwd<float>(d, xBC.data(), dt_raw.data(), ld_dt, dt_bias.data(), A_log.data(),
+                           D.data(), init_h, y_ref.data(), fs_ref.data());
+  std::vector<float> dxBC_ref(T * CD), ddt_ref(T * ld_ddt, 0.f), ddtb_ref = acc0,
+      dAlog_ref = acc0, dD_ref = acc0, dinit_ref(SN);
+  ssd::cpu::ssd_bwd<float>(d, xBC.data(), dt_raw.data(), ld_dt, dt_bias.data(), A_log.data(),
+                           D.data(), init_h, dy.data(), dfinal_h, dxBC_ref.data(),
+                           ddt_ref.data(), ld_ddt, ddtb_ref.data(), dAlog_ref.data(),
+                           dD_ref.data(), dinit_ref.data());
+
+  // GPU
+  using bf = uint16_t;
+  DevBuf<bf> g_xBC(T * CD), g_dt(T * ld_dt), g_y(T * DI), g_dy(T * DI), g_dxBC(T * CD),
+      g_ddt(T * ld_ddt);
+  DevBuf<float> g_bias(H), g_Alog(H), g_D(H), g_init(SN), g_fs(SN), g_dfinal(SN), g_dbias(H),
+      g_dAlog(H), g_dD(H), g_dinit(SN);
+  const size_t wsb = ssd::cuda::ssd_workspace_bytes(d);
+  DevBuf<unsigned char> g_ws(wsb);
+  ASSERT_TRUE(g_xBC.p && g_ws.p && g_dxBC.p && g_dinit.p) << "cudaMalloc failed";
+  g_xBC.up(xBC_b);
+  g_dt.up(dt_b);
+  g_dy.up(dy_b);
+  g_bias.up(dt_bias);
+  g_Alog.up(A_log);
+  g_D.up(D);
+  g_init.up(init);
+  g_dfinal.up(dfinal);
+  g_dbias.up(acc0);
+  g_dAlog.up(acc0);
+  g_dD.up(acc0);
+  const std::vector<bf> sentinel(T * ld_ddt, to_bf16(7.0f));
+  g_ddt.up(sentinel);
+  CUDA_OK(cudaMemset(g_y.p, 0xff, T * DI * sizeof(bf)));     // NaN-fill outputs
+  CUDA_OK(cudaMemset(g_dxBC.p, 0xff, T * CD * sizeof(bf)));
+  CUDA_OK(cudaMemset(g_fs.p, 0xff, SN * sizeof(float)));
+  CUDA_OK(cudaMemset(g_dinit.p, 0xff, SN * sizeof(float)));
+  auto B = [](DevBuf<bf>& b) { return reinterpret_cast<ssd::cuda::bf16*>(b.p); };
+
+  ssd::cuda::ssd_fwd(d, B(g_xBC), B(g_dt), ld_dt, g_bias.p, g_Alog.p, g_D.p,
+                     cs.init ? g_init.p : nullptr, B(g_y), g_fs.p, g_ws.p, nullptr);
+  ssd::cuda::ssd_bwd(d, B(g_xBC), B(g_dt), ld_dt, g_bias.p, g_Alog.p, g_D.p,
+                     cs.init ? g_init.p : nullptr, B(g_dy), cs.dfinal ? g_dfinal.p : nullptr,
+                     B(g_dxBC), B(g_ddt), ld_ddt, g_dbias.p, g_dAlog.p, g_dD.p, g_dinit.p,
+                     g_ws.p, nullptr);
+  CUDA_OK(cudaDeviceSynchronize());
+
+  const auto y = g_y.down();
+  const auto dxBC = g_dxBC.down();
+  const auto ddt = g_ddt.down();
+  const int64_t GN = d.ngroups * d.dstate;
+  struct Cmp {
+    const char* name;
+    double err;
+  };
+  const std::vector<Cmp> cmps = {
+      {"y", ssdtest::rel_err(cols_bf16(y, T, DI, 0, DI), dbl(y_ref))},
+      {"final_state", ssdtest::rel_err(dbl(g_fs.down()), dbl(fs_ref))},
+      {"dx", ssdtest::rel_err(cols_bf16(dxBC, T, CD, 0, DI), cols(dxBC_ref, T, CD, 0, DI))},
+      {"dB", ssdtest::rel_err(cols_bf16(dxBC, T, CD, DI, GN), cols(dxBC_ref, T, CD, DI, GN))},
+      {"dC", ssdtest::rel_err(cols_bf16(dxBC, T, CD, DI + GN, GN),
+                              cols(dxBC_ref, T, CD, DI + GN, GN))},
+      {"ddt", ssdtest::rel_err(cols_bf16(ddt, T, ld_ddt, 0, H), cols(ddt_ref, T, ld_ddt, 0, H))},
+      {"d_dt_bias", ssdtest::rel_err(dbl(g_dbias.down()), dbl(ddtb_ref))},
+      {"dA_log", ssdtest::rel_err(dbl(g_dAlog.down()), dbl(dAlog_ref))},
+      {"dD", ssdtest::rel_err(dbl(g_dD.down()), dbl(dD_ref))},
+      {"d_initial_state", ssdtest::rel_err(dbl(g_dinit.down()), dbl(dinit_ref))},
+  };
+  std::string line;
+  for (const auto& c : cmps) {
+    char buf[64];
+    std::snprintf(buf, sizeof buf, " %s=%.2e", c.name, c.err);
+    line += buf;
+  }
+  std::printf("[ssd %s]%s\n", case_name(cs).c_str(), line.c_str());
+  for (const auto& c : cmps) EXPECT_LE(c.err, kTol) << c.name;  // NaN/inf fail too
+
+  // columns of ddt past nheads are left alone
+  bool untouched = true;
+  for (int64_t i = 0; i < T; ++i)
+    for (int64_t j = H; j < ld_ddt; ++j) untouched &= ddt[i * ld_ddt + j] == sentinel[0];
+  EXPECT_TRUE(untouched) << "ddt written past column nheads";
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, CudaSsd,
+    ::testing::Values(
+        // partial last chunk, ngroups > 1, init + dfinal, strided dt
+        Case{2, 200, 4, 64, 2, 64, 64, true, true, 3},
+        // headdim 32, dstate 128, chunk 128, no init / dfinal
+        Case{1, 300, 4, 32, 1, 128, 128, false, false, 0},
+        // headdim 128, chunk 256, partial chunk, init only
+        Case{2, 356, 2, 128, 1, 64, 256, true, false, 5},
+        // three groups, dfinal only, full chunks
+        Case{1, 512, 6, 64, 3, 128, 256, false, true, 1},
+        // seqlen shorter than one chunk
+        Case{2, 50, 3, 64, 1, 64, 64, true, true, 2},
+        // long-ish sequence: many chunks
+        Case{1, 1000, 2, 64, 1, 128, 128, true, true, 0},
+        // headdim 128, dstate 128, chunk 64, 2 groups
+        Case{1, 260, 4, 128, 2, 128, 64, false, true, 0}),
+    [](const ::testing::TestParamInfo<Case>& i) { return case_name(i.param); });
+
+#else  // !SSD_HAVE_CUDA
+
+TEST(CudaSsd, MatchesCpuReference) { GTEST_SKIP() << "built without CUDA (SSD_HAVE_CUDA unset)"; }
+
+#endif
+
+}  // namespace
