@@ -143,8 +143,11 @@ def main():
 
     # ---- 2. load in float32 on the CPU ----
     if fmt == "hf":
+        # transformers >= 4.56 calls it dtype; older versions only know torch_dtype.
+        major_minor = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+        dtype_kw = "dtype" if major_minor >= (4, 56) else "torch_dtype"
         model, info = Mamba2ForCausalLM.from_pretrained(
-            d, torch_dtype=torch.float32, output_loading_info=True)
+            d, output_loading_info=True, **{dtype_kw: torch.float32})
         for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
             if info.get(key):
                 status |= fail(f"from_pretrained {key}: {info[key]}")

@@ -3,6 +3,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <charconv>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -49,7 +50,16 @@ Field field(std::string key, T Config::*section, auto member) {
     }
   };
   f.write = [section, member](const Config& c, YAML::Emitter& e) {
-    e << (c.*section).*member;
+    const auto& v = (c.*section).*member;
+    if constexpr (std::is_same_v<std::remove_cvref_t<decltype(v)>, double>) {
+      char buf[64];  // shortest text that reads back to the same double
+      auto r = std::to_chars(buf, buf + sizeof buf, v);
+      std::string t(buf, r.ptr);
+      if (t.find_first_of(".eEn") == std::string::npos) t += ".0";  // keep it a float
+      e << t;
+    } else {
+      e << v;
+    }
   };
   return f;
 }
@@ -126,6 +136,11 @@ void apply_override(YAML::Node& root, const std::string& ov) {
     fail("--set '", ov, "': expected section.key=value");
   std::string key = ov.substr(0, eq), value = ov.substr(eq + 1);
   auto dot = key.find('.');
+  if (dot != std::string::npos) {
+    YAML::Node sec = root[key.substr(0, dot)];
+    if (sec.IsDefined() && !sec.IsNull() && !sec.IsMap())
+      fail("--set '", ov, "': config section '", key.substr(0, dot), "' must be a mapping");
+  }
   if (dot == std::string::npos || !find_field(key)) {
     std::string section = key.substr(0, dot);
     std::string known = dot == std::string::npos ? "" : known_keys_of(section);
@@ -161,6 +176,7 @@ Config parse_config(const std::string& text, const std::vector<std::string>& ove
   c.source = origin;
   static const char* sections[] = {"model", "train", "data", "run", "checkpoint"};
   for (auto it = root.begin(); it != root.end(); ++it) {
+    if (!it->first.IsScalar()) fail(origin, ": config section names must be plain words");
     std::string section = it->first.as<std::string>();
     if (std::find(std::begin(sections), std::end(sections), section) == std::end(sections))
       fail(origin, ": unknown config section '", section,
@@ -168,6 +184,7 @@ Config parse_config(const std::string& text, const std::vector<std::string>& ove
     if (it->second.IsNull()) continue;
     if (!it->second.IsMap()) fail(origin, ": section '", section, "' must be a mapping");
     for (auto kv = it->second.begin(); kv != it->second.end(); ++kv) {
+      if (!kv->first.IsScalar()) fail(origin, ": keys of section '", section, "' must be plain words");
       std::string key = section + "." + kv->first.as<std::string>();
       const Field* f = find_field(key);
       if (!f)
@@ -193,6 +210,8 @@ Config parse_config(const std::string& text, const std::vector<std::string>& ove
 }
 
 Config load_config(const std::string& path, const std::vector<std::string>& overrides) {
+  if (std::filesystem::exists(path) && !std::filesystem::is_regular_file(path))
+    fail("config file '", path, "' is not a regular file");
   std::ifstream f(path);
   if (!f) fail("config file '", path, "' cannot be read (", std::strerror(errno), ")");
   std::stringstream ss;

@@ -289,8 +289,7 @@ TrainResult Trainer::run() {
     const double loss = st[0] / std::max(1.0, st[1]);
     const double acc = st[2] / std::max(1.0, st[1]);
 
-    std::vector<Tensor> gl(model_.grads().begin(), model_.grads().end());
-    const double gnorm = std::sqrt(be_->sum_squares(gl));
+    const double gnorm = std::sqrt(be_->sum_squares(model_.grads()));
     if (!std::isfinite(loss) || !std::isfinite(gnorm)) {
       if (tc.on_nan == "stop")
         fail("step ", step, ": loss is ", loss, " and gradient norm ", gnorm,
@@ -335,7 +334,7 @@ TrainResult Trainer::run() {
       log(line);
       char js[512];
       std::snprintf(js, sizeof js,
-                    "{\"step\": %lld, \"loss\": %.6f, \"acc\": %.6f, \"lr\": %.6e, \"grad_norm\": "
+                    "{\"step\": %lld, \"loss\": %.10g, \"acc\": %.6f, \"lr\": %.6e, \"grad_norm\": "
                     "%.6f, \"tokens_per_s\": %.1f, \"tokens\": %lld, \"elapsed_s\": %.3f}",
                     (long long)step, loss, acc, lr, gnorm, rate, (long long)tokens_seen_, elapsed);
       metric(js);
@@ -368,7 +367,11 @@ TrainResult Trainer::run() {
     }
   }
   res.steps_done = step_;
-  if (grid_.is_root() && !res.stopped_by_signal)
+  res.param_sumsq = be_->sum_squares(model_.params());
+  if (steps_this_run == 0 && !res.stopped_by_signal)
+    log("nothing to do: the run is already at step " + std::to_string(step_) + " of " +
+        std::to_string(tc.max_steps) + " (raise train.max_steps to continue it)");
+  else if (!res.stopped_by_signal)
     log("done: " + std::to_string(step_) + " steps, final loss " + std::to_string(res.last_loss));
   return res;
 }
@@ -379,6 +382,9 @@ std::unique_ptr<Backend> make_backend_for(const std::string& device, int local_r
   if (device == "cpu") return make_cpu_backend(DType::F32);
   int n = cuda_device_count();
   if (device == "cuda") {
+#ifndef SSD_HAVE_CUDA
+    return make_cuda_backend(0);  // says this build has no CUDA support
+#endif
     if (n == 0) fail("train.device=cuda but no CUDA GPU is available");
     return make_cuda_backend(local_rank % n);
   }

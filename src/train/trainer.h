@@ -16,6 +16,7 @@ struct TrainResult {
   double last_eval_loss = -1;
   double last_eval_acc = -1;
   bool stopped_by_signal = false;
+  double param_sumsq = 0;  // sum of squared parameters at the end (a cheap fingerprint)
 };
 
 // Picks the backend for train.device (auto: CUDA when a GPU is present).

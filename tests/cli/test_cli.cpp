@@ -183,6 +183,11 @@ TEST_F(Cli, UnexpectedPositionalArgument) {
   expect_train_fails({"extra_arg", "--set", set_run_dir()}, "extra_arg");
 }
 
+TEST_F(Cli, OptionWithoutValue) {
+  expect_train_fails({"--set", set_run_dir(), "--config"}, "--config");
+  expect_train_fails({"--set"}, "--set");
+}
+
 TEST_F(Cli, MqarSeqLenTooShort) {
   expect_train_fails({"--set", "train.seq_len=16", "--set", set_run_dir()}, "train.seq_len");
 }
@@ -222,6 +227,10 @@ TEST_F(Cli, ConfigPrintsResolvedYaml) {
   ASSERT_EQ(r.rc, 0) << r;
   EXPECT_NE(r.out.find("n_layer: 5"), std::string::npos) << r;
   EXPECT_NE(r.out.find("runs/mine"), std::string::npos) << r;
+
+  r = run({"config", "--set=train.lr=3e-4"});
+  ASSERT_EQ(r.rc, 0) << r;
+  EXPECT_DOUBLE_EQ(ssd::parse_config(r.out, {}, "printed").train.lr, 3e-4);
 
   r = run({"config", "--set", "model.bogus=1"});
   EXPECT_NE(r.rc, 0) << r;

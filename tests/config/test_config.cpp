@@ -428,12 +428,27 @@ TEST(ConfigErrors, InvalidYaml) {
 TEST_F(ConfigTest, MissingConfigFile) {
   fs::path missing = tmp_ / "does_not_exist.yaml";
   expect_error([&] { ssd::load_config(missing.string(), {}); }, {missing.string()});
-  // A directory is not a config file either.
-  // KNOWN BUG (src/config/config.cpp, load_config): std::ifstream opens a directory without
-  // error on Linux, the read yields "", and the directory is accepted as an empty config (all
-  // defaults), so `ssdtrain train --config some_dir/` silently trains the defaults. Fix: fail
-  // unless std::filesystem::is_regular_file(path) (or check the stream after reading).
+}
+
+// Regression: std::ifstream opens a directory without error, which once made
+// `--config some_dir/` train on the defaults.
+TEST_F(ConfigTest, DirectoryIsNotAConfigFile) {
   expect_error([&] { ssd::load_config(tmp_.string(), {}); }, {tmp_.string()});
+}
+
+// Regression: --set into a section that is a scalar or a list must name the section.
+TEST(ConfigErrors, OverrideIntoSectionThatIsNotAMapping) {
+  expect_error([] { parse_config("model: 5\n", {"model.d_model=32"}, "exp.yaml"); },
+               {"model", "mapping"});
+  expect_error([] { parse_config("model: [1, 2]\n", {"model.d_model=32"}, "exp.yaml"); },
+               {"model", "mapping"});
+}
+
+// Regression: a non-scalar mapping key must give ssd::Error naming the file.
+TEST(ConfigErrors, NonScalarKeys) {
+  expect_error([] { parse_config("? [a, b]\n: 1\n", {}, "exp.yaml"); }, {"exp.yaml"});
+  expect_error([] { parse_config("model:\n  ? [a, b]\n  : 1\n", {}, "exp.yaml"); },
+               {"exp.yaml"});
 }
 
 TEST_F(ConfigTest, ErrorsInAFileNameTheFile) {

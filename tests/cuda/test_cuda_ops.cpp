@@ -351,7 +351,7 @@ TEST_F(CudaOps, LmHeadCrossEntropy) {
   Vf h = randn(T * Dm, 51, 0.5);
   for (int64_t t = 0; t < T; t += 2)
     if (tg[t] >= 0)
-      for (int64_t c = 0; c < Dm; ++c) h[t * Dm + c] += 0.4f * w[tg[t] * Dm + c];
+      for (int64_t c = 0; c < Dm; ++c) h[t * Dm + c] += 0.8f * w[tg[t] * Dm + c];
   h = round_bf16(h);
   const Vf dw0 = randn(V * Dm, 52);
   const Vf stats0{1.5f, 2.f, 3.f};
