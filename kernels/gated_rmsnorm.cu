@@ -5,7 +5,7 @@
 namespace ssd::cuda {
 namespace {
 
-constexpr int kBwdBlocks = 512;  // fixed: the two-stage dweight sum is deterministic
+constexpr int kBwdBlocks = 1024;  // fixed: the two-stage dweight sum is deterministic
 
 int block_for(int64_t n) { return n >= 1024 ? 256 : (n >= 256 ? 128 : 64); }
 

@@ -7,9 +7,9 @@
 namespace ssd::cuda {
 namespace {
 
-constexpr int kBwdBlocks = 512;  // fixed: the two-stage dweight sum is deterministic
+constexpr int kBwdBlocks = 1024;  // fixed: the two-stage dweight sum is deterministic
 
-int block_for(int64_t dim) { return dim >= 1024 ? 256 : (dim >= 256 ? 128 : 64); }
+int block_for(int64_t dim) { return dim >= 512 ? 256 : (dim >= 128 ? 128 : 64); }
 
 template <class TX, class TY>
 __global__ void add_rmsnorm_fwd_k(const TX* __restrict__ x, const float* residual_in,

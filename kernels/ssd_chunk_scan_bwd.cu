@@ -1,13 +1,16 @@
 // SSD backward of the chunk scan (step 5) and of the chunk states' x factor.
 //
-// dx kernel, per (64-token s tile, PT-column slice of headdim, chunk, head, batch):
-//   acc_s = sum_{t >= s} BC[s][t] exp(cs_t - cs_s) dy_t  +  exp(cs_last - cs_s) B_s dS_out^T
+// dx kernel, per (64-token tile, PT-column slice of headdim, chunk, head, batch):
+//   acc_s = exp(cs_last - cs_s) B_s dS_out^T  +  sum_{t >= s} BC[s][t] exp(cs_t - cs_s) dy_t
 //   dx_s = dt_s acc_s + D dy_s,   ddt_dir_s += x_s . acc_s,   dD += sum x . dy
-// dC kernel, per (64-token t tile, 64-column slice of dstate, chunk, group), looping over the
-// group's heads so the sum over heads stays in registers:
+// and the per-head state terms of dcs (cs = within-chunk cumsum of dt*A):
+//   dcs_t += u_t = exp(cs_t) dy_t . (S_in C_t)       (readout of the state entering the chunk)
+//   dcs_s -= v_s = dt_s x_s . (state part of acc_s)  (decay of x_s B_s^T to the chunk's end)
+//   dcs_last += sum_s v_s
+// dC kernel, per (64-token t tile, chunk, group, slice of the group's heads), looping over the
+// heads of the slice so that their sum stays in registers (slices summed by bc_reduce):
 //   dC_t = sum_h [ exp(cs_t) dy_t S_in + sum_{s <= t} W[t][s] B_s ],
-//   W[t][s] = (dy_t . x_s) exp(cs_t - cs_s) dt_s,
-//   dcs_t += C_t . (per-head dC_t), the intra part taken as sum_s W[t][s] CB[t][s] in fp32.
+//   W[t][s] = (dy_t . x_s) exp(cs_t - cs_s) dt_s,   dcs_t += sum_s W[t][s] CB[t][s]  (fp32).
 #include "ssd_common.cuh"
 
 namespace ssd::cuda::detail {
@@ -16,12 +19,13 @@ template <int NT>
 __global__ __launch_bounds__(128) void chunk_scan_bwd_dx_kernel(
     const bf16* __restrict__ xBC, int64_t ldx, const bf16* __restrict__ dy,
     const float* __restrict__ D, const float* __restrict__ dt, const float* __restrict__ cs,
-    const float* __restrict__ BC, const float* __restrict__ dstates, bf16* __restrict__ dxBC,
-    float* __restrict__ ddt_dir, float* __restrict__ dD, int L, int H, int G, int P, int N,
-    int nc, int Q) {
+    const float* __restrict__ BC, const float* __restrict__ states,
+    const float* __restrict__ dstates, bf16* __restrict__ dxBC, float* __restrict__ ddt_dir,
+    float* __restrict__ dcs, float* __restrict__ dD, int L, int H, int G, int P, int N, int nc,
+    int Q) {
   constexpr int PT = NT * 8, LDY = PT + 8, LDS = 72;
-  __shared__ __align__(16) bf16 Bs[64 * LDS];
-  __shared__ __align__(16) bf16 dSs[PT * LDS];
+  __shared__ __align__(16) bf16 Bs[64 * LDS];   // B_s or C_s tile [64][64 of N]
+  __shared__ __align__(16) bf16 dSs[PT * LDS];  // dS_out or S_in tile [PT][64 of N]
   __shared__ __align__(16) bf16 dYs[64 * LDY];
   __shared__ float cs_s[256];
   const int npb = P / PT;
@@ -36,21 +40,59 @@ __global__ __launch_bounds__(128) void chunk_scan_bwd_dx_kernel(
   for (int t = threadIdx.x; t < Q; t += blockDim.x) cs_s[t] = cs[cbase + t];
   const int64_t row0 = static_cast<int64_t>(b) * L + static_cast<int64_t>(c) * Q;
   const int s0 = sb * 64;
+  const int vs = L - (c * Q + s0);
+  const int r0 = s0 + warp * 16 + (lane >> 2), r1 = r0 + 8;  // chunk-local rows
+  const bool ok0 = c * Q + r0 < L, ok1 = c * Q + r1 < L;
+  const int64_t col0 = static_cast<int64_t>(h) * P + pb * PT + tq * 2;
+  const int64_t PN = static_cast<int64_t>(P) * N;
+
+  // ---- u_t = exp(cs_t) dy_t . (S_in C_t), this p-slice ----
+  {
+    float accU[NT][4];
+    zero_acc(accU);
+    const float* S = states + ((static_cast<int64_t>(b) * (nc + 1) + c) * H + h) * PN +
+                     static_cast<int64_t>(pb) * PT * N;
+    const bf16* Cg = xBC + (row0 + s0) * ldx + d_inner + static_cast<int64_t>(G + g) * N;
+    for (int n0 = 0; n0 < N; n0 += 64) {
+      __syncthreads();
+      load_tile(Bs, LDS, Cg + n0, ldx, 64, 64, vs);
+      load_tile_f32(dSs, LDS, S + n0, N, PT, 64);
+      __syncthreads();
+      warp_mma_smem<NT, true>(accU, Bs, LDS, warp * 16, dSs, LDS, 64, lane);
+    }
+    float u0 = 0.f, u1 = 0.f;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      if (ok0) {
+        const float2 v = ld_bf16x2(dy + (row0 + r0) * d_inner + col0 + j * 8);
+        u0 += v.x * accU[j][0] + v.y * accU[j][1];
+      }
+      if (ok1) {
+        const float2 v = ld_bf16x2(dy + (row0 + r1) * d_inner + col0 + j * 8);
+        u1 += v.x * accU[j][2] + v.y * accU[j][3];
+      }
+    }
+    u0 = quad_sum(u0) * __expf(cs_s[r0]);
+    u1 = quad_sum(u1) * __expf(cs_s[r1]);
+    if (tq == 0) {
+      if (ok0) atomicAdd(dcs + cbase + r0, u0);
+      if (ok1) atomicAdd(dcs + cbase + r1, u1);
+    }
+  }
+
   float acc[NT][4];
   zero_acc(acc);
-
-  // B_s (64 x N) . dS_out^T (N x PT)
-  const float* dS = dstates + ((static_cast<int64_t>(b) * nc + c) * H + h) *
-                                  static_cast<int64_t>(P) * N + static_cast<int64_t>(pb) * PT * N;
+  // ---- B_s (64 x N) . dS_out^T (N x PT), rows scaled by exp(cs_last - cs_s) ----
+  const float* dS = dstates + ((static_cast<int64_t>(b) * nc + c) * H + h) * PN +
+                    static_cast<int64_t>(pb) * PT * N;
   const bf16* Bg = xBC + (row0 + s0) * ldx + d_inner + static_cast<int64_t>(g) * N;
   for (int n0 = 0; n0 < N; n0 += 64) {
     __syncthreads();
-    load_tile(Bs, LDS, Bg + n0, ldx, 64, 64, L - (c * Q + s0));
+    load_tile(Bs, LDS, Bg + n0, ldx, 64, 64, vs);
     load_tile_f32(dSs, LDS, dS + n0, N, PT, 64);
     __syncthreads();
     warp_mma_smem<NT, true>(acc, Bs, LDS, warp * 16, dSs, LDS, 64, lane);
   }
-  const int r0 = s0 + warp * 16 + (lane >> 2), r1 = r0 + 8;  // chunk-local s rows
   const float cs0 = cs_s[r0], cs1 = cs_s[r1];
   {
     const float cl = cs_s[Q - 1];
@@ -62,9 +104,33 @@ __global__ __launch_bounds__(128) void chunk_scan_bwd_dx_kernel(
       acc[j][2] *= e1;
       acc[j][3] *= e1;
     }
+    // v_s = dt_s x_s . acc_s (state part)
+    float v0 = 0.f, v1 = 0.f;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      if (ok0) {
+        const float2 xv = ld_bf16x2(xBC + (row0 + r0) * ldx + col0 + j * 8);
+        v0 += xv.x * acc[j][0] + xv.y * acc[j][1];
+      }
+      if (ok1) {
+        const float2 xv = ld_bf16x2(xBC + (row0 + r1) * ldx + col0 + j * 8);
+        v1 += xv.x * acc[j][2] + xv.y * acc[j][3];
+      }
+    }
+    v0 = quad_sum(v0);
+    v1 = quad_sum(v1);
+    v0 = ok0 ? v0 * dt[cbase + r0] : 0.f;
+    v1 = ok1 ? v1 * dt[cbase + r1] : 0.f;
+    if (tq == 0) {
+      if (ok0) atomicAdd(dcs + cbase + r0, -v0);
+      if (ok1) atomicAdd(dcs + cbase + r1, -v1);
+    }
+    float vsum = tq == 0 ? v0 + v1 : 0.f;
+    vsum = warp_sum(vsum);
+    if (lane == 0 && vsum != 0.f) atomicAdd(dcs + cbase + Q - 1, vsum);
   }
 
-  // sum_{t >= s} (BC o decay, anti-causal) (64 x 64 per t-block) . dY_t (64 x PT)
+  // ---- sum_{t >= s} (BC o decay, anti-causal) (64 x 64 per t-block) . dY_t (64 x PT) ----
   const float* BCp = BC + ((static_cast<int64_t>(b) * nc + c) * G + g) * Q * Q;
   const bf16* dYg = dy + row0 * d_inner + static_cast<int64_t>(h) * P + pb * PT;
   for (int tb = sb; tb < nblk; ++tb) {
@@ -79,13 +145,13 @@ __global__ __launch_bounds__(128) void chunk_scan_bwd_dx_kernel(
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int t = t0 + k + half * 8 + tq * 2;
-        const float2 v0 = *reinterpret_cast<const float2*>(BCp + static_cast<int64_t>(r0) * Q + t);
-        const float2 v1 = *reinterpret_cast<const float2*>(BCp + static_cast<int64_t>(r1) * Q + t);
+        const float2 w0 = *reinterpret_cast<const float2*>(BCp + static_cast<int64_t>(r0) * Q + t);
+        const float2 w1 = *reinterpret_cast<const float2*>(BCp + static_cast<int64_t>(r1) * Q + t);
         const float q0 = cs_s[t], q1 = cs_s[t + 1];
-        a[half * 2 + 0] = pack_bf16(t >= r0 ? v0.x * __expf(q0 - cs0) : 0.f,
-                                    t + 1 >= r0 ? v0.y * __expf(q1 - cs0) : 0.f);
-        a[half * 2 + 1] = pack_bf16(t >= r1 ? v1.x * __expf(q0 - cs1) : 0.f,
-                                    t + 1 >= r1 ? v1.y * __expf(q1 - cs1) : 0.f);
+        a[half * 2 + 0] = pack_bf16(t >= r0 ? w0.x * __expf(q0 - cs0) : 0.f,
+                                    t + 1 >= r0 ? w0.y * __expf(q1 - cs0) : 0.f);
+        a[half * 2 + 1] = pack_bf16(t >= r1 ? w1.x * __expf(q0 - cs1) : 0.f,
+                                    t + 1 >= r1 ? w1.y * __expf(q1 - cs1) : 0.f);
       }
 #pragma unroll
       for (int j = 0; j < NT; j += 2) {
@@ -97,20 +163,19 @@ __global__ __launch_bounds__(128) void chunk_scan_bwd_dx_kernel(
     }
   }
 
-  // epilogue
+  // ---- epilogue ----
   const float Dh = D[h];
   float dd = 0.f;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int r = half ? r1 : r0;
-    const bool valid = c * Q + r < L;
+    const bool valid = half ? ok1 : ok0;
     float part = 0.f;
     if (valid) {
       const float dts = dt[cbase + r];
-      const int64_t col = static_cast<int64_t>(h) * P + pb * PT + tq * 2;
-      const bf16* xr = xBC + (row0 + r) * ldx + col;
-      const bf16* dyr = dy + (row0 + r) * d_inner + col;
-      bf16* dxr = dxBC + (row0 + r) * ldx + col;
+      const bf16* xr = xBC + (row0 + r) * ldx + col0;
+      const bf16* dyr = dy + (row0 + r) * d_inner + col0;
+      bf16* dxr = dxBC + (row0 + r) * ldx + col0;
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         const float2 xv = ld_bf16x2(xr + j * 8), dv = ld_bf16x2(dyr + j * 8);
@@ -127,54 +192,41 @@ __global__ __launch_bounds__(128) void chunk_scan_bwd_dx_kernel(
   if (lane == 0 && dd != 0.f) atomicAdd(dD + h, dd);
 }
 
-// dC: see the file comment. Dynamic shared memory: dYs [64][P+8], Xs [64][P+8] (bf16),
-// Ss [P][72], Bs [64][72] (bf16), cs_s, dt_s [Q] (fp32).
+// dC: see the file comment. Dynamic shared memory: dYs, Xs [64][P+8]; Ss [P][N+8];
+// Bs [64][N+8] (bf16); cs_s, dt_s [Q] (fp32).
+template <int NN>
 __global__ __launch_bounds__(128) void chunk_scan_bwd_dC_kernel(
     const bf16* __restrict__ xBC, int64_t ldx, const bf16* __restrict__ dy,
     const float* __restrict__ dt, const float* __restrict__ cs, const float* __restrict__ CB,
-    const float* __restrict__ states, bf16* __restrict__ dxBC, float* __restrict__ dcs, int L,
-    int H, int G, int P, int N, int nc, int Q) {
-  constexpr int LDS = 72;
+    const float* __restrict__ states, float* __restrict__ part, float* __restrict__ dcs, int L,
+    int H, int G, int P, int nc, int Q, int nsplit, int hps) {
+  constexpr int N = NN * 8, LDN = N + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int LDP = P + 8;
   bf16* dYs = reinterpret_cast<bf16*>(smem_raw);
   bf16* Xs = dYs + 64 * LDP;
   bf16* Ss = Xs + 64 * LDP;
-  bf16* Bs = Ss + P * LDS;
-  float* cs_s = reinterpret_cast<float*>(Bs + 64 * LDS);
+  bf16* Bs = Ss + P * LDN;
+  float* cs_s = reinterpret_cast<float*>(Bs + 64 * LDN);
   float* dt_s = cs_s + Q;
 
-  const int nnb = N / 64;
-  const int nb = blockIdx.x % nnb, tb = blockIdx.x / nnb;
+  const int hs = blockIdx.x % nsplit, tb = blockIdx.x / nsplit;
   const int c = blockIdx.y % nc, g = blockIdx.y / nc, b = blockIdx.z;
   const int hpg = H / G;
+  const int h_begin = g * hpg + hs * hps, h_end = min(g * hpg + hpg, h_begin + hps);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tq = lane & 3;
   const int64_t d_inner = static_cast<int64_t>(H) * P;
   const int64_t row0 = static_cast<int64_t>(b) * L + static_cast<int64_t>(c) * Q;
-  const int t0 = tb * 64, n0 = nb * 64;
+  const int t0 = tb * 64;
   const int vt = L - (c * Q + t0);
   const int r0 = t0 + warp * 16 + (lane >> 2), r1 = r0 + 8;  // chunk-local t rows
   const bool ok0 = c * Q + r0 < L, ok1 = c * Q + r1 < L;
   const float* CBp = CB + ((static_cast<int64_t>(b) * nc + c) * G + g) * Q * Q;
 
-  // C_t at this thread's (row, column) positions, for the per-head dcs dot products.
-  float2 cv0[8], cv1[8];
-  {
-    const bf16* Cr0 = xBC + (row0 + r0) * ldx + d_inner + static_cast<int64_t>(G + g) * N + n0 +
-                      tq * 2;
-    const bf16* Cr1 = Cr0 + 8 * ldx;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      cv0[j] = ok0 ? ld_bf16x2(Cr0 + j * 8) : make_float2(0.f, 0.f);
-      cv1[j] = ok1 ? ld_bf16x2(Cr1 + j * 8) : make_float2(0.f, 0.f);
-    }
-  }
-
-  float accT[8][4];
+  float accT[NN][4];
   zero_acc(accT);
   if (vt > 0) {
-    for (int hh = 0; hh < hpg; ++hh) {
-      const int h = g * hpg + hh;
+    for (int h = h_begin; h < h_end; ++h) {
       const int64_t cbase = ((static_cast<int64_t>(b) * H + h) * nc + c) * Q;
       __syncthreads();
       for (int t = threadIdx.x; t < Q; t += blockDim.x) {
@@ -183,42 +235,40 @@ __global__ __launch_bounds__(128) void chunk_scan_bwd_dC_kernel(
       }
       load_tile(dYs, LDP, dy + (row0 + t0) * d_inner + static_cast<int64_t>(h) * P, d_inner, 64,
                 P, vt);
-      load_tile_f32(Ss, LDS,
+      load_tile_f32(Ss, LDN,
                     states + ((static_cast<int64_t>(b) * (nc + 1) + c) * H + h) *
-                                 static_cast<int64_t>(P) * N + n0,
-                    N, P, 64);
+                                 static_cast<int64_t>(P) * N,
+                    N, P, N);
       __syncthreads();
-      float accH[8][4];
-      zero_acc(accH);
-      // carried state: exp(cs_t) dY_t (64 x P) . S_in (P x 64)
-      warp_mma_smem<8, false>(accH, dYs, LDP, warp * 16, Ss, LDS, P, lane);
       const float cs0 = cs_s[r0], cs1 = cs_s[r1];
-      const float e0 = __expf(cs0), e1 = __expf(cs1);
+      {
+        // carried state: diag(exp(cs_t)) dY_t (64 x P) . S_in (P x N)
+        const float e0 = __expf(cs0), e1 = __expf(cs1);
+        for (int k = 0; k < P; k += 16) {
+          uint32_t a[4];
+          lda_mk(a, dYs, LDP, warp * 16, k, lane);
+          scale_a_rows(a, e0, e1);
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        accH[j][0] *= e0;
-        accH[j][1] *= e0;
-        accH[j][2] *= e1;
-        accH[j][3] *= e1;
+          for (int j = 0; j < NN; j += 2) {
+            uint32_t bb[4];
+            ldb_kn(bb, Ss, LDN, j * 8, k, lane);
+            mma_bf16(accT[j], a, bb[0], bb[1]);
+            mma_bf16(accT[j + 1], a, bb[2], bb[3]);
+          }
+        }
       }
       float dc0 = 0.f, dc1 = 0.f;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        dc0 += accH[j][0] * cv0[j].x + accH[j][1] * cv0[j].y;
-        dc1 += accH[j][2] * cv1[j].x + accH[j][3] * cv1[j].y;
-      }
-      // intra-chunk
       for (int sb = 0; sb <= tb; ++sb) {
         const int s0 = sb * 64;
         __syncthreads();
         load_tile(Xs, LDP, xBC + (row0 + s0) * ldx + static_cast<int64_t>(h) * P, ldx, 64, P,
                   L - (c * Q + s0));
-        load_tile(Bs, LDS, xBC + (row0 + s0) * ldx + d_inner + static_cast<int64_t>(g) * N + n0,
-                  ldx, 64, 64, L - (c * Q + s0));
+        load_tile(Bs, LDN, xBC + (row0 + s0) * ldx + d_inner + static_cast<int64_t>(g) * N, ldx,
+                  64, N, L - (c * Q + s0));
         __syncthreads();
         float W[8][4];
         zero_acc(W);
-        warp_mma_smem<8, true>(W, dYs, LDP, warp * 16, Xs, LDP, P, lane);
+        warp_mma_smem<8, true>(W, dYs, LDP, warp * 16, Xs, LDP, P, lane);  // dY_t . X_s^T
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           const int s = s0 + j * 8 + tq * 2;
@@ -227,27 +277,22 @@ __global__ __launch_bounds__(128) void chunk_scan_bwd_dC_kernel(
           W[j][1] = s + 1 <= r0 ? W[j][1] * __expf(cs0 - q1) * w1 : 0.f;
           W[j][2] = s <= r1 ? W[j][2] * __expf(cs1 - q0) * w0 : 0.f;
           W[j][3] = s + 1 <= r1 ? W[j][3] * __expf(cs1 - q1) * w1 : 0.f;
+          const float2 g0 = *reinterpret_cast<const float2*>(CBp + static_cast<int64_t>(r0) * Q + s);
+          const float2 g1 = *reinterpret_cast<const float2*>(CBp + static_cast<int64_t>(r1) * Q + s);
+          dc0 += W[j][0] * g0.x + W[j][1] * g0.y;
+          dc1 += W[j][2] * g1.x + W[j][3] * g1.y;
         }
-        if (nb == 0) {
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            const int s = s0 + j * 8 + tq * 2;
-            const float2 g0 = *reinterpret_cast<const float2*>(CBp + static_cast<int64_t>(r0) * Q + s);
-            const float2 g1 = *reinterpret_cast<const float2*>(CBp + static_cast<int64_t>(r1) * Q + s);
-            dc0 += W[j][0] * g0.x + W[j][1] * g0.y;
-            dc1 += W[j][2] * g1.x + W[j][3] * g1.y;
-          }
-        }
+        // accT += W (64 t x 64 s) . B_s (64 s x N)
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
           uint32_t a[4];
           acc_to_a(a, W, kk);
 #pragma unroll
-          for (int j = 0; j < 8; j += 2) {
+          for (int j = 0; j < NN; j += 2) {
             uint32_t bb[4];
-            ldb_kn(bb, Bs, LDS, j * 8, kk * 16, lane);
-            mma_bf16(accH[j], a, bb[0], bb[1]);
-            mma_bf16(accH[j + 1], a, bb[2], bb[3]);
+            ldb_kn(bb, Bs, LDN, j * 8, kk * 16, lane);
+            mma_bf16(accT[j], a, bb[0], bb[1]);
+            mma_bf16(accT[j + 1], a, bb[2], bb[3]);
           }
         }
       }
@@ -257,36 +302,35 @@ __global__ __launch_bounds__(128) void chunk_scan_bwd_dC_kernel(
         if (ok0) atomicAdd(dcs + cbase + r0, dc0);
         if (ok1) atomicAdd(dcs + cbase + r1, dc1);
       }
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) accT[j][q] += accH[j][q];
     }
   }
-  // write dC
+  // this slice's dC, fp32, [nsplit][tokens][G*N]
+  const int64_t GN = static_cast<int64_t>(G) * N;
+  const int64_t tokens = static_cast<int64_t>(gridDim.z) * L;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int r = half ? r1 : r0;
     if (c * Q + r >= L) continue;
-    bf16* o = dxBC + (row0 + r) * ldx + d_inner + static_cast<int64_t>(G + g) * N + n0 + tq * 2;
+    float* o = part + (hs * tokens + row0 + r) * GN + static_cast<int64_t>(g) * N + tq * 2;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) st_bf16x2(o + j * 8, accT[j][half * 2], accT[j][half * 2 + 1]);
+    for (int j = 0; j < NN; ++j)
+      *reinterpret_cast<float2*>(o + j * 8) = make_float2(accT[j][half * 2], accT[j][half * 2 + 1]);
   }
 }
 
 void launch_chunk_scan_bwd_dx(const SsdDims& d, const bf16* xBC, const bf16* dy,
                               const float* D, const float* dt, const float* cs, const float* BC,
-                              const float* dstates, bf16* dxBC, float* ddt_dir, float* dD,
-                              cudaStream_t st) {
+                              const float* states, const float* dstates, bf16* dxBC,
+                              float* ddt_dir, float* dcs, float* dD, cudaStream_t st) {
   const int P = static_cast<int>(d.headdim), nc = static_cast<int>(d.nchunks());
   const int PT = P >= 64 ? 64 : 32;
   dim3 grid(static_cast<unsigned>((d.chunk / 64) * (P / PT)),
             static_cast<unsigned>(nc * d.nheads), static_cast<unsigned>(d.batch));
   auto go = [&](auto kern) {
-    kern<<<grid, 128, 0, st>>>(xBC, d.conv_dim(), dy, D, dt, cs, BC, dstates, dxBC, ddt_dir, dD,
-                               static_cast<int>(d.seqlen), static_cast<int>(d.nheads),
-                               static_cast<int>(d.ngroups), P, static_cast<int>(d.dstate), nc,
-                               static_cast<int>(d.chunk));
+    kern<<<grid, 128, 0, st>>>(xBC, d.conv_dim(), dy, D, dt, cs, BC, states, dstates, dxBC,
+                               ddt_dir, dcs, dD, static_cast<int>(d.seqlen),
+                               static_cast<int>(d.nheads), static_cast<int>(d.ngroups), P,
+                               static_cast<int>(d.dstate), nc, static_cast<int>(d.chunk));
   };
   if (PT == 64)
     go(chunk_scan_bwd_dx_kernel<8>);
@@ -297,16 +341,24 @@ void launch_chunk_scan_bwd_dx(const SsdDims& d, const bf16* xBC, const bf16* dy,
 
 void launch_chunk_scan_bwd_dC(const SsdDims& d, const bf16* xBC, const bf16* dy,
                               const float* dt, const float* cs, const float* CB,
-                              const float* states, bf16* dxBC, float* dcs, cudaStream_t st) {
+                              const float* states, float* part, float* dcs, cudaStream_t st) {
   const int P = static_cast<int>(d.headdim), N = static_cast<int>(d.dstate);
   const int Q = static_cast<int>(d.chunk), nc = static_cast<int>(d.nchunks());
-  const size_t smem = (2 * 64 * (P + 8) + P * 72 + 64 * 72) * sizeof(bf16) + 2 * Q * sizeof(float);
-  allow_smem(chunk_scan_bwd_dC_kernel, smem);
-  dim3 grid(static_cast<unsigned>((Q / 64) * (N / 64)), static_cast<unsigned>(nc * d.ngroups),
+  const int nsplit = bc_bwd_splits(d), hpg = static_cast<int>(d.nheads / d.ngroups);
+  const int hps = (hpg + nsplit - 1) / nsplit;
+  const size_t smem = chunk_bc_bwd_smem(d);
+  dim3 grid(static_cast<unsigned>((Q / 64) * nsplit), static_cast<unsigned>(nc * d.ngroups),
             static_cast<unsigned>(d.batch));
-  chunk_scan_bwd_dC_kernel<<<grid, 128, smem, st>>>(
-      xBC, d.conv_dim(), dy, dt, cs, CB, states, dxBC, dcs, static_cast<int>(d.seqlen),
-      static_cast<int>(d.nheads), static_cast<int>(d.ngroups), P, N, nc, Q);
+  auto go = [&](auto kern) {
+    allow_smem(kern, smem);
+    kern<<<grid, 128, smem, st>>>(xBC, d.conv_dim(), dy, dt, cs, CB, states, part, dcs,
+                                  static_cast<int>(d.seqlen), static_cast<int>(d.nheads),
+                                  static_cast<int>(d.ngroups), P, nc, Q, nsplit, hps);
+  };
+  if (N == 64)
+    go(chunk_scan_bwd_dC_kernel<8>);
+  else
+    go(chunk_scan_bwd_dC_kernel<16>);
   check_launch("ssd chunk_scan_bwd_dC");
 }
 

@@ -25,8 +25,8 @@ void check_dims(const SsdDims& d) {
     fail("ssd (cuda): chunk must be 64, 128 or 256, got ", d.chunk);
   if (d.headdim % 32 != 0 || d.headdim > 256 || (d.headdim > 32 && d.headdim % 64 != 0))
     fail("ssd (cuda): headdim must be 32 or a multiple of 64 up to 256, got ", d.headdim);
-  if (d.dstate % 64 != 0 || d.dstate > 256)
-    fail("ssd (cuda): dstate must be a multiple of 64 up to 256, got ", d.dstate);
+  if (d.dstate != 64 && d.dstate != 128)
+    fail("ssd (cuda): dstate must be 64 or 128, got ", d.dstate);
   if (d.nchunks() * d.nheads > 65535 || d.nchunks() * d.ngroups > 65535)
     fail("ssd (cuda): too many chunks x heads for one launch");
 }
@@ -103,13 +103,15 @@ void ssd_bwd(const SsdDims& d, const bf16* xBC, const bf16* dt, int64_t ld_dt,
   launch_state_passing_bwd(d, w.states, w.dstates, w.cs, dfinal_state, d_initial_state, w.dcs,
                            stream);
   mark("state_passing_bwd", stream);
-  launch_chunk_scan_bwd_dx(d, xBC, dy, D, w.dt, w.cs, w.BC, w.dstates, dxBC, w.ddt_dir, dD,
-                           stream);
+  launch_chunk_scan_bwd_dx(d, xBC, dy, D, w.dt, w.cs, w.BC, w.states, w.dstates, dxBC,
+                           w.ddt_dir, w.dcs, dD, stream);
   mark("chunk_scan_bwd_dx", stream);
-  launch_chunk_state_bwd_dB(d, xBC, dy, w.dt, w.cs, w.BC, w.dstates, dxBC, w.dcs, stream);
+  launch_chunk_state_bwd_dB(d, xBC, dy, w.dt, w.cs, w.BC, w.dstates, w.dBp, w.dcs, stream);
   mark("chunk_state_bwd_dB", stream);
-  launch_chunk_scan_bwd_dC(d, xBC, dy, w.dt, w.cs, w.CB, w.states, dxBC, w.dcs, stream);
+  launch_chunk_scan_bwd_dC(d, xBC, dy, w.dt, w.cs, w.CB, w.states, w.dCp, w.dcs, stream);
   mark("chunk_scan_bwd_dC", stream);
+  launch_bc_reduce(d, w.dBp, w.dCp, dxBC, stream);
+  mark("bc_reduce", stream);
   launch_dt_bwd(d, dt, ld_dt, dt_bias, A_log, w.dt, w.dcs, w.ddt_dir, ddt, ld_ddt, d_dt_bias,
                 dA_log, stream);
   mark("dt_bwd", stream);

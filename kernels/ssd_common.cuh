@@ -12,10 +12,12 @@
 //   dstates   [batch, nc, nheads, P, N]   dL/d(state leaving chunk c)
 //   ddt_dir   [batch, nheads, nc, Q]      dL/d dt through the explicit dt factors
 //   dcs       [batch, nheads, nc, Q]      dL/d cs
+//   dBp, dCp  [nsplit, tokens, ngroups*N] dB, dC summed over one slice of each group's heads
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 
@@ -42,7 +44,20 @@ struct SsdWorkspace {
   float* dstates = nullptr;
   float* ddt_dir = nullptr;
   float* dcs = nullptr;
+  float* dBp = nullptr;
+  float* dCp = nullptr;
 };
+
+// Number of head slices the dB / dC kernels split each group's heads into: enough blocks to
+// fill the GPU a few times over, each slice summed in registers, the slices by bc_reduce.
+inline int bc_bwd_splits(const SsdDims& d) {
+  const int64_t base = d.batch * d.nchunks() * d.ngroups * (d.chunk / 64);
+  const int64_t hpg = d.nheads / d.ngroups;
+  int64_t s = (1056 + base - 1) / base;
+  s = std::max<int64_t>(1, std::min<int64_t>(s, hpg));
+  const int64_t hps = (hpg + s - 1) / s;
+  return static_cast<int>((hpg + hps - 1) / hps);
+}
 
 // Carves `base` (may be null to only count) into the pieces; returns the bytes used.
 inline size_t carve_workspace(const SsdDims& d, void* base, bool bwd, SsdWorkspace* w) {
@@ -64,6 +79,9 @@ inline size_t carve_workspace(const SsdDims& d, void* base, bool bwd, SsdWorkspa
     w->dstates = take(B * nc * H * P * N);
     w->ddt_dir = take(B * H * nc * Q);
     w->dcs = take(B * H * nc * Q);
+    const size_t nsplit = static_cast<size_t>(bc_bwd_splits(d));
+    w->dBp = take(nsplit * B * d.seqlen * G * N);
+    w->dCp = take(nsplit * B * d.seqlen * G * N);
   }
   return off;
 }
@@ -94,22 +112,28 @@ void launch_chunk_scan_fwd(const SsdDims& d, const bf16* xBC, const float* D, co
                            const float* cs, const float* CB, const float* states, bf16* y,
                            cudaStream_t st);
 // ssd_state_passing_bwd.cu: dstates holds per-chunk local gradients on entry,
-// dL/d(state leaving chunk c) on exit; adds <dstate_out, state_out> to dcs at each chunk end.
+// dL/d(state leaving chunk c) on exit; adds exp(cs_last) <dstate_out, state_in> to dcs at
+// each chunk end (the chunk's own state's share is added by the dx kernel, as sum_s v_s).
 void launch_state_passing_bwd(const SsdDims& d, const float* states, float* dstates,
                               const float* cs, const float* dfinal, float* dinit, float* dcs,
                               cudaStream_t st);
-// ssd_chunk_scan_bwd.cu
+// ssd_chunk_scan_bwd.cu. dx also adds the per-head state terms of dcs: +dy_t . y_state_t
+// and -v_s = -dt_s x_s . (exp(cs_last - cs_s) dS_out B_s) (and +v_s at the chunk's end).
 void launch_chunk_scan_bwd_dx(const SsdDims& d, const bf16* xBC, const bf16* dy,
                               const float* D, const float* dt, const float* cs, const float* BC,
-                              const float* dstates, bf16* dxBC, float* ddt_dir, float* dD,
-                              cudaStream_t st);
+                              const float* states, const float* dstates, bf16* dxBC,
+                              float* ddt_dir, float* dcs, float* dD, cudaStream_t st);
 void launch_chunk_scan_bwd_dC(const SsdDims& d, const bf16* xBC, const bf16* dy,
                               const float* dt, const float* cs, const float* CB,
-                              const float* states, bf16* dxBC, float* dcs, cudaStream_t st);
-// ssd_chunk_state_bwd.cu
+                              const float* states, float* part, float* dcs, cudaStream_t st);
+// ssd_chunk_state_bwd.cu (dB into `part` [nsplit, tokens, G*N]; bc_reduce sums the slices of
+// dB and dC into dxBC)
+size_t chunk_bc_bwd_smem(const SsdDims& d);
 void launch_chunk_state_bwd_dB(const SsdDims& d, const bf16* xBC, const bf16* dy,
                                const float* dt, const float* cs, const float* BC,
-                               const float* dstates, bf16* dxBC, float* dcs, cudaStream_t st);
+                               const float* dstates, float* part, float* dcs, cudaStream_t st);
+void launch_bc_reduce(const SsdDims& d, const float* dBp, const float* dCp, bf16* dxBC,
+                      cudaStream_t st);
 // ssd_dt_bwd.cu
 void launch_dt_bwd(const SsdDims& d, const bf16* dt_raw, int64_t ld_dt, const float* dt_bias,
                    const float* A_log, const float* dt, const float* dcs, const float* ddt_dir,
@@ -212,6 +236,16 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&acc)[NT
   a[1] = pack_bf16(acc[2 * kk][2], acc[2 * kk][3]);
   a[2] = pack_bf16(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
   a[3] = pack_bf16(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
+}
+
+// Multiplies rows lane/4 (a[0], a[2]) and lane/4+8 (a[1], a[3]) of an A fragment by f0, f1.
+__device__ __forceinline__ void scale_a_rows(uint32_t (&a)[4], float f0, float f1) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 v = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&a[i]));
+    const float f = (i & 1) ? f1 : f0;
+    a[i] = pack_bf16(v.x * f, v.y * f);
+  }
 }
 
 template <int NT>

@@ -1,7 +1,8 @@
 // SSD backward of step 4, sequential over chunks from the last. With g = dL/d(state leaving
 // chunk c) (dfinal_state, or 0, for the last chunk):
-//   dcs[c, last] += <g, S_out[c]>   (S_out[c] = states slot c+1: the exp(cs_last) factors of
-//                                    both the carried state and the chunk's own state)
+//   dcs[c, last] += exp(cs_last) <g, S_in[c]>   (the carried state's decay; the chunk's own
+//                   state's share, sum_s v_s, comes from the dx kernel with the matching -v_s,
+//                   so that the two cancel to rounding exactly as they do in exact arithmetic)
 //   dstates[c] = g;  g <- exp(cs_last[c]) * g + dS_local[c]   (dS_local: dstates on entry)
 // and finally d_initial_state = g.
 #include "ssd_common.cuh"
@@ -24,15 +25,15 @@ __global__ __launch_bounds__(256) void state_passing_bwd_kernel(
   for (int c = nc - 1; c >= 0; --c) {
     float dot = 0.f;
     float4 dl = make_float4(0.f, 0.f, 0.f, 0.f);
+    const float dec = expf(cs[(bh * nc + c) * Q + Q - 1]);
     if (active) {
-      const float4 so = *reinterpret_cast<const float4*>(sbase + (c + 1) * slot_stride);
+      const float4 so = *reinterpret_cast<const float4*>(sbase + c * slot_stride);
       dl = *reinterpret_cast<const float4*>(dbase + c * slot_stride);
       dot = g.x * so.x + g.y * so.y + g.z * so.z + g.w * so.w;
       *reinterpret_cast<float4*>(dbase + c * slot_stride) = g;
     }
-    dot = warp_sum(dot);
+    dot = warp_sum(dot) * dec;
     if ((threadIdx.x & 31) == 0 && dot != 0.f) atomicAdd(dcs + (bh * nc + c) * Q + Q - 1, dot);
-    const float dec = expf(cs[(bh * nc + c) * Q + Q - 1]);
     g.x = dec * g.x + dl.x;
     g.y = dec * g.y + dl.y;
     g.z = dec * g.z + dl.z;

@@ -19,6 +19,13 @@ config.json). The script
      max relative difference max|hf - ref| / max|ref| of the logits. Only the first
      len(row) vocabulary columns are compared, so the reference may omit padding columns.
 
+For a BF16 export the reference logits must come from the bf16-rounded weights (what the
+export holds); logits of the fp32 model differ from those by ~1e-2 relative (raise --tol).
+
+For ngroups > 1 note that transformers' CPU path (MambaRMSNormGated in torch_forward) normalises
+over the whole d_inner, while mamba_ssm's Mamba2 normalises per group (group_size =
+d_inner / ngroups): the two give different logits unless ngroups == 1.
+
 Exit status: 0 if every check passes and the difference is <= --tol, 1 otherwise, 2 on usage
 errors (missing files).
 """
@@ -189,10 +196,9 @@ def main():
     diff = (out - ref_logits).abs()
     scale = ref_logits.abs().max().clamp_min(1e-30)
     rel = (diff.max() / scale).item()
-    elem = (diff / ref_logits.abs().clamp_min(1e-6 * scale)).max().item()
     print(f"logits {tuple(out.shape)}: max |hf - ref| = {diff.max().item():.3e}, "
-          f"max |ref| = {scale.item():.3e}, max relative difference = {rel:.3e} "
-          f"(elementwise, floored: {elem:.3e}), tolerance {args.tol:g}")
+          f"max |ref| = {scale.item():.3e}, max relative difference = {rel:.3e}, "
+          f"tolerance {args.tol:g}")
     if not (rel <= args.tol):  # also catches NaN
         return fail(f"max relative difference {rel:.3e} > {args.tol:g}")
     print("OK")

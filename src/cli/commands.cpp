@@ -145,6 +145,13 @@ int cmd_export(const std::vector<std::string>& in) {
   CheckpointData ck = read_checkpoint(ckpt);
   Config cfg = parse_config(ck.config_yaml, {}, ckpt + " (stored config)");
   check_checkpoint_shapes(ck, expected_params(cfg.model));
+  if (format == "mamba_ssm" && cfg.model.norm_eps != 1e-5)
+    std::fprintf(stderr, "warning: model.norm_eps is %g but mamba_ssm always uses 1e-5; the "
+                 "exported model will compute slightly different outputs there\n", cfg.model.norm_eps);
+  if (format == "hf" && cfg.model.ngroups > 1)
+    std::fprintf(stderr, "warning: model.ngroups is %lld; transformers' Mamba2 (torch path) "
+                 "normalises the gated RMSNorm over all of d_inner, not per group as mamba_ssm and "
+                 "ssdtrain do, so its outputs will differ\n", (long long)cfg.model.ngroups);
   export_model(cfg.model, ck.params, out,
                format == "hf" ? ExportFormat::HuggingFace : ExportFormat::MambaSsm,
                dtype == "bf16" ? ExportDType::BF16 : ExportDType::F32);
@@ -157,6 +164,9 @@ int cmd_export(const std::vector<std::string>& in) {
     Mamba2LM model(cfg.model, *be, 1, L);
     std::vector<std::vector<float>> vals;
     for (auto& p : ck.params) vals.push_back(p.data);
+    if (dtype == "bf16")  // the reference sees the weights the export holds
+      for (auto& v : vals)
+        for (auto& x : v) x = bf16_to_fp32(fp32_to_bf16(x));
     model.params_from_host(vals);
     std::vector<int32_t> tok(L);
     for (int64_t t = 0; t < L; ++t) tok[t] = static_cast<int32_t>((t * 7 + 3) % cfg.model.vocab_size);

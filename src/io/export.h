@@ -2,7 +2,6 @@
 // and import of such a directory as initial weights.
 #pragma once
 #include <cstdint>
-#include <optional>
 #include <string>
 #include <utility>
 #include <vector>

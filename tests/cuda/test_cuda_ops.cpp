@@ -280,29 +280,35 @@ TEST_F(CudaOps, Linear) {
 }
 
 TEST_F(CudaOps, Conv1dSilu) {
-  const int64_t B = 3, L = 50, C = 70, K = 4, T = B * L;
-  const int64_t ld_in = 100, off_in = 20, ld_din = 90, off_din = 7;
-  const Vf in = round_bf16(randn(T * ld_in, 30));
-  const Vf w = randn(C * K, 31, 0.5);
-  const Vf b = randn(C, 32, 0.3);
-  const Vf dout = round_bf16(randn(T * C, 33));
-  const Vf din0 = round_bf16(randn(T * ld_din, 34));  // columns outside the slice must survive
-  const Vf dw0 = randn(C * K, 35), db0 = randn(C, 36);
-  both("conv1d_silu", kTolBf16, [&](Backend& be) -> Outs {
-    Tensor it = putc(be, in, {T, ld_in});
-    Tensor wt = puta(be, w, {C, 1, K}), bt = puta(be, b, {C});
-    Tensor out = be.alloc({T, C}, be.compute_dtype());
-    be.conv1d_silu_fwd(cols(it, off_in, C), B, L, wt, bt, out);
-    Tensor g = putc(be, dout, {T, C});
-    Tensor dinbuf = putc(be, din0, {T, ld_din});
-    ColSlice din = cols(dinbuf, off_din, C);
-    Tensor dw = puta(be, dw0, {C, 1, K}), db = puta(be, db0, {C});
-    be.conv1d_silu_bwd(cols(it, off_in, C), B, L, wt, bt, g, din, dw, db);
-    return {{"out", get(be, out)},
-            {"din (whole buffer)", get(be, dinbuf)},
-            {"dw", get(be, dw)},
-            {"dbias", get(be, db)}};
-  });
+  struct Case { int64_t B, L, C, K; };
+  // Sequences shorter and longer than the kernels' 64-token tiles; widths 2..4.
+  for (Case cs : {Case{3, 50, 70, 4}, Case{2, 130, 200, 3}, Case{1, 64, 130, 2}}) {
+    const int64_t B = cs.B, L = cs.L, C = cs.C, K = cs.K, T = B * L;
+    const int64_t ld_in = C + 30, off_in = 20, ld_din = C + 20, off_din = 7;
+    const Vf in = round_bf16(randn(T * ld_in, 30));
+    const Vf w = randn(C * K, 31, 0.5);
+    const Vf b = randn(C, 32, 0.3);
+    const Vf dout = round_bf16(randn(T * C, 33));
+    const Vf din0 = round_bf16(randn(T * ld_din, 34));  // columns outside the slice survive
+    const Vf dw0 = randn(C * K, 35), db0 = randn(C, 36);
+    const std::string name = "conv1d_silu B" + std::to_string(B) + " L" + std::to_string(L) +
+                             " C" + std::to_string(C) + " K" + std::to_string(K);
+    both(name.c_str(), kTolBf16, [&](Backend& be) -> Outs {
+      Tensor it = putc(be, in, {T, ld_in});
+      Tensor wt = puta(be, w, {C, 1, K}), bt = puta(be, b, {C});
+      Tensor out = be.alloc({T, C}, be.compute_dtype());
+      be.conv1d_silu_fwd(cols(it, off_in, C), B, L, wt, bt, out);
+      Tensor g = putc(be, dout, {T, C});
+      Tensor dinbuf = putc(be, din0, {T, ld_din});
+      ColSlice din = cols(dinbuf, off_din, C);
+      Tensor dw = puta(be, dw0, {C, 1, K}), db = puta(be, db0, {C});
+      be.conv1d_silu_bwd(cols(it, off_in, C), B, L, wt, bt, g, din, dw, db);
+      return {{"out", get(be, out)},
+              {"din (whole buffer)", get(be, dinbuf)},
+              {"dw", get(be, dw)},
+              {"dbias", get(be, db)}};
+    });
+  }
 }
 
 TEST_F(CudaOps, GatedRmsNorm) {
@@ -400,8 +406,8 @@ TEST_F(CudaOps, LmHeadCrossEntropy) {
 
 TEST_F(CudaOps, Ssd) {
   SsdDims d;
-  d.batch = 2, d.seqlen = 100, d.nheads = 4, d.headdim = 16, d.ngroups = 2, d.dstate = 16;
-  d.chunk = 32;
+  d.batch = 2, d.seqlen = 100, d.nheads = 4, d.headdim = 32, d.ngroups = 2, d.dstate = 64;
+  d.chunk = 64;  // seqlen 100: the last chunk is partial
   const int64_t T = d.tokens(), CD = d.conv_dim(), H = d.nheads;
   const int64_t ld_dt = CD + 2 * H, off_dt = CD + 3;
   const Vf xbc = round_bf16(randn(T * CD, 60, 0.5));
@@ -413,7 +419,7 @@ TEST_F(CudaOps, Ssd) {
   const Vf ddt0 = round_bf16(randn(T * ld_dt, 68));
   const Vf g0 = randn(H, 69);
   const Shape st{d.batch, H, d.headdim, d.dstate};
-  both("ssd", kTolBf16, [&](Backend& be) -> Outs {
+  auto run = [&](Backend& be) -> Outs {
     Tensor x = putc(be, xbc, {T, CD}), dtt = putc(be, dtbuf, {T, ld_dt});
     Tensor is = puta(be, init, st);
     SsdInputs in{x, cols(dtt, off_dt, H), puta(be, dt_bias, {H}), puta(be, A_log, {H}),
@@ -431,7 +437,10 @@ TEST_F(CudaOps, Ssd) {
             {"dxBC", get(be, gr.dxBC)},  {"ddt (whole buffer)", get(be, ddtbuf)},
             {"d_dt_bias", get(be, gr.d_dt_bias)}, {"dA_log", get(be, gr.dA_log)},
             {"dD", get(be, gr.dD)},      {"d_initial_state", get(be, dis)}};
-  });
+  };
+  Outs g = run(*gpu);
+  Outs c = run(*cpu);
+  compare("ssd", g, c, kTolBf16);
 }
 
 // ------------------------------------------------------------------------------- optimizer

@@ -590,3 +590,37 @@ TEST_F(ExportTest, ExportRejectsBadParams) {
   EXPECT_CONTAINS(error_of([&] { export_name("layers.x.norm.weight", ExportFormat::HuggingFace); }),
                   "layers.x.norm.weight");
 }
+
+TEST_F(ExportTest, DamagedSafetensorsNeverCrash) {
+  // Every truncation, and a byte flipped at every header position, either reads back the same
+  // tensors (a harmless change, e.g. inside padding) or throws ssd::Error; nothing else.
+  std::vector<SafeTensor> ts = {{"a", "F32", {2, 3}, std::vector<uint8_t>(24, 7)},
+                                {"b.c", "BF16", {5}, std::vector<uint8_t>(10, 9)}};
+  const std::string p = path("d.safetensors");
+  write_safetensors(p, ts, {{"format", "pt"}});
+  const std::string good = slurp(p);
+  uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<uint8_t>(good[i]);
+  int errors = 0;
+  for (size_t keep = 0; keep < good.size(); ++keep) {
+    spit(p, good.substr(0, keep));
+    EXPECT_THROW(read_safetensors(p), Error) << "truncated to " << keep;
+  }
+  for (size_t at = 0; at < 8 + n; ++at) {
+    for (unsigned char x : {0x01, 0x20, 0x80}) {
+      std::string bad = good;
+      bad[at] = static_cast<char>(bad[at] ^ x);
+      spit(p, bad);
+      try {
+        const auto back = read_safetensors(p);
+        size_t bytes = 0;
+        for (const auto& t : back) bytes += t.bytes.size();
+        EXPECT_EQ(bytes, 34u) << "flip at " << at;
+      } catch (const Error& e) {
+        ++errors;
+        EXPECT_CONTAINS(e.what(), p);
+      }
+    }
+  }
+  EXPECT_GT(errors, 0);
+}
