@@ -13,17 +13,20 @@ constexpr int kBwdBatch = 4;
 // Block (column tile, row chunk); each thread walks its column down the chunk with the last K
 // inputs in registers, so every input is read once (plus K-1 rows of halo per chunk).
 // Positions inside the sequence are tracked incrementally (no per-element division).
+template <int KT>  // KT > 0: the kernel width at compile time; 0: runtime K (<= kMaxConvWidth)
 __global__ void __launch_bounds__(kCols)
     conv1d_silu_fwd_k(const bf16* __restrict__ in, int64_t ld_in, int64_t ntok, int64_t seqlen,
-                      int64_t C, const float* __restrict__ w, const float* __restrict__ bias, int K,
-                      bf16* __restrict__ out) {
+                      int64_t C, const float* __restrict__ w, const float* __restrict__ bias,
+                      int K_rt, bf16* __restrict__ out) {
+  constexpr int NK = KT > 0 ? KT : kMaxConvWidth;  // register array sizes / unroll bounds
+  const int K = KT > 0 ? KT : K_rt;
   const int64_t c = blockIdx.x * (int64_t)kCols + threadIdx.x;
   const int64_t r0 = blockIdx.y * (int64_t)kRows;
   if (c >= C) return;
-  float wk[kMaxConvWidth], win[kMaxConvWidth];  // win[k]: input at time t - (K-1) + k
+  float wk[NK], win[NK];  // win[k]: input at time t - (K-1) + k
   int64_t pos = r0 % seqlen;
 #pragma unroll
-  for (int k = 0; k < kMaxConvWidth; ++k) {
+  for (int k = 0; k < NK; ++k) {
     wk[k] = k < K ? w[c * K + k] : 0.f;
     // halo: win[k] for k < K-1 holds time r0 - (K-1) + k, if inside the same sequence
     const int64_t back = K - 1 - k;
@@ -42,21 +45,21 @@ __global__ void __launch_bounds__(kCols)
       if (pos == seqlen) pos = 0;
       if (pos == 0) {
 #pragma unroll
-        for (int k = 0; k < kMaxConvWidth; ++k) win[k] = 0.f;
+        for (int k = 0; k < NK; ++k) win[k] = 0.f;
       }
       const float x = xs[i];
       float a = b;
 #pragma unroll
-      for (int k = 0; k < kMaxConvWidth; ++k) {
+      for (int k = 0; k < NK; ++k) {
         if (k < K - 1) a += wk[k] * win[k];
       }
 #pragma unroll
-      for (int k = 0; k < kMaxConvWidth; ++k)
+      for (int k = 0; k < NK; ++k)
         if (k == K - 1) a += wk[k] * x;
       out[r * C + c] = from_f<bf16>(a * sigmoidf_(a));
       // shift the window: win[k] <- win[k+1], win[K-2] <- x
 #pragma unroll
-      for (int k = 0; k < kMaxConvWidth - 1; ++k)
+      for (int k = 0; k < NK - 1; ++k)
         if (k < K - 1) win[k] = (k == K - 2) ? x : win[k + 1];
       ++pos;
     }
@@ -67,28 +70,31 @@ __global__ void __launch_bounds__(kCols)
 // dA[u] = dout * silu'(pre) goes to shared memory (own column only: no barrier needed), and for
 // the chunk's own rows dw[k] += dA[u] * in[u-K+1+k], dbias += dA[u]. Then din[r] =
 // sum_j w[K-1-j] * dA[r+j] over taps inside r's sequence, read back from shared memory.
+template <int KT>
 __global__ void __launch_bounds__(kCols)
     conv1d_silu_bwd_k(const bf16* __restrict__ in, int64_t ld_in, int64_t ntok, int64_t seqlen,
-                      int64_t C, const float* __restrict__ w, const float* __restrict__ bias, int K,
-                      const bf16* __restrict__ dout, bf16* __restrict__ din, int64_t ld_din,
-                      float* __restrict__ part_w, float* __restrict__ part_b) {
-  __shared__ float dA[kRows + kMaxConvWidth - 1][kCols];
+                      int64_t C, const float* __restrict__ w, const float* __restrict__ bias,
+                      int K_rt, const bf16* __restrict__ dout, bf16* __restrict__ din,
+                      int64_t ld_din, float* __restrict__ part_w, float* __restrict__ part_b) {
+  constexpr int NK = KT > 0 ? KT : kMaxConvWidth;  // register array sizes / unroll bounds
+  __shared__ float dA[kRows + NK - 1][kCols];
+  const int K = KT > 0 ? KT : K_rt;
   const int64_t c = blockIdx.x * (int64_t)kCols + threadIdx.x;
   const int64_t r0 = blockIdx.y * (int64_t)kRows;
   if (c >= C) return;
-  float wk[kMaxConvWidth], wr[kMaxConvWidth], win[kMaxConvWidth];
+  float wk[NK], wr[NK], win[NK];
   const int64_t pos0 = r0 % seqlen;
 #pragma unroll
-  for (int k = 0; k < kMaxConvWidth; ++k) {
+  for (int k = 0; k < NK; ++k) {
     wk[k] = k < K ? w[c * K + k] : 0.f;
     wr[k] = k < K ? w[c * K + K - 1 - k] : 0.f;
     const int64_t back = K - 1 - k;
     win[k] = (k < K - 1 && pos0 >= back) ? to_f(in[(r0 - back) * ld_in + c]) : 0.f;
   }
   const float b = bias[c];
-  float accw[kMaxConvWidth];
+  float accw[NK];
 #pragma unroll
-  for (int k = 0; k < kMaxConvWidth; ++k) accw[k] = 0.f;
+  for (int k = 0; k < NK; ++k) accw[k] = 0.f;
   float accb = 0.f;
 
   const int nu = kRows + K - 1;
@@ -114,15 +120,15 @@ __global__ void __launch_bounds__(kCols)
       if (pos == seqlen) pos = 0;
       if (pos == 0) {
 #pragma unroll
-        for (int k = 0; k < kMaxConvWidth; ++k) win[k] = 0.f;
+        for (int k = 0; k < NK; ++k) win[k] = 0.f;
       }
       const float x = xs[i];
       float a = b;
 #pragma unroll
-      for (int k = 0; k < kMaxConvWidth; ++k)
+      for (int k = 0; k < NK; ++k)
         if (k < K - 1) a += wk[k] * win[k];
 #pragma unroll
-      for (int k = 0; k < kMaxConvWidth; ++k)
+      for (int k = 0; k < NK; ++k)
         if (k == K - 1) a += wk[k] * x;
       const float s = sigmoidf_(a);
       const float g = ds[i] * s * (1.f + a * (1.f - s));
@@ -130,10 +136,10 @@ __global__ void __launch_bounds__(kCols)
       if (u_loc < kRows) {
         accb += g;
 #pragma unroll
-        for (int k = 0; k < kMaxConvWidth; ++k) accw[k] += g * (k == K - 1 ? x : win[k]);
+        for (int k = 0; k < NK; ++k) accw[k] += g * (k == K - 1 ? x : win[k]);
       }
 #pragma unroll
-      for (int k = 0; k < kMaxConvWidth - 1; ++k)
+      for (int k = 0; k < NK - 1; ++k)
         if (k < K - 1) win[k] = (k == K - 2) ? x : win[k + 1];
       ++pos;
     }
@@ -146,14 +152,14 @@ __global__ void __launch_bounds__(kCols)
     const int r_loc = static_cast<int>(r - r0);
     float d = 0.f;
 #pragma unroll
-    for (int j = 0; j < kMaxConvWidth; ++j)
+    for (int j = 0; j < NK; ++j)
       if (j < K && pos + j < seqlen) d += wr[j] * dA[r_loc + j][threadIdx.x];
     din[r * ld_din + c] = from_f<bf16>(d);
     ++pos;
   }
   float* pw = part_w + blockIdx.y * C * K;
 #pragma unroll
-  for (int k = 0; k < kMaxConvWidth; ++k)
+  for (int k = 0; k < NK; ++k)
     if (k < K) pw[c * K + k] = accw[k];
   part_b[blockIdx.y * C + c] = accb;
 }
@@ -169,7 +175,23 @@ void conv1d_silu_fwd(const bf16* in, int64_t ld_in, int64_t batch, int64_t seqle
   const int64_t chunks = (ntok + kRows - 1) / kRows;
   if (chunks > 65535) fail("cuda conv1d_silu_fwd: too many tokens (", ntok, ")");
   dim3 grid(static_cast<unsigned>((C + kCols - 1) / kCols), static_cast<unsigned>(chunks));
-  conv1d_silu_fwd_k<<<grid, kCols, 0, stream>>>(in, ld_in, ntok, seqlen, C, w, bias, K, out);
+  auto go = [&](auto kernel) {
+    kernel<<<grid, kCols, 0, stream>>>(in, ld_in, ntok, seqlen, C, w, bias, K, out);
+  };
+  switch (K) {
+    case 2:
+      go(conv1d_silu_fwd_k<2>);
+      break;
+    case 3:
+      go(conv1d_silu_fwd_k<3>);
+      break;
+    case 4:
+      go(conv1d_silu_fwd_k<4>);
+      break;
+    default:
+      go(conv1d_silu_fwd_k<0>);
+      break;
+  }
   check_launch("conv1d_silu_fwd");
 }
 
@@ -190,8 +212,24 @@ void conv1d_silu_bwd(const bf16* in, int64_t ld_in, int64_t batch, int64_t seqle
   float* part_w = static_cast<float*>(ws);
   float* part_b = part_w + chunks * C * K;
   dim3 grid(static_cast<unsigned>((C + kCols - 1) / kCols), static_cast<unsigned>(chunks));
-  conv1d_silu_bwd_k<<<grid, kCols, 0, stream>>>(in, ld_in, ntok, seqlen, C, w, bias, K, dout, din,
-                                                ld_din, part_w, part_b);
+  auto go = [&](auto kernel) {
+    kernel<<<grid, kCols, 0, stream>>>(in, ld_in, ntok, seqlen, C, w, bias, K, dout, din, ld_din,
+                                       part_w, part_b);
+  };
+  switch (K) {
+    case 2:
+      go(conv1d_silu_bwd_k<2>);
+      break;
+    case 3:
+      go(conv1d_silu_bwd_k<3>);
+      break;
+    case 4:
+      go(conv1d_silu_bwd_k<4>);
+      break;
+    default:
+      go(conv1d_silu_bwd_k<0>);
+      break;
+  }
   check_launch("conv1d_silu_bwd");
   column_sum_accumulate(part_w, static_cast<int>(chunks), C * K, dw, stream);
   column_sum_accumulate(part_b, static_cast<int>(chunks), C, dbias, stream);

@@ -8,12 +8,16 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "backend/backend.h"
 
 namespace ssd::cuda {
 
 using bf16 = __nv_bfloat16;
+
+// "" when these sizes are supported by the kernels; otherwise why not, naming config keys.
+std::string ssd_unsupported_reason(const SsdDims& d);
 
 // Scratch bytes ssd_fwd / ssd_bwd need for these sizes (the caller allocates once and reuses).
 size_t ssd_workspace_bytes(const SsdDims& d);

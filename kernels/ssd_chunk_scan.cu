@@ -13,7 +13,7 @@ template <int NT>
 __global__ __launch_bounds__(128) void chunk_scan_fwd_kernel(
     const bf16* __restrict__ xBC, int64_t ldx, const float* __restrict__ D,
     const float* __restrict__ dt, const float* __restrict__ cs, const float* __restrict__ CB,
-    const float* __restrict__ states, bf16* __restrict__ y, int L, int H, int G, int P, int N,
+    const bf16* __restrict__ states, bf16* __restrict__ y, int L, int H, int G, int P, int N,
     int nc, int Q) {
   constexpr int PT = NT * 8, LDX = PT + 8, LDS = 72;
   __shared__ __align__(16) bf16 Cs[64 * LDS];
@@ -38,13 +38,13 @@ __global__ __launch_bounds__(128) void chunk_scan_fwd_kernel(
   zero_acc(acc);
 
   // carried state: C_t (64 x N) . S_in^T (N x PT)
-  const float* S = states + ((static_cast<int64_t>(b) * (nc + 1) + c) * H + h) *
-                                static_cast<int64_t>(P) * N + static_cast<int64_t>(pb) * PT * N;
+  const bf16* S = states + ((static_cast<int64_t>(b) * nc + c) * H + h) *
+                               static_cast<int64_t>(P) * N + static_cast<int64_t>(pb) * PT * N;
   const bf16* Cg = xBC + (row0 + t0) * ldx + d_inner + static_cast<int64_t>(G + g) * N;
   for (int n0 = 0; n0 < N; n0 += 64) {
     __syncthreads();
     load_tile(Cs, LDS, Cg + n0, ldx, 64, 64, L - (c * Q + t0));
-    load_tile_f32(Ss, LDS, S + n0, N, PT, 64);
+    load_tile(Ss, LDS, S + n0, N, PT, 64, PT);
     __syncthreads();
     warp_mma_smem<NT, true>(acc, Cs, LDS, warp * 16, Ss, LDS, 64, lane);
   }
@@ -110,7 +110,7 @@ __global__ __launch_bounds__(128) void chunk_scan_fwd_kernel(
 }
 
 void launch_chunk_scan_fwd(const SsdDims& d, const bf16* xBC, const float* D, const float* dt,
-                           const float* cs, const float* CB, const float* states, bf16* y,
+                           const float* cs, const float* CB, const bf16* states, bf16* y,
                            cudaStream_t st) {
   const int P = static_cast<int>(d.headdim), nc = static_cast<int>(d.nchunks());
   const int PT = P >= 64 ? 64 : 32;

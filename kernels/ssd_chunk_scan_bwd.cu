@@ -19,8 +19,8 @@ template <int NT>
 __global__ __launch_bounds__(128) void chunk_scan_bwd_dx_kernel(
     const bf16* __restrict__ xBC, int64_t ldx, const bf16* __restrict__ dy,
     const float* __restrict__ D, const float* __restrict__ dt, const float* __restrict__ cs,
-    const float* __restrict__ BC, const float* __restrict__ states,
-    const float* __restrict__ dstates, bf16* __restrict__ dxBC, float* __restrict__ ddt_dir,
+    const float* __restrict__ BC, const bf16* __restrict__ states,
+    const bf16* __restrict__ dstates, bf16* __restrict__ dxBC, float* __restrict__ ddt_dir,
     float* __restrict__ dcs, float* __restrict__ dD, int L, int H, int G, int P, int N, int nc,
     int Q) {
   constexpr int PT = NT * 8, LDY = PT + 8, LDS = 72;
@@ -50,13 +50,13 @@ __global__ __launch_bounds__(128) void chunk_scan_bwd_dx_kernel(
   {
     float accU[NT][4];
     zero_acc(accU);
-    const float* S = states + ((static_cast<int64_t>(b) * (nc + 1) + c) * H + h) * PN +
-                     static_cast<int64_t>(pb) * PT * N;
+    const bf16* S = states + ((static_cast<int64_t>(b) * nc + c) * H + h) * PN +
+                    static_cast<int64_t>(pb) * PT * N;
     const bf16* Cg = xBC + (row0 + s0) * ldx + d_inner + static_cast<int64_t>(G + g) * N;
     for (int n0 = 0; n0 < N; n0 += 64) {
       __syncthreads();
       load_tile(Bs, LDS, Cg + n0, ldx, 64, 64, vs);
-      load_tile_f32(dSs, LDS, S + n0, N, PT, 64);
+      load_tile(dSs, LDS, S + n0, N, PT, 64, PT);
       __syncthreads();
       warp_mma_smem<NT, true>(accU, Bs, LDS, warp * 16, dSs, LDS, 64, lane);
     }
@@ -83,13 +83,13 @@ __global__ __launch_bounds__(128) void chunk_scan_bwd_dx_kernel(
   float acc[NT][4];
   zero_acc(acc);
   // ---- B_s (64 x N) . dS_out^T (N x PT), rows scaled by exp(cs_last - cs_s) ----
-  const float* dS = dstates + ((static_cast<int64_t>(b) * nc + c) * H + h) * PN +
-                    static_cast<int64_t>(pb) * PT * N;
+  const bf16* dS = dstates + ((static_cast<int64_t>(b) * nc + c) * H + h) * PN +
+                   static_cast<int64_t>(pb) * PT * N;
   const bf16* Bg = xBC + (row0 + s0) * ldx + d_inner + static_cast<int64_t>(g) * N;
   for (int n0 = 0; n0 < N; n0 += 64) {
     __syncthreads();
     load_tile(Bs, LDS, Bg + n0, ldx, 64, 64, vs);
-    load_tile_f32(dSs, LDS, dS + n0, N, PT, 64);
+    load_tile(dSs, LDS, dS + n0, N, PT, 64, PT);
     __syncthreads();
     warp_mma_smem<NT, true>(acc, Bs, LDS, warp * 16, dSs, LDS, 64, lane);
   }
@@ -193,21 +193,24 @@ __global__ __launch_bounds__(128) void chunk_scan_bwd_dx_kernel(
 }
 
 // dC: see the file comment. Dynamic shared memory: dYs, Xs [64][P+8]; Ss [P][N+8];
-// Bs [64][N+8] (bf16); cs_s, dt_s [Q] (fp32).
+// Bs [64][N+8]; Ws [64][72] (bf16); cs_s, dt_s [Q] (fp32). 8 warps: warp w owns rows
+// 16*(w%4).. and, of dC, the column half w/4; of each 64x64 W tile it computes the 32
+// columns 32*(w/4).. and shares them via Ws.
 template <int NN>
-__global__ __launch_bounds__(128) void chunk_scan_bwd_dC_kernel(
+__global__ __launch_bounds__(256) void chunk_scan_bwd_dC_kernel(
     const bf16* __restrict__ xBC, int64_t ldx, const bf16* __restrict__ dy,
     const float* __restrict__ dt, const float* __restrict__ cs, const float* __restrict__ CB,
-    const float* __restrict__ states, float* __restrict__ part, float* __restrict__ dcs, int L,
+    const bf16* __restrict__ states, float* __restrict__ part, float* __restrict__ dcs, int L,
     int H, int G, int P, int nc, int Q, int nsplit, int hps) {
-  constexpr int N = NN * 8, LDN = N + 8;
+  constexpr int N = NN * 8, LDN = N + 8, NH = NN / 2, LDW = 72;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int LDP = P + 8;
   bf16* dYs = reinterpret_cast<bf16*>(smem_raw);
   bf16* Xs = dYs + 64 * LDP;
   bf16* Ss = Xs + 64 * LDP;
   bf16* Bs = Ss + P * LDN;
-  float* cs_s = reinterpret_cast<float*>(Bs + 64 * LDN);
+  bf16* Ws = Bs + 64 * LDN;
+  float* cs_s = reinterpret_cast<float*>(Ws + 64 * LDW);
   float* dt_s = cs_s + Q;
 
   const int hs = blockIdx.x % nsplit, tb = blockIdx.x / nsplit;
@@ -215,15 +218,18 @@ __global__ __launch_bounds__(128) void chunk_scan_bwd_dC_kernel(
   const int hpg = H / G;
   const int h_begin = g * hpg + hs * hps, h_end = min(g * hpg + hpg, h_begin + hps);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tq = lane & 3;
+  const int wr = warp & 3, wc = warp >> 2;
+  const int ncol0 = wc * (N / 2), scol0 = wc * 32;
   const int64_t d_inner = static_cast<int64_t>(H) * P;
   const int64_t row0 = static_cast<int64_t>(b) * L + static_cast<int64_t>(c) * Q;
   const int t0 = tb * 64;
   const int vt = L - (c * Q + t0);
-  const int r0 = t0 + warp * 16 + (lane >> 2), r1 = r0 + 8;  // chunk-local t rows
+  const int lr0 = wr * 16 + (lane >> 2);
+  const int r0 = t0 + lr0, r1 = r0 + 8;  // chunk-local t rows
   const bool ok0 = c * Q + r0 < L, ok1 = c * Q + r1 < L;
   const float* CBp = CB + ((static_cast<int64_t>(b) * nc + c) * G + g) * Q * Q;
 
-  float accT[NN][4];
+  float accT[NH][4];
   zero_acc(accT);
   if (vt > 0) {
     for (int h = h_begin; h < h_end; ++h) {
@@ -235,10 +241,9 @@ __global__ __launch_bounds__(128) void chunk_scan_bwd_dC_kernel(
       }
       load_tile(dYs, LDP, dy + (row0 + t0) * d_inner + static_cast<int64_t>(h) * P, d_inner, 64,
                 P, vt);
-      load_tile_f32(Ss, LDN,
-                    states + ((static_cast<int64_t>(b) * (nc + 1) + c) * H + h) *
-                                 static_cast<int64_t>(P) * N,
-                    N, P, N);
+      load_tile(Ss, LDN,
+                states + ((static_cast<int64_t>(b) * nc + c) * H + h) * static_cast<int64_t>(P) * N,
+                N, P, N, P);
       __syncthreads();
       const float cs0 = cs_s[r0], cs1 = cs_s[r1];
       {
@@ -246,12 +251,12 @@ __global__ __launch_bounds__(128) void chunk_scan_bwd_dC_kernel(
         const float e0 = __expf(cs0), e1 = __expf(cs1);
         for (int k = 0; k < P; k += 16) {
           uint32_t a[4];
-          lda_mk(a, dYs, LDP, warp * 16, k, lane);
+          lda_mk(a, dYs, LDP, wr * 16, k, lane);
           scale_a_rows(a, e0, e1);
 #pragma unroll
-          for (int j = 0; j < NN; j += 2) {
+          for (int j = 0; j < NH; j += 2) {
             uint32_t bb[4];
-            ldb_kn(bb, Ss, LDN, j * 8, k, lane);
+            ldb_kn(bb, Ss, LDN, ncol0 + j * 8, k, lane);
             mma_bf16(accT[j], a, bb[0], bb[1]);
             mma_bf16(accT[j + 1], a, bb[2], bb[3]);
           }
@@ -266,12 +271,22 @@ __global__ __launch_bounds__(128) void chunk_scan_bwd_dC_kernel(
         load_tile(Bs, LDN, xBC + (row0 + s0) * ldx + d_inner + static_cast<int64_t>(g) * N, ldx,
                   64, N, L - (c * Q + s0));
         __syncthreads();
-        float W[8][4];
+        float W[4][4];
         zero_acc(W);
-        warp_mma_smem<8, true>(W, dYs, LDP, warp * 16, Xs, LDP, P, lane);  // dY_t . X_s^T
+        for (int k = 0; k < P; k += 16) {  // dY_t . X_s^T, this warp's 32 s columns
+          uint32_t a[4];
+          lda_mk(a, dYs, LDP, wr * 16, k, lane);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const int s = s0 + j * 8 + tq * 2;
+          for (int j = 0; j < 4; j += 2) {
+            uint32_t bb[4];
+            ldb_nk(bb, Xs, LDP, scol0 + j * 8, k, lane);
+            mma_bf16(W[j], a, bb[0], bb[1]);
+            mma_bf16(W[j + 1], a, bb[2], bb[3]);
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int sl = scol0 + j * 8 + tq * 2, s = s0 + sl;
           const float q0 = cs_s[s], q1 = cs_s[s + 1], w0 = dt_s[s], w1 = dt_s[s + 1];
           W[j][0] = s <= r0 ? W[j][0] * __expf(cs0 - q0) * w0 : 0.f;
           W[j][1] = s + 1 <= r0 ? W[j][1] * __expf(cs0 - q1) * w1 : 0.f;
@@ -281,16 +296,19 @@ __global__ __launch_bounds__(128) void chunk_scan_bwd_dC_kernel(
           const float2 g1 = *reinterpret_cast<const float2*>(CBp + static_cast<int64_t>(r1) * Q + s);
           dc0 += W[j][0] * g0.x + W[j][1] * g0.y;
           dc1 += W[j][2] * g1.x + W[j][3] * g1.y;
+          *reinterpret_cast<uint32_t*>(Ws + lr0 * LDW + sl) = pack_bf16(W[j][0], W[j][1]);
+          *reinterpret_cast<uint32_t*>(Ws + (lr0 + 8) * LDW + sl) = pack_bf16(W[j][2], W[j][3]);
         }
-        // accT += W (64 t x 64 s) . B_s (64 s x N)
+        __syncthreads();
+        // accT += W (64 t x 64 s) . B_s (64 s x this warp's N/2 columns)
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
           uint32_t a[4];
-          acc_to_a(a, W, kk);
+          lda_mk(a, Ws, LDW, wr * 16, kk * 16, lane);
 #pragma unroll
-          for (int j = 0; j < NN; j += 2) {
+          for (int j = 0; j < NH; j += 2) {
             uint32_t bb[4];
-            ldb_kn(bb, Bs, LDN, j * 8, kk * 16, lane);
+            ldb_kn(bb, Bs, LDN, ncol0 + j * 8, kk * 16, lane);
             mma_bf16(accT[j], a, bb[0], bb[1]);
             mma_bf16(accT[j + 1], a, bb[2], bb[3]);
           }
@@ -311,16 +329,16 @@ __global__ __launch_bounds__(128) void chunk_scan_bwd_dC_kernel(
   for (int half = 0; half < 2; ++half) {
     const int r = half ? r1 : r0;
     if (c * Q + r >= L) continue;
-    float* o = part + (hs * tokens + row0 + r) * GN + static_cast<int64_t>(g) * N + tq * 2;
+    float* o = part + (hs * tokens + row0 + r) * GN + static_cast<int64_t>(g) * N + ncol0 + tq * 2;
 #pragma unroll
-    for (int j = 0; j < NN; ++j)
+    for (int j = 0; j < NH; ++j)
       *reinterpret_cast<float2*>(o + j * 8) = make_float2(accT[j][half * 2], accT[j][half * 2 + 1]);
   }
 }
 
 void launch_chunk_scan_bwd_dx(const SsdDims& d, const bf16* xBC, const bf16* dy,
                               const float* D, const float* dt, const float* cs, const float* BC,
-                              const float* states, const float* dstates, bf16* dxBC,
+                              const bf16* states, const bf16* dstates, bf16* dxBC,
                               float* ddt_dir, float* dcs, float* dD, cudaStream_t st) {
   const int P = static_cast<int>(d.headdim), nc = static_cast<int>(d.nchunks());
   const int PT = P >= 64 ? 64 : 32;
@@ -341,7 +359,7 @@ void launch_chunk_scan_bwd_dx(const SsdDims& d, const bf16* xBC, const bf16* dy,
 
 void launch_chunk_scan_bwd_dC(const SsdDims& d, const bf16* xBC, const bf16* dy,
                               const float* dt, const float* cs, const float* CB,
-                              const float* states, float* part, float* dcs, cudaStream_t st) {
+                              const bf16* states, float* part, float* dcs, cudaStream_t st) {
   const int P = static_cast<int>(d.headdim), N = static_cast<int>(d.dstate);
   const int Q = static_cast<int>(d.chunk), nc = static_cast<int>(d.nchunks());
   const int nsplit = bc_bwd_splits(d), hpg = static_cast<int>(d.nheads / d.ngroups);
@@ -351,7 +369,7 @@ void launch_chunk_scan_bwd_dC(const SsdDims& d, const bf16* xBC, const bf16* dy,
             static_cast<unsigned>(d.batch));
   auto go = [&](auto kern) {
     allow_smem(kern, smem);
-    kern<<<grid, 128, smem, st>>>(xBC, d.conv_dim(), dy, dt, cs, CB, states, part, dcs,
+    kern<<<grid, 256, smem, st>>>(xBC, d.conv_dim(), dy, dt, cs, CB, states, part, dcs,
                                   static_cast<int>(d.seqlen), static_cast<int>(d.nheads),
                                   static_cast<int>(d.ngroups), P, nc, Q, nsplit, hps);
   };

@@ -11,21 +11,24 @@
 
 namespace ssd::cuda::detail {
 
-// Dynamic shared memory: Xs, dYs [64][P+8]; dSs [P][N+8]; Cs [64][N+8] (bf16); cs_s, dt_s [Q].
+// Dynamic shared memory: Xs, dYs [64][P+8]; dSs [P][N+8]; Cs [64][N+8]; Ws [64][72] (bf16);
+// cs_s, dt_s [Q] (fp32). 8 warps: warp w owns rows 16*(w%4).. and, of dB, the column half
+// w/4; of each 64x64 Wt tile it computes the 32 columns 32*(w/4).. and shares them via Ws.
 template <int NN>
-__global__ __launch_bounds__(128) void chunk_state_bwd_dB_kernel(
+__global__ __launch_bounds__(256) void chunk_state_bwd_dB_kernel(
     const bf16* __restrict__ xBC, int64_t ldx, const bf16* __restrict__ dy,
     const float* __restrict__ dt, const float* __restrict__ cs, const float* __restrict__ BC,
-    const float* __restrict__ dstates, float* __restrict__ part, float* __restrict__ dcs, int L,
+    const bf16* __restrict__ dstates, float* __restrict__ part, float* __restrict__ dcs, int L,
     int H, int G, int P, int nc, int Q, int nsplit, int hps) {
-  constexpr int N = NN * 8, LDN = N + 8;
+  constexpr int N = NN * 8, LDN = N + 8, NH = NN / 2, LDW = 72;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int LDP = P + 8;
   bf16* Xs = reinterpret_cast<bf16*>(smem_raw);
   bf16* dYs = Xs + 64 * LDP;
   bf16* dSs = dYs + 64 * LDP;
   bf16* Cs = dSs + P * LDN;
-  float* cs_s = reinterpret_cast<float*>(Cs + 64 * LDN);
+  bf16* Ws = Cs + 64 * LDN;
+  float* cs_s = reinterpret_cast<float*>(Ws + 64 * LDW);
   float* dt_s = cs_s + Q;
 
   const int hs = blockIdx.x % nsplit, sb = blockIdx.x / nsplit;
@@ -33,15 +36,18 @@ __global__ __launch_bounds__(128) void chunk_state_bwd_dB_kernel(
   const int hpg = H / G;
   const int h_begin = g * hpg + hs * hps, h_end = min(g * hpg + hpg, h_begin + hps);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tq = lane & 3;
+  const int wr = warp & 3, wc = warp >> 2;
+  const int ncol0 = wc * (N / 2), tcol0 = wc * 32;
   const int64_t d_inner = static_cast<int64_t>(H) * P;
   const int64_t row0 = static_cast<int64_t>(b) * L + static_cast<int64_t>(c) * Q;
   const int s0 = sb * 64, nblk = Q / 64;
   const int vs = L - (c * Q + s0);
-  const int r0 = s0 + warp * 16 + (lane >> 2), r1 = r0 + 8;  // chunk-local s rows
+  const int lr0 = wr * 16 + (lane >> 2);     // row within the tile
+  const int r0 = s0 + lr0, r1 = r0 + 8;      // chunk-local s rows
   const bool ok0 = c * Q + r0 < L, ok1 = c * Q + r1 < L;
   const float* BCp = BC + ((static_cast<int64_t>(b) * nc + c) * G + g) * Q * Q;
 
-  float accT[NN][4];
+  float accT[NH][4];
   zero_acc(accT);
   if (vs > 0) {
     for (int h = h_begin; h < h_end; ++h) {
@@ -52,10 +58,9 @@ __global__ __launch_bounds__(128) void chunk_state_bwd_dB_kernel(
         dt_s[t] = dt[cbase + t];
       }
       load_tile(Xs, LDP, xBC + (row0 + s0) * ldx + static_cast<int64_t>(h) * P, ldx, 64, P, vs);
-      load_tile_f32(dSs, LDN,
-                    dstates + ((static_cast<int64_t>(b) * nc + c) * H + h) *
-                                  static_cast<int64_t>(P) * N,
-                    N, P, N);
+      load_tile(dSs, LDN,
+                dstates + ((static_cast<int64_t>(b) * nc + c) * H + h) * static_cast<int64_t>(P) * N,
+                N, P, N, P);
       __syncthreads();
       const float cs0 = cs_s[r0], cs1 = cs_s[r1];
       const float dt0 = dt_s[r0], dt1 = dt_s[r1];
@@ -65,12 +70,12 @@ __global__ __launch_bounds__(128) void chunk_state_bwd_dB_kernel(
         const float f0 = __expf(cl - cs0) * dt0, f1 = __expf(cl - cs1) * dt1;
         for (int k = 0; k < P; k += 16) {
           uint32_t a[4];
-          lda_mk(a, Xs, LDP, warp * 16, k, lane);
+          lda_mk(a, Xs, LDP, wr * 16, k, lane);
           scale_a_rows(a, f0, f1);
 #pragma unroll
-          for (int j = 0; j < NN; j += 2) {
+          for (int j = 0; j < NH; j += 2) {
             uint32_t bb[4];
-            ldb_kn(bb, dSs, LDN, j * 8, k, lane);
+            ldb_kn(bb, dSs, LDN, ncol0 + j * 8, k, lane);
             mma_bf16(accT[j], a, bb[0], bb[1]);
             mma_bf16(accT[j + 1], a, bb[2], bb[3]);
           }
@@ -87,12 +92,22 @@ __global__ __launch_bounds__(128) void chunk_state_bwd_dB_kernel(
         load_tile(Cs, LDN, xBC + (row0 + t0) * ldx + d_inner + static_cast<int64_t>(G + g) * N,
                   ldx, 64, N, vt);
         __syncthreads();
-        float W[8][4];
+        float W[4][4];
         zero_acc(W);
-        warp_mma_smem<8, true>(W, Xs, LDP, warp * 16, dYs, LDP, P, lane);  // X_s . dY_t^T
+        for (int k = 0; k < P; k += 16) {  // X_s . dY_t^T, this warp's 32 t columns
+          uint32_t a[4];
+          lda_mk(a, Xs, LDP, wr * 16, k, lane);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const int t = t0 + j * 8 + tq * 2;
+          for (int j = 0; j < 4; j += 2) {
+            uint32_t bb[4];
+            ldb_nk(bb, dYs, LDP, tcol0 + j * 8, k, lane);
+            mma_bf16(W[j], a, bb[0], bb[1]);
+            mma_bf16(W[j + 1], a, bb[2], bb[3]);
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int tl = tcol0 + j * 8 + tq * 2, t = t0 + tl;
           const float q0 = cs_s[t], q1 = cs_s[t + 1];
           W[j][0] = t >= r0 ? W[j][0] * __expf(q0 - cs0) * dt0 : 0.f;
           W[j][1] = t + 1 >= r0 ? W[j][1] * __expf(q1 - cs0) * dt0 : 0.f;
@@ -102,16 +117,19 @@ __global__ __launch_bounds__(128) void chunk_state_bwd_dB_kernel(
           const float2 g1 = *reinterpret_cast<const float2*>(BCp + static_cast<int64_t>(r1) * Q + t);
           dc0 += W[j][0] * g0.x + W[j][1] * g0.y;
           dc1 += W[j][2] * g1.x + W[j][3] * g1.y;
+          *reinterpret_cast<uint32_t*>(Ws + lr0 * LDW + tl) = pack_bf16(W[j][0], W[j][1]);
+          *reinterpret_cast<uint32_t*>(Ws + (lr0 + 8) * LDW + tl) = pack_bf16(W[j][2], W[j][3]);
         }
-        // accT += Wt (64 x 64 t) . C_t (64 t x N)
+        __syncthreads();
+        // accT += Wt (64 x 64 t) . C_t (64 t x this warp's N/2 columns)
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
           uint32_t a[4];
-          acc_to_a(a, W, kk);
+          lda_mk(a, Ws, LDW, wr * 16, kk * 16, lane);
 #pragma unroll
-          for (int j = 0; j < NN; j += 2) {
+          for (int j = 0; j < NH; j += 2) {
             uint32_t bb[4];
-            ldb_kn(bb, Cs, LDN, j * 8, kk * 16, lane);
+            ldb_kn(bb, Cs, LDN, ncol0 + j * 8, kk * 16, lane);
             mma_bf16(accT[j], a, bb[0], bb[1]);
             mma_bf16(accT[j + 1], a, bb[2], bb[3]);
           }
@@ -132,21 +150,22 @@ __global__ __launch_bounds__(128) void chunk_state_bwd_dB_kernel(
   for (int half = 0; half < 2; ++half) {
     const int r = half ? r1 : r0;
     if (c * Q + r >= L) continue;
-    float* o = part + (hs * tokens + row0 + r) * GN + static_cast<int64_t>(g) * N + tq * 2;
+    float* o = part + (hs * tokens + row0 + r) * GN + static_cast<int64_t>(g) * N + ncol0 + tq * 2;
 #pragma unroll
-    for (int j = 0; j < NN; ++j)
+    for (int j = 0; j < NH; ++j)
       *reinterpret_cast<float2*>(o + j * 8) = make_float2(accT[j][half * 2], accT[j][half * 2 + 1]);
   }
 }
 
 size_t chunk_bc_bwd_smem(const SsdDims& d) {
   const size_t P = d.headdim, N = d.dstate;
-  return (2 * 64 * (P + 8) + (P + 64) * (N + 8)) * sizeof(bf16) + 2 * d.chunk * sizeof(float);
+  return (2 * 64 * (P + 8) + (P + 64) * (N + 8) + 64 * 72) * sizeof(bf16) +
+         2 * d.chunk * sizeof(float);
 }
 
 void launch_chunk_state_bwd_dB(const SsdDims& d, const bf16* xBC, const bf16* dy,
                                const float* dt, const float* cs, const float* BC,
-                               const float* dstates, float* part, float* dcs, cudaStream_t st) {
+                               const bf16* dstates, float* part, float* dcs, cudaStream_t st) {
   const int P = static_cast<int>(d.headdim), N = static_cast<int>(d.dstate);
   const int Q = static_cast<int>(d.chunk), nc = static_cast<int>(d.nchunks());
   const int nsplit = bc_bwd_splits(d), hpg = static_cast<int>(d.nheads / d.ngroups);
@@ -156,7 +175,7 @@ void launch_chunk_state_bwd_dB(const SsdDims& d, const bf16* xBC, const bf16* dy
             static_cast<unsigned>(d.batch));
   auto go = [&](auto kern) {
     allow_smem(kern, smem);
-    kern<<<grid, 128, smem, st>>>(xBC, d.conv_dim(), dy, dt, cs, BC, dstates, part, dcs,
+    kern<<<grid, 256, smem, st>>>(xBC, d.conv_dim(), dy, dt, cs, BC, dstates, part, dcs,
                                   static_cast<int>(d.seqlen), static_cast<int>(d.nheads),
                                   static_cast<int>(d.ngroups), P, nc, Q, nsplit, hps);
   };

@@ -21,18 +21,26 @@ void check_dims(const SsdDims& d) {
   if (d.batch <= 0 || d.seqlen <= 0 || d.nheads <= 0 || d.ngroups <= 0)
     fail("ssd (cuda): empty dimensions");
   if (d.nheads % d.ngroups != 0) fail("ssd (cuda): nheads ", d.nheads, " % ngroups ", d.ngroups);
-  if (d.chunk != 64 && d.chunk != 128 && d.chunk != 256)
-    fail("ssd (cuda): chunk must be 64, 128 or 256, got ", d.chunk);
-  if (d.headdim % 32 != 0 || d.headdim > 256 || (d.headdim > 32 && d.headdim % 64 != 0))
-    fail("ssd (cuda): headdim must be 32 or a multiple of 64 up to 256, got ", d.headdim);
-  if (d.dstate != 64 && d.dstate != 128)
-    fail("ssd (cuda): dstate must be 64 or 128, got ", d.dstate);
-  if (d.nchunks() * d.nheads > 65535 || d.nchunks() * d.ngroups > 65535)
-    fail("ssd (cuda): too many chunks x heads for one launch");
+  std::string why = ssd_unsupported_reason(d);
+  if (!why.empty()) fail("ssd (cuda): ", why);
 }
 }  // namespace
 
 void ssd_set_profiler(SsdProfiler* p) { g_profiler = p; }
+
+std::string ssd_unsupported_reason(const SsdDims& d) {
+  std::string why;
+  auto add = [&](const std::string& s) { why += (why.empty() ? "" : "; ") + s; };
+  if (d.chunk != 64 && d.chunk != 128 && d.chunk != 256)
+    add("model.chunk_size must be 64, 128 or 256 (is " + std::to_string(d.chunk) + ")");
+  if (d.headdim % 32 != 0 || d.headdim > 256 || (d.headdim > 32 && d.headdim % 64 != 0))
+    add("model.headdim must be 32 or a multiple of 64 up to 256 (is " + std::to_string(d.headdim) + ")");
+  if (d.dstate != 64 && d.dstate != 128)
+    add("model.d_state must be 64 or 128 (is " + std::to_string(d.dstate) + ")");
+  if (d.nchunks() * d.nheads > 65535 || d.nchunks() * d.ngroups > 65535)
+    add("train.seq_len / model.chunk_size times the number of heads must be at most 65535");
+  return why;
+}
 
 namespace detail {
 void check_launch(const char* what) {
@@ -64,9 +72,10 @@ void ssd_fwd(const SsdDims& d, const bf16* xBC, const bf16* dt, int64_t ld_dt,
   launch_chunk_state(d, xBC, d.conv_dim(), xBC, d_inner, w.dt, w.cs, 0, w.states, nc + 1, 1,
                      stream);
   mark("chunk_state", stream);
-  launch_state_passing(d, w.states, w.cs, initial_state, final_state, stream);
+  launch_state_passing(d, w.states, w.states_bf, false, w.cs, initial_state, final_state,
+                       stream);
   mark("state_passing", stream);
-  launch_chunk_scan_fwd(d, xBC, D, w.dt, w.cs, w.CB, w.states, y, stream);
+  launch_chunk_scan_fwd(d, xBC, D, w.dt, w.cs, w.CB, w.states_bf, y, stream);
   mark("chunk_scan", stream);
 }
 
@@ -94,21 +103,21 @@ void ssd_bwd(const SsdDims& d, const bf16* xBC, const bf16* dt, int64_t ld_dt,
   launch_chunk_state(d, xBC, d.conv_dim(), xBC, d_inner, w.dt, w.cs, 0, w.states, nc + 1, 1,
                      stream);
   mark("chunk_state", stream);
-  launch_state_passing(d, w.states, w.cs, initial_state, nullptr, stream);
+  launch_state_passing(d, w.states, w.states_bf, true, w.cs, initial_state, nullptr, stream);
   mark("state_passing", stream);
   // state gradients
   launch_chunk_state(d, dy, d_inner, xBC, d_inner + GN, w.dt, w.cs, 1, w.dstates, nc, 0,
                      stream);
   mark("chunk_state(dS_local)", stream);
-  launch_state_passing_bwd(d, w.states, w.dstates, w.cs, dfinal_state, d_initial_state, w.dcs,
-                           stream);
+  launch_state_passing_bwd(d, w.states, w.dstates, w.dstates_bf, w.cs, dfinal_state,
+                           d_initial_state, w.dcs, stream);
   mark("state_passing_bwd", stream);
-  launch_chunk_scan_bwd_dx(d, xBC, dy, D, w.dt, w.cs, w.BC, w.states, w.dstates, dxBC,
+  launch_chunk_scan_bwd_dx(d, xBC, dy, D, w.dt, w.cs, w.BC, w.states_bf, w.dstates_bf, dxBC,
                            w.ddt_dir, w.dcs, dD, stream);
   mark("chunk_scan_bwd_dx", stream);
-  launch_chunk_state_bwd_dB(d, xBC, dy, w.dt, w.cs, w.BC, w.dstates, w.dBp, w.dcs, stream);
+  launch_chunk_state_bwd_dB(d, xBC, dy, w.dt, w.cs, w.BC, w.dstates_bf, w.dBp, w.dcs, stream);
   mark("chunk_state_bwd_dB", stream);
-  launch_chunk_scan_bwd_dC(d, xBC, dy, w.dt, w.cs, w.CB, w.states, w.dCp, w.dcs, stream);
+  launch_chunk_scan_bwd_dC(d, xBC, dy, w.dt, w.cs, w.CB, w.states_bf, w.dCp, w.dcs, stream);
   mark("chunk_scan_bwd_dC", stream);
   launch_bc_reduce(d, w.dBp, w.dCp, dxBC, stream);
   mark("bc_reduce", stream);

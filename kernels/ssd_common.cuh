@@ -9,7 +9,9 @@
 //   CB        [batch, nc, ngroups, Q, Q]  CB[t][s] = C_t . B_s (tiles with s-block <= t-block)
 //   BC        [batch, nc, ngroups, Q, Q]  BC[s][t] = B_s . C_t (tiles with t-block >= s-block)
 //   states    [batch, nc+1, nheads, P, N] slot c = state entering chunk c, slot nc = final
-//   dstates   [batch, nc, nheads, P, N]   dL/d(state leaving chunk c)
+//   states_bf [batch, nc, nheads, P, N]   bf16 copy of slots 0..nc-1 (what the matmuls read)
+//   dstates   [batch, nc, nheads, P, N]   local state gradients sum_t exp(cs_t) dy_t C_t^T
+//   dstates_bf[batch, nc, nheads, P, N]   bf16 dL/d(state leaving chunk c)
 //   ddt_dir   [batch, nheads, nc, Q]      dL/d dt through the explicit dt factors
 //   dcs       [batch, nheads, nc, Q]      dL/d cs
 //   dBp, dCp  [nsplit, tokens, ngroups*N] dB, dC summed over one slice of each group's heads
@@ -35,13 +37,17 @@ void ssd_set_profiler(SsdProfiler* p);  // nullptr disables
 
 namespace detail {
 
+using bf16 = __nv_bfloat16;
+
 struct SsdWorkspace {
   float* dt = nullptr;
   float* cs = nullptr;
   float* CB = nullptr;
   float* states = nullptr;
+  bf16* states_bf = nullptr;
   float* BC = nullptr;
   float* dstates = nullptr;
+  bf16* dstates_bf = nullptr;
   float* ddt_dir = nullptr;
   float* dcs = nullptr;
   float* dBp = nullptr;
@@ -74,9 +80,11 @@ inline size_t carve_workspace(const SsdDims& d, void* base, bool bwd, SsdWorkspa
   w->cs = take(B * H * nc * Q);
   w->CB = take(B * nc * G * Q * Q);
   w->states = take(B * (nc + 1) * H * P * N);
+  w->states_bf = reinterpret_cast<bf16*>(take((B * nc * H * P * N + 1) / 2));
   if (bwd) {
     w->BC = take(B * nc * G * Q * Q);
     w->dstates = take(B * nc * H * P * N);
+    w->dstates_bf = reinterpret_cast<bf16*>(take((B * nc * H * P * N + 1) / 2));
     w->ddt_dir = take(B * H * nc * Q);
     w->dcs = take(B * H * nc * Q);
     const size_t nsplit = static_cast<size_t>(bc_bwd_splits(d));
@@ -87,7 +95,6 @@ inline size_t carve_workspace(const SsdDims& d, void* base, bool bwd, SsdWorkspa
 }
 
 // ---- host launchers, one per step (defined in the .cu named after the step) ----
-using bf16 = __nv_bfloat16;
 
 // ssd_chunk_cumsum.cu
 void launch_chunk_cumsum(const SsdDims& d, const bf16* dt_raw, int64_t ld_dt,
@@ -103,35 +110,38 @@ void launch_chunk_bmm(const SsdDims& d, const bf16* xBC, int64_t xoff, int64_t y
 void launch_chunk_state(const SsdDims& d, const bf16* U, int64_t ldu, const bf16* xBC,
                         int64_t voff, const float* dt, const float* cs, int mode, float* out,
                         int out_slots, int slot_off, cudaStream_t st);
-// ssd_state_passing.cu: states slots 1..nc hold chunk states on entry, entering states (and
-// the final state in slot nc) on exit; slot 0 = initial state.
-void launch_state_passing(const SsdDims& d, float* states, const float* cs,
-                          const float* initial_state, float* final_state, cudaStream_t st);
+// ssd_state_passing.cu: states slots 1..nc hold the chunks' own states on entry. Writes the
+// entering states to states_bf (bf16), and, when write_f32, to slots 0..nc of states (slot nc
+// = final state); final_state (may be null) gets the final state.
+void launch_state_passing(const SsdDims& d, float* states, bf16* states_bf, bool write_f32,
+                          const float* cs, const float* initial_state, float* final_state,
+                          cudaStream_t st);
 // ssd_chunk_scan.cu
 void launch_chunk_scan_fwd(const SsdDims& d, const bf16* xBC, const float* D, const float* dt,
-                           const float* cs, const float* CB, const float* states, bf16* y,
+                           const float* cs, const float* CB, const bf16* states_bf, bf16* y,
                            cudaStream_t st);
-// ssd_state_passing_bwd.cu: dstates holds per-chunk local gradients on entry,
-// dL/d(state leaving chunk c) on exit; adds exp(cs_last) <dstate_out, state_in> to dcs at
-// each chunk end (the chunk's own state's share is added by the dx kernel, as sum_s v_s).
-void launch_state_passing_bwd(const SsdDims& d, const float* states, float* dstates,
-                              const float* cs, const float* dfinal, float* dinit, float* dcs,
-                              cudaStream_t st);
+// ssd_state_passing_bwd.cu: from the local gradients in dstates, writes
+// dL/d(state leaving chunk c) to dstates_bf; adds exp(cs_last) <dstate_out, state_in> to dcs
+// at each chunk end (the chunk's own state's share is added by the dx kernel, as sum_s v_s).
+void launch_state_passing_bwd(const SsdDims& d, const float* states, const float* dstates,
+                              bf16* dstates_bf, const float* cs, const float* dfinal,
+                              float* dinit, float* dcs, cudaStream_t st);
 // ssd_chunk_scan_bwd.cu. dx also adds the per-head state terms of dcs: +dy_t . y_state_t
 // and -v_s = -dt_s x_s . (exp(cs_last - cs_s) dS_out B_s) (and +v_s at the chunk's end).
 void launch_chunk_scan_bwd_dx(const SsdDims& d, const bf16* xBC, const bf16* dy,
                               const float* D, const float* dt, const float* cs, const float* BC,
-                              const float* states, const float* dstates, bf16* dxBC,
+                              const bf16* states_bf, const bf16* dstates_bf, bf16* dxBC,
                               float* ddt_dir, float* dcs, float* dD, cudaStream_t st);
 void launch_chunk_scan_bwd_dC(const SsdDims& d, const bf16* xBC, const bf16* dy,
                               const float* dt, const float* cs, const float* CB,
-                              const float* states, float* part, float* dcs, cudaStream_t st);
+                              const bf16* states_bf, float* part, float* dcs, cudaStream_t st);
 // ssd_chunk_state_bwd.cu (dB into `part` [nsplit, tokens, G*N]; bc_reduce sums the slices of
 // dB and dC into dxBC)
 size_t chunk_bc_bwd_smem(const SsdDims& d);
 void launch_chunk_state_bwd_dB(const SsdDims& d, const bf16* xBC, const bf16* dy,
                                const float* dt, const float* cs, const float* BC,
-                               const float* dstates, float* part, float* dcs, cudaStream_t st);
+                               const bf16* dstates_bf, float* part, float* dcs,
+                               cudaStream_t st);
 void launch_bc_reduce(const SsdDims& d, const float* dBp, const float* dCp, bf16* dxBC,
                       cudaStream_t st);
 // ssd_dt_bwd.cu

@@ -3,14 +3,15 @@
 //   dcs[c, last] += exp(cs_last) <g, S_in[c]>   (the carried state's decay; the chunk's own
 //                   state's share, sum_s v_s, comes from the dx kernel with the matching -v_s,
 //                   so that the two cancel to rounding exactly as they do in exact arithmetic)
-//   dstates[c] = g;  g <- exp(cs_last[c]) * g + dS_local[c]   (dS_local: dstates on entry)
+//   dstates_bf[c] = g (bf16);  g <- exp(cs_last[c]) * g + dS_local[c]   (dS_local: dstates)
 // and finally d_initial_state = g.
 #include "ssd_common.cuh"
 
 namespace ssd::cuda::detail {
 
 __global__ __launch_bounds__(256) void state_passing_bwd_kernel(
-    const float* __restrict__ states, float* __restrict__ dstates, const float* __restrict__ cs,
+    const float* __restrict__ states, const float* __restrict__ dstates,
+    bf16* __restrict__ dstates_bf, const float* __restrict__ cs,
     const float* __restrict__ dfinal, float* __restrict__ dinit, float* __restrict__ dcs, int H,
     int PN, int nc, int Q) {
   const int h = blockIdx.y, b = blockIdx.z;
@@ -19,7 +20,8 @@ __global__ __launch_bounds__(256) void state_passing_bwd_kernel(
   const int64_t bh = static_cast<int64_t>(b) * H + h;
   const int64_t slot_stride = static_cast<int64_t>(H) * PN;
   const float* sbase = states + (static_cast<int64_t>(b) * (nc + 1) * H + h) * PN + e;
-  float* dbase = dstates + (static_cast<int64_t>(b) * nc * H + h) * PN + e;
+  const float* dbase = dstates + (static_cast<int64_t>(b) * nc * H + h) * PN + e;
+  bf16* obase = dstates_bf + (static_cast<int64_t>(b) * nc * H + h) * PN + e;
   float4 g = make_float4(0.f, 0.f, 0.f, 0.f);
   if (active && dfinal) g = *reinterpret_cast<const float4*>(dfinal + bh * PN + e);
   for (int c = nc - 1; c >= 0; --c) {
@@ -30,7 +32,10 @@ __global__ __launch_bounds__(256) void state_passing_bwd_kernel(
       const float4 so = *reinterpret_cast<const float4*>(sbase + c * slot_stride);
       dl = *reinterpret_cast<const float4*>(dbase + c * slot_stride);
       dot = g.x * so.x + g.y * so.y + g.z * so.z + g.w * so.w;
-      *reinterpret_cast<float4*>(dbase + c * slot_stride) = g;
+      uint2 u;
+      u.x = pack_bf16(g.x, g.y);
+      u.y = pack_bf16(g.z, g.w);
+      *reinterpret_cast<uint2*>(obase + c * slot_stride) = u;
     }
     dot = warp_sum(dot) * dec;
     if ((threadIdx.x & 31) == 0 && dot != 0.f) atomicAdd(dcs + (bh * nc + c) * Q + Q - 1, dot);
@@ -42,13 +47,13 @@ __global__ __launch_bounds__(256) void state_passing_bwd_kernel(
   if (active && dinit) *reinterpret_cast<float4*>(dinit + bh * PN + e) = g;
 }
 
-void launch_state_passing_bwd(const SsdDims& d, const float* states, float* dstates,
-                              const float* cs, const float* dfinal, float* dinit, float* dcs,
-                              cudaStream_t st) {
+void launch_state_passing_bwd(const SsdDims& d, const float* states, const float* dstates,
+                              bf16* dstates_bf, const float* cs, const float* dfinal,
+                              float* dinit, float* dcs, cudaStream_t st) {
   const int PN = static_cast<int>(d.headdim * d.dstate);
   dim3 grid((PN / 4 + 255) / 256, static_cast<unsigned>(d.nheads),
             static_cast<unsigned>(d.batch));
-  state_passing_bwd_kernel<<<grid, 256, 0, st>>>(states, dstates, cs, dfinal, dinit, dcs,
+  state_passing_bwd_kernel<<<grid, 256, 0, st>>>(states, dstates, dstates_bf, cs, dfinal, dinit, dcs,
                                                  static_cast<int>(d.nheads), PN,
                                                  static_cast<int>(d.nchunks()),
                                                  static_cast<int>(d.chunk));

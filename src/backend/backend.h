@@ -79,6 +79,8 @@ class Backend {
   virtual void download(void* host_dst, const Tensor& src) = 0;    // same dtype
   virtual void convert(const Tensor& src, Tensor& dst) = 0;        // any dtype -> any dtype
   virtual void synchronize() {}
+  // "" when this backend can run the SSD op at these sizes, else why not (naming config keys).
+  virtual std::string ssd_unsupported(const SsdDims&) const { return ""; }
 
   // ---- layers ----
   // out[t, :] = weight[tokens[t], :]

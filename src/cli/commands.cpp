@@ -109,7 +109,7 @@ int cmd_eval(const std::vector<std::string>& in) {
   CheckpointData ck = read_checkpoint(ckpt);
   Config cfg = parse_config(ck.config_yaml, sets, ckpt + " (stored config)");
   check_checkpoint_shapes(ck, expected_params(cfg.model));
-  auto be = make_backend_for(cfg.train.device, ProcessGrid::world().local_rank());
+  auto be = make_backend_for(cfg, ProcessGrid::world().local_rank());
   Mamba2LM model(cfg.model, *be, cfg.train.micro_batch, cfg.train.seq_len);
   std::vector<std::vector<float>> vals;
   for (auto& p : ck.params) vals.push_back(std::move(p.data));
@@ -210,7 +210,7 @@ int bench_train(const std::vector<std::string>& in) {
   std::string steps_s = take(args, "--steps");
   no_more(args, "bench train");
   const int64_t steps = steps_s.empty() ? 10 : std::stoll(steps_s);
-  auto be = make_backend_for(cfg.train.device, 0);
+  auto be = make_backend_for(cfg, 0);
   Mamba2LM model(cfg.model, *be, cfg.train.micro_batch, cfg.train.seq_len);
   model.init(cfg.train.seed);
   auto data = make_data_source(cfg, 0, 1);

@@ -7,6 +7,8 @@ namespace ssd {
 Mamba2LM::Mamba2LM(const ModelConfig& cfg, Backend& be, int64_t batch, int64_t seqlen)
     : cfg_(cfg), be_(be), batch_(batch), seqlen_(seqlen), T_(batch * seqlen) {
   table_ = param_table(cfg_);
+  if (std::string why = be_.ssd_unsupported(ssd_dims()); !why.empty())
+    fail("the ", be_.name(), " backend cannot run this model: ", why);
   const DType acc = be_.accum_dtype(), cmp = be_.compute_dtype();
   for (size_t i = 0; i < table_.size(); ++i) {
     const auto& s = table_[i];

@@ -97,7 +97,7 @@ class Trainer {
  public:
   explicit Trainer(const Config& cfg)
       : cfg_(cfg), grid_(ProcessGrid::world()),
-        be_(make_backend_for(cfg.train.device, grid_.local_rank())),
+        be_(make_backend_for(cfg, grid_.local_rank())),
         data_(make_data_source(cfg, grid_.rank(), grid_.size())),
         model_(cfg.model, *be_, cfg.train.micro_batch, cfg.train.seq_len) {
     const auto& t = model_.table();
@@ -378,7 +378,8 @@ TrainResult Trainer::run() {
 
 }  // namespace
 
-std::unique_ptr<Backend> make_backend_for(const std::string& device, int local_rank) {
+std::unique_ptr<Backend> make_backend_for(const Config& cfg, int local_rank) {
+  const std::string& device = cfg.train.device;
   if (device == "cpu") return make_cpu_backend(DType::F32);
   int n = cuda_device_count();
   if (device == "cuda") {
@@ -388,7 +389,23 @@ std::unique_ptr<Backend> make_backend_for(const std::string& device, int local_r
     if (n == 0) fail("train.device=cuda but no CUDA GPU is available");
     return make_cuda_backend(local_rank % n);
   }
-  return n > 0 ? make_cuda_backend(local_rank % n) : make_cpu_backend(DType::F32);
+  if (n == 0) return make_cpu_backend(DType::F32);
+  auto be = make_cuda_backend(local_rank % n);
+  SsdDims d;
+  d.batch = cfg.train.micro_batch;
+  d.seqlen = cfg.train.seq_len;
+  d.nheads = cfg.model.nheads();
+  d.headdim = cfg.model.headdim;
+  d.ngroups = cfg.model.ngroups;
+  d.dstate = cfg.model.d_state;
+  d.chunk = cfg.model.chunk_size;
+  if (std::string why = be->ssd_unsupported(d); !why.empty()) {
+    if (local_rank == 0)
+      std::printf("note: training on the CPU: the CUDA SSD kernels do not support this model (%s)\n",
+                  why.c_str());
+    return make_cpu_backend(DType::F32);
+  }
+  return be;
 }
 
 TrainResult train(const Config& cfg) {

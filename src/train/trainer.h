@@ -19,8 +19,9 @@ struct TrainResult {
   double param_sumsq = 0;  // sum of squared parameters at the end (a cheap fingerprint)
 };
 
-// Picks the backend for train.device (auto: CUDA when a GPU is present).
-std::unique_ptr<Backend> make_backend_for(const std::string& device, int local_rank);
+// Picks the backend for train.device. auto: CUDA when a GPU is present and its kernels support
+// the model's sizes (else the CPU, with a notice); cuda: CUDA or a clear error.
+std::unique_ptr<Backend> make_backend_for(const Config& cfg, int local_rank);
 
 // Runs training as configured. Throws ssd::Error for user-facing failures.
 TrainResult train(const Config& cfg);

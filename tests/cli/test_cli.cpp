@@ -2,6 +2,8 @@
 // behind by a run that fails validation, `ssdtrain config`, and one short real training run.
 // Every command runs in a fresh temporary working directory.
 #include <gtest/gtest.h>
+
+#include "backend/backend.h"
 #include <sys/wait.h>
 
 #include <algorithm>
@@ -195,6 +197,7 @@ TEST_F(Cli, MqarSeqLenTooShort) {
 TEST_F(Cli, CudaDeviceWithoutGpu) {
   // On a machine without a GPU (or a build without CUDA) this must fail cleanly before any
   // file is written. Where a GPU is usable the test does not apply.
+  if (ssd::cuda_device_count() > 0) GTEST_SKIP() << "a CUDA GPU is available here";
   Result r = run({"train", "--set", "train.device=cuda", "--set", "train.max_steps=1",
                   "--set", set_run_dir()});
   if (r.rc == 0) GTEST_SKIP() << "a CUDA GPU is available here";
@@ -217,7 +220,7 @@ TEST_F(Cli, ConfigPrintsResolvedYaml) {
   // The printout is a complete config that parses back to the same values.
   ssd::Config c = ssd::parse_config(r.out, {}, "printed");
   EXPECT_EQ(c.model.d_model, 96);
-  EXPECT_EQ(c.train.seq_len, 128);
+  EXPECT_EQ(c.train.seq_len, 64);
   EXPECT_EQ(c.run.name, "default");
   EXPECT_FALSE(fs::exists(work_ / "runs")) << "config must not create a run directory";
 

@@ -103,36 +103,36 @@ TEST(ConfigDefault, DefaultYamlValues) {
   Config c = parse_config(default_yaml(), {}, "configs/default.yaml");
   EXPECT_EQ(c.model.d_model, 64);
   EXPECT_EQ(c.model.n_layer, 2);
-  EXPECT_EQ(c.model.d_state, 16);
-  EXPECT_EQ(c.model.headdim, 16);
+  EXPECT_EQ(c.model.d_state, 64);
+  EXPECT_EQ(c.model.headdim, 32);
   EXPECT_EQ(c.model.expand, 2);
   EXPECT_EQ(c.model.ngroups, 1);
   EXPECT_EQ(c.model.d_conv, 4);
-  EXPECT_EQ(c.model.chunk_size, 32);
-  EXPECT_EQ(c.model.vocab_size, 80);
+  EXPECT_EQ(c.model.chunk_size, 64);
+  EXPECT_EQ(c.model.vocab_size, 48);
   EXPECT_EQ(c.model.pad_vocab_size_multiple, 16);
-  EXPECT_EQ(c.model.padded_vocab(), 80);
+  EXPECT_EQ(c.model.padded_vocab(), 48);
   EXPECT_EQ(c.model.d_inner(), 128);
-  EXPECT_EQ(c.model.nheads(), 8);
+  EXPECT_EQ(c.model.nheads(), 4);
   EXPECT_EQ(c.train.device, "auto");
   EXPECT_EQ(c.train.seed, 1234);
-  EXPECT_EQ(c.train.seq_len, 128);
-  EXPECT_EQ(c.train.micro_batch, 16);
+  EXPECT_EQ(c.train.seq_len, 64);
+  EXPECT_EQ(c.train.micro_batch, 32);
   EXPECT_EQ(c.train.grad_accum, 1);
-  EXPECT_EQ(c.train.max_steps, 300);
-  EXPECT_DOUBLE_EQ(c.train.lr, 3e-3);
-  EXPECT_DOUBLE_EQ(c.train.min_lr, 3e-4);
+  EXPECT_EQ(c.train.max_steps, 600);
+  EXPECT_DOUBLE_EQ(c.train.lr, 1e-2);
+  EXPECT_DOUBLE_EQ(c.train.min_lr, 1e-3);
   EXPECT_EQ(c.train.warmup_steps, 20);
   EXPECT_DOUBLE_EQ(c.train.weight_decay, 0.1);
   EXPECT_DOUBLE_EQ(c.train.grad_clip, 1.0);
   EXPECT_EQ(c.data.kind, "mqar");
-  EXPECT_EQ(c.data.mqar_num_pairs, 8);
-  EXPECT_EQ(c.data.mqar_key_vocab, 32);
-  EXPECT_EQ(c.data.mqar_value_vocab, 32);
+  EXPECT_EQ(c.data.mqar_num_pairs, 4);
+  EXPECT_EQ(c.data.mqar_key_vocab, 16);
+  EXPECT_EQ(c.data.mqar_value_vocab, 16);
   EXPECT_EQ(c.run.name, "default");
-  EXPECT_EQ(c.run.log_every, 10);
-  EXPECT_EQ(c.run.eval_every, 100);
-  EXPECT_EQ(c.checkpoint.every, 100);
+  EXPECT_EQ(c.run.log_every, 25);
+  EXPECT_EQ(c.run.eval_every, 200);
+  EXPECT_EQ(c.checkpoint.every, 200);
   EXPECT_EQ(c.checkpoint.keep_last, 2);
   // Keys the file leaves out take the struct defaults.
   EXPECT_DOUBLE_EQ(c.model.norm_eps, 1e-5);
@@ -320,7 +320,7 @@ TEST(ConfigOverride, IntsFloatsStrings) {
   EXPECT_DOUBLE_EQ(c.data.val_fraction, 0.0);
   // Untouched keys keep the file's values.
   EXPECT_EQ(c.model.n_layer, 2);
-  EXPECT_EQ(c.train.seq_len, 128);
+  EXPECT_EQ(c.train.seq_len, 64);
 }
 
 TEST(ConfigOverride, IntegerLiteralForFloatKey) {
@@ -468,11 +468,11 @@ TEST(ConfigErrors, HeaddimMustDivideDInner) {
 }
 
 TEST(ConfigErrors, NgroupsMustDivideNheads) {
-  // 8 heads; 3 groups does not divide them, 4 does.
-  expect_set_error({"model.ngroups=3"}, {"model.ngroups", "8"});
+  // 4 heads; 3 groups does not divide them, 2 and 4 do.
+  expect_set_error({"model.ngroups=3"}, {"model.ngroups", "4"});
+  EXPECT_NO_THROW(parse_config(default_yaml(), {"model.ngroups=2"}, "default"));
   EXPECT_NO_THROW(parse_config(default_yaml(), {"model.ngroups=4"}, "default"));
-  EXPECT_NO_THROW(parse_config(default_yaml(), {"model.ngroups=8"}, "default"));
-  expect_set_error({"model.ngroups=16"}, {"model.ngroups"});
+  expect_set_error({"model.ngroups=8"}, {"model.ngroups"});
 }
 
 class PositiveKey : public ::testing::TestWithParam<const char*> {};
@@ -568,19 +568,20 @@ TEST_F(ConfigTest, TextDataNeedsAnExistingFile) {
 }
 
 TEST(ConfigErrors, MqarSeqLenTooShort) {
-  // 8 pairs need 4*8+1 = 33 positions.
-  expect_set_error({"train.seq_len=32"}, {"train.seq_len", "33"});
-  EXPECT_NO_THROW(parse_config(default_yaml(), {"train.seq_len=33"}, "d"));
+  // 4 pairs need 4*4+1 = 17 positions.
+  expect_set_error({"train.seq_len=16"}, {"train.seq_len", "17"});
+  EXPECT_NO_THROW(parse_config(default_yaml(), {"train.seq_len=17"}, "d"));
   expect_set_error({"data.mqar_num_pairs=16", "train.seq_len=64"}, {"train.seq_len", "65"});
 }
 
 TEST(ConfigErrors, MqarVocabTooSmall) {
-  // 2 + 32 keys + 32 values = 66 token ids.
-  expect_set_error({"model.vocab_size=65"}, {"model.vocab_size", "66"});
-  EXPECT_NO_THROW(parse_config(default_yaml(), {"model.vocab_size=66"}, "d"));
-  expect_set_error({"data.mqar_value_vocab=50"}, {"model.vocab_size", "84"});
+  // 2 + 16 keys + 16 values = 34 token ids.
+  expect_set_error({"model.vocab_size=33"}, {"model.vocab_size", "34"});
+  EXPECT_NO_THROW(parse_config(default_yaml(), {"model.vocab_size=34"}, "d"));
+  expect_set_error({"data.mqar_value_vocab=50"}, {"model.vocab_size", "68"});
   // More pairs than distinct keys.
-  expect_set_error({"data.mqar_num_pairs=33"}, {"data.mqar_num_pairs", "data.mqar_key_vocab"});
+  expect_set_error({"data.mqar_num_pairs=17", "train.seq_len=128"},
+                   {"data.mqar_num_pairs", "data.mqar_key_vocab"});
 }
 
 // ---------------------------------------------------------------- round trip

@@ -281,8 +281,10 @@ TEST_F(CudaOps, Linear) {
 
 TEST_F(CudaOps, Conv1dSilu) {
   struct Case { int64_t B, L, C, K; };
-  // Sequences shorter and longer than the kernels' 64-token tiles; widths 2..4.
-  for (Case cs : {Case{3, 50, 70, 4}, Case{2, 130, 200, 3}, Case{1, 64, 130, 2}}) {
+  // Sequences shorter and longer than the kernels' 64-token tiles; widths 2..4 (compiled for
+  // each width) and 5 (the generic runtime-width kernels).
+  for (Case cs :
+       {Case{3, 50, 70, 4}, Case{2, 130, 200, 3}, Case{1, 64, 130, 2}, Case{2, 70, 40, 5}}) {
     const int64_t B = cs.B, L = cs.L, C = cs.C, K = cs.K, T = B * L;
     const int64_t ld_in = C + 30, off_in = 20, ld_din = C + 20, off_din = 7;
     const Vf in = round_bf16(randn(T * ld_in, 30));

@@ -183,6 +183,9 @@ class CudaBackend final : public Backend {
   }
 
   Device device() const override { return Device::CUDA; }
+  std::string ssd_unsupported(const SsdDims& d) const override {
+    return cuda::ssd_unsupported_reason(d);
+  }
   std::string name() const override { return "cuda:" + std::to_string(dev_) + " (" + gpu_name_ + ")"; }
   DType compute_dtype() const override { return DType::BF16; }
   DType accum_dtype() const override { return DType::F32; }
