@@ -40,7 +40,15 @@ ck=$(ls /tmp/ssd_gpu_run/checkpoints/*.h5 | tail -1)
 "$bin" export --checkpoint "$ck" --out /tmp/ssd_export_bf16 --dtype bf16 --with-reference && \
   python3 scripts/check_hf_export.py /tmp/ssd_export_bf16 2>&1 | tail -3
 
-step "bench ssd"
-"$bin" bench ssd 2>&1 | tail -25
-step "bench train 130m"
-"$bin" bench train --config configs/mamba2-130m.yaml --steps 5 2>&1 | tail -3
+step "bench ssd (issue #3 shapes: batch seqlen heads)"
+for shape in "8 2048 48" "4 4096 64" "4 4096 80" "1 32768 64"; do
+  set -- $shape
+  "$bin" bench ssd --batch $1 --seqlen $2 --heads $3 --headdim 64 --groups 1 --dstate 128 --chunk 256 \
+    > "$OUT/bench_ssd_$1_$2_$3.log" 2>&1
+  echo "b=$1 L=$2 h=$3: $(grep -E 'median' "$OUT/bench_ssd_$1_$2_$3.log" | tr -s ' ' | paste -sd' ')"
+done
+cat "$OUT/bench_ssd_8_2048_48.log"
+for m in 130m 370m; do
+  step "bench train $m"
+  "$bin" bench train --config configs/mamba2-$m.yaml --steps 5 2>&1 | tail -2
+done
