@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -91,6 +92,8 @@ std::string case_name(const Case& c) {
                 (long long)c.ld_extra);
   return s;
 }
+// gtest prints the parameter in test listings; without this it dumps the struct's bytes.
+void PrintTo(const Case& c, std::ostream* os) { *os << case_name(c); }
 
 // Columns [off, off+width) of a [rows, ld] matrix.
 template <class T>
