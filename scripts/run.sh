@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: installs what is missing, builds, and trains. With no arguments it trains the
-# built-in default config (configs/default.yaml: a tiny Mamba-2 on synthetic recall data, about a
-# minute on 2 CPU cores; on the GPU when there is one). Arguments go to `ssdtrain train`, e.g.
+# built-in default config (configs/default.yaml: a tiny Mamba-2 on synthetic recall data, under two
+# minutes on 2 CPU cores; on the GPU when there is one). Arguments go to `ssdtrain train`, e.g.
 #   scripts/run.sh --config configs/mamba2-130m.yaml --set train.max_steps=1000
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -12,6 +12,7 @@
 #include <sstream>
 #include <thread>
 
+#include "backend/backend.h"
 #include "config/config.h"
 #include "train/trainer.h"
 
@@ -105,39 +106,58 @@ std::string slurp(const fs::path& p) {
   return ss.str();
 }
 
-TEST(Train, SigtermCheckpointsAndResumeIsExact) {
-  fs::path dir = fresh_dir("resume");
+// Runs `config_text` to the end once, then again stopped by SIGTERM after a few steps and
+// restarted: the restarted run's losses must equal the uninterrupted run's exactly.
+void check_resume_is_exact(const std::string& tag, const std::string& config_text, int steps) {
+  fs::path dir = fresh_dir(tag);
   fs::path cfg = dir / "small.yaml";
-  std::ofstream(cfg) << kSmall;
-  const std::vector<std::string> common = {"train.max_steps=40", "checkpoint.every=15"};
+  std::ofstream(cfg) << config_text;
+  const std::vector<std::string> common = {"train.max_steps=" + std::to_string(steps),
+                                           "checkpoint.every=15"};
 
   // The uninterrupted reference run.
   auto sets_ref = common;
   sets_ref.push_back("run.dir=" + (dir / "ref").string());
   ASSERT_EQ(wait_exit(spawn(cfg, dir / "ref.log", sets_ref)), 0) << slurp(dir / "ref.log");
   auto ref = read_losses(dir / "ref" / "metrics.jsonl");
-  ASSERT_EQ(ref.size(), 40u);
+  ASSERT_EQ(ref.size(), static_cast<size_t>(steps));
 
   // The same run, stopped by SIGTERM once it is past step 3, then started again.
   auto sets = common;
   sets.push_back("run.dir=" + (dir / "run").string());
   pid_t pid = spawn(cfg, dir / "run1.log", sets);
-  for (int i = 0; i < 2000 && read_losses(dir / "run" / "metrics.jsonl").size() < 3; ++i)
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  for (int i = 0; i < 4000 && read_losses(dir / "run" / "metrics.jsonl").size() < 3; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
   kill(pid, SIGTERM);
   ASSERT_EQ(wait_exit(pid), 0) << slurp(dir / "run1.log");
   std::string log1 = slurp(dir / "run1.log");
   ASSERT_NE(log1.find("stopped by signal"), std::string::npos) << log1;
   auto partial = read_losses(dir / "run" / "metrics.jsonl");
-  ASSERT_LT(partial.size(), 40u) << "the run finished before the signal arrived";
+  ASSERT_LT(partial.size(), static_cast<size_t>(steps)) << "the run finished before the signal";
 
   ASSERT_EQ(wait_exit(spawn(cfg, dir / "run2.log", sets)), 0) << slurp(dir / "run2.log");
   std::string log2 = slurp(dir / "run2.log");
   EXPECT_NE(log2.find("resumed from"), std::string::npos) << log2;
   auto resumed = read_losses(dir / "run" / "metrics.jsonl");
-  ASSERT_EQ(resumed.size(), 40u);
+  ASSERT_EQ(resumed.size(), static_cast<size_t>(steps));
   for (const auto& [step, loss] : ref) EXPECT_EQ(resumed[step], loss) << "step " << step;
   fs::remove_all(dir);
+}
+
+TEST(Train, SigtermCheckpointsAndResumeIsExact) {
+  check_resume_is_exact("resume", kSmall, 40);
+}
+
+TEST(Train, SigtermCheckpointsAndResumeIsExactOnTheGpu) {
+  if (ssd::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA GPU here (or built without CUDA)";
+  // Sizes the CUDA SSD kernels support.
+  check_resume_is_exact(
+      "resume_gpu",
+      "model: {d_model: 64, n_layer: 2, d_state: 64, headdim: 32, chunk_size: 64, vocab_size: 48}\n"
+      "train: {device: cuda, seq_len: 96, micro_batch: 8, lr: 0.01, min_lr: 0.001, warmup_steps: 5}\n"
+      "data: {kind: mqar, mqar_num_pairs: 4, mqar_key_vocab: 16, mqar_value_vocab: 16}\n"
+      "run: {log_every: 1, eval_batches: 2}\n",
+      300);
 }
 
 TEST(Train, ResumeNeverRefusesToOverwriteCheckpoints) {
