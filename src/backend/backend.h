@@ -79,6 +79,8 @@ class Backend {
   virtual void download(void* host_dst, const Tensor& src) = 0;    // same dtype
   virtual void convert(const Tensor& src, Tensor& dst) = 0;        // any dtype -> any dtype
   virtual void synchronize() {}
+  // Most device memory held by tensors at once so far (0 where not tracked: the CPU).
+  virtual int64_t peak_memory_bytes() const { return 0; }
   // "" when this backend can run the SSD op at these sizes, else why not (naming config keys).
   virtual std::string ssd_unsupported(const SsdDims&) const { return ""; }
 

@@ -252,8 +252,11 @@ int bench_train(const std::vector<std::string>& in) {
   const double mfu = (6 * params + ssd_flops) * tok_s / 790e12;
   std::printf("bench train: backend %s, %.0f params, batch %lld x seqlen %lld\n",
               be->name().c_str(), params, (long long)B, (long long)L);
-  std::printf("step median %.3f ms over %lld steps | %.0f tokens/s | MFU %.1f%% (of 790 TFLOP/s)\n",
+  std::printf("step median %.3f ms over %lld steps | %.0f tokens/s | MFU %.1f%% (of 790 TFLOP/s)",
               med * 1e3, (long long)steps, tok_s, mfu * 100);
+  if (int64_t peak = be->peak_memory_bytes(); peak > 0)
+    std::printf(" | peak tensor memory %.1f GiB", peak / 1073741824.0);
+  std::printf("\n");
   return 0;
 }
 

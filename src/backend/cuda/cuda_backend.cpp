@@ -51,6 +51,7 @@ class Allocator {
       it->second.pop_back();
       cached_ -= size;
       in_use_ += size;
+      peak_ = std::max(peak_, in_use_);
       return p;
     }
     void* p = nullptr;
@@ -68,8 +69,11 @@ class Allocator {
       }
     }
     in_use_ += size;
+    peak_ = std::max(peak_, in_use_);
     return p;
   }
+
+  size_t peak() const { return peak_; }
 
   void put(void* p, size_t bytes) {
     const size_t size = round(bytes);
@@ -95,7 +99,7 @@ class Allocator {
   int device_;
   std::mutex mu_;
   std::unordered_map<size_t, std::vector<void*>> free_;
-  size_t cached_ = 0, in_use_ = 0;
+  size_t cached_ = 0, in_use_ = 0, peak_ = 0;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -183,6 +187,7 @@ class CudaBackend final : public Backend {
   }
 
   Device device() const override { return Device::CUDA; }
+  int64_t peak_memory_bytes() const override { return static_cast<int64_t>(alloc_->peak()); }
   std::string ssd_unsupported(const SsdDims& d) const override {
     return cuda::ssd_unsupported_reason(d);
   }
