@@ -20,18 +20,10 @@ step ctest
 (cd "$SSD_BUILD_DIR" && ctest --output-on-failure -j 8 > "$OUT/ctest.log" 2>&1); echo "ctest rc=$?"
 grep -E "tests passed|tests failed|Failed|\*\*\*" "$OUT/ctest.log" | tail -15
 
-step "default config, GPU vs CPU (200 steps)"
-rm -rf /tmp/ssd_gpu_run /tmp/ssd_cpu_run
-"$bin" train --set run.dir=/tmp/ssd_gpu_run --set train.max_steps=200 --set checkpoint.every=0 > "$OUT/train_gpu.log" 2>&1; echo "gpu rc=$?"
-"$bin" train --set run.dir=/tmp/ssd_cpu_run --set train.max_steps=200 --set checkpoint.every=0 --set train.device=cpu > "$OUT/train_cpu.log" 2>&1; echo "cpu rc=$?"
-head -3 "$OUT/train_gpu.log"; tail -3 "$OUT/train_gpu.log"
-python3 - <<'PY'
-import json
-def losses(p): return {d["step"]: d["loss"] for d in map(json.loads, open(p)) if "loss" in d}
-g, c = losses("/tmp/ssd_gpu_run/metrics.jsonl"), losses("/tmp/ssd_cpu_run/metrics.jsonl")
-for s in sorted(g):
-    print(f"step {s:4d}  gpu {g[s]:.4f}  cpu {c.get(s, float('nan')):.4f}  diff {g[s]-c.get(s, float('nan')):+.4f}")
-PY
+step "default config on the GPU (scripts/run.sh's job)"
+rm -rf /tmp/ssd_gpu_run
+( time "$bin" train --set run.dir=/tmp/ssd_gpu_run ) > "$OUT/train_gpu.log" 2>&1; echo "gpu rc=$?"
+head -3 "$OUT/train_gpu.log"; tail -8 "$OUT/train_gpu.log"
 
 step "export + transformers check"
 ck=$(ls /tmp/ssd_gpu_run/checkpoints/*.h5 | tail -1)
@@ -48,7 +40,7 @@ for shape in "8 2048 48" "4 4096 64" "4 4096 80" "1 32768 64"; do
   echo "b=$1 L=$2 h=$3: $(grep -E 'median' "$OUT/bench_ssd_$1_$2_$3.log" | tr -s ' ' | paste -sd' ')"
 done
 cat "$OUT/bench_ssd_8_2048_48.log"
-for m in 130m 370m; do
+for m in 130m 370m 780m 1.3b 2.7b; do
   step "bench train $m"
-  "$bin" bench train --config configs/mamba2-$m.yaml --steps 5 2>&1 | tail -2
+  "$bin" bench train --config configs/mamba2-$m.yaml --steps "${BENCH_STEPS:-5}" 2>&1 | tail -2
 done
