@@ -340,3 +340,44 @@ TEST_F(Cli, ShortTrainingRun) {
 }
 
 }  // namespace
+
+// ---------------------------------------------------------------- eval and export
+
+TEST_F(Cli, EvalAndExportACheckpoint) {
+  Result t = run({"train", "--set", "train.max_steps=5", "--set", set_run_dir(), "--set",
+                  "train.device=cpu", "--set", "run.eval_every=0"});
+  ASSERT_EQ(t.rc, 0) << t;
+  const std::string ckpt = (run_dir() / "checkpoints" / "step_00000005.h5").string();
+  ASSERT_TRUE(fs::exists(ckpt)) << t;
+
+  Result e = run({"eval", "--checkpoint", ckpt, "--set", "train.device=cpu"});
+  ASSERT_EQ(e.rc, 0) << e;
+  EXPECT_NE(e.out.find("loss"), std::string::npos) << e;
+  EXPECT_NE(e.out.find("step 5"), std::string::npos) << e;
+
+  const fs::path out = tmp_ / "export";
+  Result x = run({"export", "--checkpoint", ckpt, "--out", out.string(), "--with-reference"});
+  ASSERT_EQ(x.rc, 0) << x;
+  EXPECT_TRUE(fs::exists(out / "model.safetensors")) << x;
+  EXPECT_TRUE(fs::exists(out / "config.json")) << x;
+  EXPECT_TRUE(fs::exists(out / "reference.json")) << x;
+  EXPECT_NE(read_file(out / "config.json").find("Mamba2ForCausalLM"), std::string::npos);
+
+  Result m = run({"export", "--checkpoint", ckpt, "--out", (tmp_ / "m").string(), "--format",
+                  "mamba_ssm", "--dtype", "bf16"});
+  ASSERT_EQ(m.rc, 0) << m;
+  EXPECT_NE(read_file(tmp_ / "m" / "config.json").find("ssm_cfg"), std::string::npos);
+
+  // Bad input: each names what is wrong and exits non-zero.
+  Result bad_dtype = run({"export", "--checkpoint", ckpt, "--out", (tmp_ / "b").string(),
+                          "--dtype", "fp8"});
+  EXPECT_NE(bad_dtype.rc, 0);
+  EXPECT_NE(bad_dtype.err.find("fp8"), std::string::npos) << bad_dtype;
+  EXPECT_FALSE(fs::exists(tmp_ / "b"));
+  Result missing = run({"eval", "--checkpoint", (tmp_ / "nope.h5").string()});
+  EXPECT_NE(missing.rc, 0);
+  EXPECT_NE(missing.err.find("nope.h5"), std::string::npos) << missing;
+  Result no_out = run({"export", "--checkpoint", ckpt});
+  EXPECT_NE(no_out.rc, 0);
+  EXPECT_NE(no_out.err.find("--out"), std::string::npos) << no_out;
+}
