@@ -2,7 +2,11 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <filesystem>
+#include <fstream>
 #include <functional>
+#include <map>
+#include <string>
 #include <random>
 #include <vector>
 
@@ -62,6 +66,19 @@ inline double dot(const std::vector<double>& w, const std::vector<double>& y) {
   double s = 0;
   for (size_t i = 0; i < y.size(); ++i) s += w[i] * y[i];
   return s;
+}
+
+// step -> loss of the training lines of a run's metrics.jsonl.
+inline std::map<int, double> read_losses(const std::filesystem::path& metrics) {
+  std::map<int, double> out;
+  std::ifstream f(metrics);
+  std::string line;
+  while (std::getline(f, line)) {
+    auto s = line.find("\"step\": "), l = line.find("\"loss\": ");
+    if (s != std::string::npos && l != std::string::npos)
+      out[std::stoi(line.substr(s + 8))] = std::stod(line.substr(l + 8));
+  }
+  return out;
 }
 
 }  // namespace ssdtest

@@ -34,18 +34,6 @@ std::vector<float> to_host(Backend& be, const Tensor& t) {
   return v;
 }
 
-std::map<int, double> read_losses(const fs::path& metrics) {
-  std::map<int, double> out;
-  std::ifstream f(metrics);
-  std::string line;
-  while (std::getline(f, line)) {
-    auto s = line.find("\"step\": "), l = line.find("\"loss\": ");
-    if (s != std::string::npos && l != std::string::npos)
-      out[std::stoi(line.substr(s + 8))] = std::stod(line.substr(l + 8));
-  }
-  return out;
-}
-
 }  // namespace
 
 TEST(CudaModel, LossAndGradientsMatchCpu) {
@@ -98,7 +86,7 @@ TEST(CudaModel, TrainingTracksTheCpu) {
          "checkpoint.every=0", "run.dir=" + (dir / dev).string()},
         "t");
     train(c);
-    losses[dev] = read_losses(dir / dev / "metrics.jsonl");
+    losses[dev] = ssdtest::read_losses(dir / dev / "metrics.jsonl");
     ASSERT_EQ(losses[dev].size(), 200u) << dev;
   }
   auto& lc = losses["cpu"];

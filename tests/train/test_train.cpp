@@ -14,6 +14,7 @@
 
 #include "backend/backend.h"
 #include "config/config.h"
+#include "testutil.h"
 #include "train/trainer.h"
 
 namespace fs = std::filesystem;
@@ -25,19 +26,6 @@ fs::path fresh_dir(const std::string& tag) {
   fs::remove_all(d);
   fs::create_directories(d);
   return d;
-}
-
-// step -> loss from metrics.jsonl (training lines only).
-std::map<int, double> read_losses(const fs::path& metrics) {
-  std::map<int, double> out;
-  std::ifstream f(metrics);
-  std::string line;
-  while (std::getline(f, line)) {
-    auto s = line.find("\"step\": "), l = line.find("\"loss\": ");
-    if (s == std::string::npos || l == std::string::npos) continue;
-    out[std::stoi(line.substr(s + 8))] = std::stod(line.substr(l + 8));
-  }
-  return out;
 }
 
 const char* kSmall =
@@ -58,7 +46,7 @@ TEST(Train, LossFallsOnALearnableTask) {
   EXPECT_GT(r.first_loss, 3.5);
   EXPECT_LT(r.last_loss, 2.9);
   EXPECT_LT(r.last_eval_loss, 2.9);
-  auto losses = read_losses(dir / "metrics.jsonl");
+  auto losses = ssdtest::read_losses(dir / "metrics.jsonl");
   EXPECT_EQ(losses.size(), 40u);
   EXPECT_TRUE(fs::exists(dir / "config.yaml"));
   EXPECT_TRUE(fs::exists(dir / "checkpoints" / "step_00000040.h5"));
@@ -69,7 +57,7 @@ TEST(Train, SameSeedSameLosses) {
   fs::path a = fresh_dir("seed_a"), b = fresh_dir("seed_b");
   ssd::train(ssd::parse_config(kSmall, {"train.max_steps=8", "run.dir=" + a.string()}, "t"));
   ssd::train(ssd::parse_config(kSmall, {"train.max_steps=8", "run.dir=" + b.string()}, "t"));
-  EXPECT_EQ(read_losses(a / "metrics.jsonl"), read_losses(b / "metrics.jsonl"));
+  EXPECT_EQ(ssdtest::read_losses(a / "metrics.jsonl"), ssdtest::read_losses(b / "metrics.jsonl"));
   fs::remove_all(a);
   fs::remove_all(b);
 }
@@ -119,26 +107,26 @@ void check_resume_is_exact(const std::string& tag, const std::string& config_tex
   auto sets_ref = common;
   sets_ref.push_back("run.dir=" + (dir / "ref").string());
   ASSERT_EQ(wait_exit(spawn(cfg, dir / "ref.log", sets_ref)), 0) << slurp(dir / "ref.log");
-  auto ref = read_losses(dir / "ref" / "metrics.jsonl");
+  auto ref = ssdtest::read_losses(dir / "ref" / "metrics.jsonl");
   ASSERT_EQ(ref.size(), static_cast<size_t>(steps));
 
   // The same run, stopped by SIGTERM once it is past step 3, then started again.
   auto sets = common;
   sets.push_back("run.dir=" + (dir / "run").string());
   pid_t pid = spawn(cfg, dir / "run1.log", sets);
-  for (int i = 0; i < 4000 && read_losses(dir / "run" / "metrics.jsonl").size() < 3; ++i)
+  for (int i = 0; i < 4000 && ssdtest::read_losses(dir / "run" / "metrics.jsonl").size() < 3; ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
   kill(pid, SIGTERM);
   ASSERT_EQ(wait_exit(pid), 0) << slurp(dir / "run1.log");
   std::string log1 = slurp(dir / "run1.log");
   ASSERT_NE(log1.find("stopped by signal"), std::string::npos) << log1;
-  auto partial = read_losses(dir / "run" / "metrics.jsonl");
+  auto partial = ssdtest::read_losses(dir / "run" / "metrics.jsonl");
   ASSERT_LT(partial.size(), static_cast<size_t>(steps)) << "the run finished before the signal";
 
   ASSERT_EQ(wait_exit(spawn(cfg, dir / "run2.log", sets)), 0) << slurp(dir / "run2.log");
   std::string log2 = slurp(dir / "run2.log");
   EXPECT_NE(log2.find("resumed from"), std::string::npos) << log2;
-  auto resumed = read_losses(dir / "run" / "metrics.jsonl");
+  auto resumed = ssdtest::read_losses(dir / "run" / "metrics.jsonl");
   ASSERT_EQ(resumed.size(), static_cast<size_t>(steps));
   for (const auto& [step, loss] : ref) EXPECT_EQ(resumed[step], loss) << "step " << step;
   fs::remove_all(dir);
