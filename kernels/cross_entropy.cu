@@ -1,4 +1,7 @@
 // Softmax cross-entropy over one block of fp32 logits, dlogits written in bf16 in place.
+// Stats are deterministic: each row stores its {loss, counted, hit} to a workspace slot, then
+// one block sums the rows in a fixed order and adds the sums to stats (no atomics).
+#include <algorithm>
 #include <cfloat>
 
 #include "common.cuh"
@@ -28,7 +31,7 @@ __device__ __forceinline__ MaxSum combine(MaxSum a, MaxSum b) {
 
 __global__ void __launch_bounds__(kThreads)
     ce_block_k(float* __restrict__ logits, int64_t vocab, const int32_t* __restrict__ targets,
-               float grad_scale, double* __restrict__ stats, bool write_grad) {
+               float grad_scale, double* __restrict__ row_stats, bool write_grad) {
   __shared__ MaxSum sh[32];
   const int64_t row = blockIdx.x;
   float* L = logits + row * vocab;
@@ -61,11 +64,17 @@ __global__ void __launch_bounds__(kThreads)
   for (int k = 1; k < nwarps; ++k) a = combine(a, sh[k]);  // same order in every thread
   const float lse = a.m + logf(a.s);
 
-  if (counted && threadIdx.x == 0) {
-    const float loss = lse - L[tgt];
-    atomicAdd(stats + 0, static_cast<double>(loss));
-    atomicAdd(stats + 1, 1.0);
-    if (a.i == tgt) atomicAdd(stats + 2, 1.0);
+  if (threadIdx.x == 0) {  // this row's slot, written even when not counted (zeros)
+    double loss = 0.0, n = 0.0, hit = 0.0;
+    if (counted) {
+      loss = static_cast<double>(lse - L[tgt]);
+      n = 1.0;
+      hit = a.i == tgt ? 1.0 : 0.0;
+    }
+    double* o = row_stats + 3 * row;
+    o[0] = loss;
+    o[1] = n;
+    o[2] = hit;
   }
   if (!write_grad) return;
 
@@ -94,16 +103,55 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// stats[k] += sum over rows of row_stats[row][k], k < 3: one block; thread t sums rows t,
+// t + kThreads, ... in order, then a fixed shared-memory tree. Same order on every run.
+__global__ void __launch_bounds__(kThreads)
+    ce_stats_reduce_k(const double* __restrict__ row_stats, int64_t rows,
+                      double* __restrict__ stats) {
+  __shared__ double sh[3][kThreads];
+  const int t = threadIdx.x;
+  double s0 = 0.0, s1 = 0.0, s2 = 0.0;
+  for (int64_t r = t; r < rows; r += kThreads) {
+    s0 += row_stats[3 * r];
+    s1 += row_stats[3 * r + 1];
+    s2 += row_stats[3 * r + 2];
+  }
+  sh[0][t] = s0;
+  sh[1][t] = s1;
+  sh[2][t] = s2;
+  __syncthreads();
+  for (int o = kThreads / 2; o > 0; o >>= 1) {
+    if (t < o) {
+      sh[0][t] += sh[0][t + o];
+      sh[1][t] += sh[1][t + o];
+      sh[2][t] += sh[2][t + o];
+    }
+    __syncthreads();
+  }
+  if (t == 0) {
+    stats[0] += sh[0][0];
+    stats[1] += sh[1][0];
+    stats[2] += sh[2][0];
+  }
+}
+
 }  // namespace
 
+size_t ce_block_workspace_bytes(int64_t rows) {
+  return static_cast<size_t>(std::max<int64_t>(rows, 1)) * 3 * sizeof(double);
+}
+
 void ce_block(float* logits, int64_t rows, int64_t vocab, const int32_t* targets,
-              float grad_scale, double* stats, bool write_grad, cudaStream_t stream) {
+              float grad_scale, double* stats, bool write_grad, void* ws, cudaStream_t stream) {
   if (rows <= 0) return;
   if (rows > INT32_MAX) fail("cuda lm_head_ce: too many rows in one block");
+  double* row_stats = static_cast<double*>(ws);
   ce_block_k<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(logits, vocab, targets,
-                                                                   grad_scale, stats,
+                                                                   grad_scale, row_stats,
                                                                    write_grad);
   check_launch("ce_block");
+  ce_stats_reduce_k<<<1, kThreads, 0, stream>>>(row_stats, rows, stats);
+  check_launch("ce_stats_reduce");
 }
 
 }  // namespace ssd::cuda

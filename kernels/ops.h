@@ -64,12 +64,14 @@ void gated_rmsnorm_bwd(const bf16* dout, const bf16* y, const bf16* z, int64_t l
                        void* ws, cudaStream_t stream);
 
 // cross_entropy.cu: softmax cross-entropy over one block of fp32 logits [rows, vocab].
-// stats (f64 [3]) += {sum loss, counted rows, argmax hits} by atomics; targets outside
+// stats (f64 [3]) += {sum loss, counted rows, argmax hits}, deterministically: per-row values
+// in ws (ce_block_workspace_bytes(rows)), then one fixed-order sum; targets outside
 // [0, vocab) (-1) are not counted. If write_grad, row r's dlogits = grad_scale * (softmax -
 // onehot) (zero for ignored rows) is written in bf16 IN PLACE over the row's own fp32 logits:
 // as a bf16 matrix [rows, vocab] with row stride 2 * vocab elements.
+size_t ce_block_workspace_bytes(int64_t rows);
 void ce_block(float* logits, int64_t rows, int64_t vocab, const int32_t* targets,
-              float grad_scale, double* stats, bool write_grad, cudaStream_t stream);
+              float grad_scale, double* stats, bool write_grad, void* ws, cudaStream_t stream);
 
 // adamw.cu: multi-tensor kernels. Each launch walks a device table of tensors; work is split
 // into tiles of kTile elements and tile0 is the tensor's first tile index (prefix sum).

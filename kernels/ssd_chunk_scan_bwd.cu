@@ -7,10 +7,13 @@
 //   dcs_t += u_t = exp(cs_t) dy_t . (S_in C_t)       (readout of the state entering the chunk)
 //   dcs_s -= v_s = dt_s x_s . (state part of acc_s)  (decay of x_s B_s^T to the chunk's end)
 //   dcs_last += sum_s v_s
+// No atomics (determinism): u_t - v_t goes to dcs slice kDcsDX + pb and x_s . acc_s to ddt_dir
+// slice pb (one writer per slot); sum_s v_s per warp to dcs_last, dD per warp to pg_dD.
 // dC kernel, per (64-token t tile, chunk, group, slice of the group's heads), looping over the
 // heads of the slice so that their sum stays in registers (slices summed by bc_reduce):
 //   dC_t = sum_h [ exp(cs_t) dy_t S_in + sum_{s <= t} W[t][s] B_s ],
-//   W[t][s] = (dy_t . x_s) exp(cs_t - cs_s) dt_s,   dcs_t += sum_s W[t][s] CB[t][s]  (fp32).
+//   W[t][s] = (dy_t . x_s) exp(cs_t - cs_s) dt_s,   dcs_t += sum_s W[t][s] CB[t][s]  (fp32;
+//   each column-half warp's share stored to its own dcs slice kDcsDC + w/4, no atomics).
 #include "ssd_common.cuh"
 
 namespace ssd::cuda::detail {
@@ -21,8 +24,8 @@ __global__ __launch_bounds__(128) void chunk_scan_bwd_dx_kernel(
     const float* __restrict__ D, const float* __restrict__ dt, const float* __restrict__ cs,
     const float* __restrict__ BC, const bf16* __restrict__ states,
     const bf16* __restrict__ dstates, bf16* __restrict__ dxBC, float* __restrict__ ddt_dir,
-    float* __restrict__ dcs, float* __restrict__ dD, int L, int H, int G, int P, int N, int nc,
-    int Q) {
+    float* __restrict__ dcs, float* __restrict__ dcs_last, float* __restrict__ pg_dD, int L,
+    int H, int G, int P, int N, int nc, int Q, int64_t nq, int last_len) {
   constexpr int PT = NT * 8, LDY = PT + 8, LDS = 72;
   __shared__ __align__(16) bf16 Bs[64 * LDS];   // B_s or C_s tile [64][64 of N]
   __shared__ __align__(16) bf16 dSs[PT * LDS];  // dS_out or S_in tile [PT][64 of N]
@@ -74,9 +77,10 @@ __global__ __launch_bounds__(128) void chunk_scan_bwd_dx_kernel(
     }
     u0 = quad_sum(u0) * __expf(cs_s[r0]);
     u1 = quad_sum(u1) * __expf(cs_s[r1]);
-    if (tq == 0) {
-      if (ok0) atomicAdd(dcs + cbase + r0, u0);
-      if (ok1) atomicAdd(dcs + cbase + r1, u1);
+    if (tq == 0) {  // this block's dcs slice: one writer per slot (this thread; -v_s added below)
+      float* o = dcs + (kDcsDX + pb) * nq + cbase;
+      if (ok0) o[r0] = u0;
+      if (ok1) o[r1] = u1;
     }
   }
 
@@ -121,13 +125,15 @@ __global__ __launch_bounds__(128) void chunk_scan_bwd_dx_kernel(
     v1 = quad_sum(v1);
     v0 = ok0 ? v0 * dt[cbase + r0] : 0.f;
     v1 = ok1 ? v1 * dt[cbase + r1] : 0.f;
-    if (tq == 0) {
-      if (ok0) atomicAdd(dcs + cbase + r0, -v0);
-      if (ok1) atomicAdd(dcs + cbase + r1, -v1);
+    if (tq == 0) {  // the same thread that stored u_s: u_s - v_s
+      float* o = dcs + (kDcsDX + pb) * nq + cbase;
+      if (ok0) o[r0] += -v0;
+      if (ok1) o[r1] += -v1;
     }
     float vsum = tq == 0 ? v0 + v1 : 0.f;
     vsum = warp_sum(vsum);
-    if (lane == 0 && vsum != 0.f) atomicAdd(dcs + cbase + Q - 1, vsum);
+    // this warp's slot [0, NX) of the chunk's dcs_last row
+    if (lane == 0) dcs_last[(cbase / Q) * last_len + blockIdx.x * 4 + warp] = vsum;
   }
 
   // ---- sum_{t >= s} (BC o decay, anti-causal) (64 x 64 per t-block) . dY_t (64 x PT) ----
@@ -186,10 +192,14 @@ __global__ __launch_bounds__(128) void chunk_scan_bwd_dx_kernel(
       }
     }
     part = quad_sum(part);
-    if (valid && tq == 0) atomicAdd(ddt_dir + cbase + r, part);
+    if (valid && tq == 0) ddt_dir[pb * nq + cbase + r] = part;  // this block's slice
   }
   dd = warp_sum(dd);
-  if (lane == 0 && dd != 0.f) atomicAdd(dD + h, dd);
+  // pg_dD [batch, nheads, nc][NX]: (b*H + h)*nc + c = blockIdx.z*gridDim.y + blockIdx.y, and
+  // NX = gridDim.x * 4 warps, so this warp's slot is the linear block index * 4 + warp
+  if (lane == 0)
+    pg_dD[((static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) *
+              4 + warp] = dd;
 }
 
 // dC: see the file comment. Dynamic shared memory: dYs, Xs [64][P+8]; Ss [P][N+8];
@@ -201,7 +211,7 @@ __global__ __launch_bounds__(256) void chunk_scan_bwd_dC_kernel(
     const bf16* __restrict__ xBC, int64_t ldx, const bf16* __restrict__ dy,
     const float* __restrict__ dt, const float* __restrict__ cs, const float* __restrict__ CB,
     const bf16* __restrict__ states, float* __restrict__ part, float* __restrict__ dcs, int L,
-    int H, int G, int P, int nc, int Q, int nsplit, int hps) {
+    int H, int G, int P, int nc, int Q, int nsplit, int hps, int64_t nq) {
   constexpr int N = NN * 8, LDN = N + 8, NH = NN / 2, LDW = 72;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int LDP = P + 8;
@@ -229,6 +239,7 @@ __global__ __launch_bounds__(256) void chunk_scan_bwd_dC_kernel(
   const bool ok0 = c * Q + r0 < L, ok1 = c * Q + r1 < L;
   const float* CBp = CB + ((static_cast<int64_t>(b) * nc + c) * G + g) * Q * Q;
 
+  float* dcs_w = dcs + (kDcsDC + wc) * nq;  // this column half's dcs slice
   float accT[NH][4];
   zero_acc(accT);
   if (vt > 0) {
@@ -316,9 +327,9 @@ __global__ __launch_bounds__(256) void chunk_scan_bwd_dC_kernel(
       }
       dc0 = quad_sum(dc0);
       dc1 = quad_sum(dc1);
-      if (tq == 0) {
-        if (ok0) atomicAdd(dcs + cbase + r0, dc0);
-        if (ok1) atomicAdd(dcs + cbase + r1, dc1);
+      if (tq == 0) {  // this column half's slice: one writer per slot
+        if (ok0) dcs_w[cbase + r0] = dc0;
+        if (ok1) dcs_w[cbase + r1] = dc1;
       }
     }
   }
@@ -339,16 +350,19 @@ __global__ __launch_bounds__(256) void chunk_scan_bwd_dC_kernel(
 void launch_chunk_scan_bwd_dx(const SsdDims& d, const bf16* xBC, const bf16* dy,
                               const float* D, const float* dt, const float* cs, const float* BC,
                               const bf16* states, const bf16* dstates, bf16* dxBC,
-                              float* ddt_dir, float* dcs, float* dD, cudaStream_t st) {
+                              float* ddt_dir, float* dcs, float* dcs_last, float* pg_dD,
+                              cudaStream_t st) {
   const int P = static_cast<int>(d.headdim), nc = static_cast<int>(d.nchunks());
-  const int PT = P >= 64 ? 64 : 32;
-  dim3 grid(static_cast<unsigned>((d.chunk / 64) * (P / PT)),
-            static_cast<unsigned>(nc * d.nheads), static_cast<unsigned>(d.batch));
+  const int PT = P >= 64 ? 64 : 32;  // P / PT = dx_pslices(d)
+  // grid.x = dx_blocks(d) (= (Q/64) * (P/PT)), 4 warps each: the partial-sum layouts rely on it
+  dim3 grid(static_cast<unsigned>(dx_blocks(d)), static_cast<unsigned>(nc * d.nheads),
+            static_cast<unsigned>(d.batch));
   auto go = [&](auto kern) {
     kern<<<grid, 128, 0, st>>>(xBC, d.conv_dim(), dy, D, dt, cs, BC, states, dstates, dxBC,
-                               ddt_dir, dcs, dD, static_cast<int>(d.seqlen),
+                               ddt_dir, dcs, dcs_last, pg_dD, static_cast<int>(d.seqlen),
                                static_cast<int>(d.nheads), static_cast<int>(d.ngroups), P,
-                               static_cast<int>(d.dstate), nc, static_cast<int>(d.chunk));
+                               static_cast<int>(d.dstate), nc, static_cast<int>(d.chunk),
+                               q_slice(d), dcs_last_len(d));
   };
   if (PT == 64)
     go(chunk_scan_bwd_dx_kernel<8>);
@@ -371,7 +385,8 @@ void launch_chunk_scan_bwd_dC(const SsdDims& d, const bf16* xBC, const bf16* dy,
     allow_smem(kern, smem);
     kern<<<grid, 256, smem, st>>>(xBC, d.conv_dim(), dy, dt, cs, CB, states, part, dcs,
                                   static_cast<int>(d.seqlen), static_cast<int>(d.nheads),
-                                  static_cast<int>(d.ngroups), P, nc, Q, nsplit, hps);
+                                  static_cast<int>(d.ngroups), P, nc, Q, nsplit, hps,
+                                  q_slice(d));
   };
   if (N == 64)
     go(chunk_scan_bwd_dC_kernel<8>);

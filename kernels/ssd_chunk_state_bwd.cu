@@ -3,7 +3,8 @@
 // slice so that their sum stays in registers (the slices are summed by ssd_bc_reduce):
 //   dB_s = sum_h [ exp(cs_last - cs_s) dt_s (X_s dS_out)  +  sum_{t >= s} Wt[s][t] C_t ],
 //   Wt[s][t] = (x_s . dy_t) exp(cs_t - cs_s) dt_s,
-//   dcs_s -= sum_t Wt[s][t] BC[s][t]   (the intra-chunk part of B_s . dB_s, per head, in fp32).
+//   dcs_s -= sum_t Wt[s][t] BC[s][t]   (the intra-chunk part of B_s . dB_s, per head, in fp32;
+//   each column-half warp's share stored, negated, to its own dcs slice kDcsDB + w/4: no atomics).
 // The chunk-state part of B_s . dB_s (v_s) is taken by the dx kernel, where it is cheaper.
 #include <algorithm>
 
@@ -19,7 +20,7 @@ __global__ __launch_bounds__(256) void chunk_state_bwd_dB_kernel(
     const bf16* __restrict__ xBC, int64_t ldx, const bf16* __restrict__ dy,
     const float* __restrict__ dt, const float* __restrict__ cs, const float* __restrict__ BC,
     const bf16* __restrict__ dstates, float* __restrict__ part, float* __restrict__ dcs, int L,
-    int H, int G, int P, int nc, int Q, int nsplit, int hps) {
+    int H, int G, int P, int nc, int Q, int nsplit, int hps, int64_t nq) {
   constexpr int N = NN * 8, LDN = N + 8, NH = NN / 2, LDW = 72;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int LDP = P + 8;
@@ -47,6 +48,7 @@ __global__ __launch_bounds__(256) void chunk_state_bwd_dB_kernel(
   const bool ok0 = c * Q + r0 < L, ok1 = c * Q + r1 < L;
   const float* BCp = BC + ((static_cast<int64_t>(b) * nc + c) * G + g) * Q * Q;
 
+  float* dcs_w = dcs + (kDcsDB + wc) * nq;  // this column half's dcs slice
   float accT[NH][4];
   zero_acc(accT);
   if (vs > 0) {
@@ -137,9 +139,9 @@ __global__ __launch_bounds__(256) void chunk_state_bwd_dB_kernel(
       }
       dc0 = quad_sum(dc0);
       dc1 = quad_sum(dc1);
-      if (tq == 0) {
-        if (ok0) atomicAdd(dcs + cbase + r0, -dc0);
-        if (ok1) atomicAdd(dcs + cbase + r1, -dc1);
+      if (tq == 0) {  // this column half's slice: one writer per slot
+        if (ok0) dcs_w[cbase + r0] = -dc0;
+        if (ok1) dcs_w[cbase + r1] = -dc1;
       }
     }
   }
@@ -177,7 +179,8 @@ void launch_chunk_state_bwd_dB(const SsdDims& d, const bf16* xBC, const bf16* dy
     allow_smem(kern, smem);
     kern<<<grid, 256, smem, st>>>(xBC, d.conv_dim(), dy, dt, cs, BC, dstates, part, dcs,
                                   static_cast<int>(d.seqlen), static_cast<int>(d.nheads),
-                                  static_cast<int>(d.ngroups), P, nc, Q, nsplit, hps);
+                                  static_cast<int>(d.ngroups), P, nc, Q, nsplit, hps,
+                                  q_slice(d));
   };
   if (N == 64)
     go(chunk_state_bwd_dB_kernel<8>);

@@ -90,10 +90,9 @@ void ssd_bwd(const SsdDims& d, const bf16* xBC, const bf16* dt, int64_t ld_dt,
   carve_workspace(d, workspace, true, &w);
   const int nc = static_cast<int>(d.nchunks());
   const int64_t d_inner = d.d_inner(), GN = d.ngroups * d.dstate;
-  const size_t nq = static_cast<size_t>(d.batch * d.nheads * nc * d.chunk) * sizeof(float);
   mark("start", stream);
-  cudaMemsetAsync(w.ddt_dir, 0, nq, stream);
-  cudaMemsetAsync(w.dcs, 0, nq, stream);
+  // ddt_dir, dcs, dcs_last: slots no kernel writes (rows past seqlen) must read as 0
+  cudaMemsetAsync(w.ddt_dir, 0, w.zero_bytes, stream);
   // recompute the forward's states
   launch_chunk_cumsum(d, dt, ld_dt, dt_bias, A_log, w.dt, w.cs, stream);
   mark("chunk_cumsum", stream);
@@ -110,10 +109,10 @@ void ssd_bwd(const SsdDims& d, const bf16* xBC, const bf16* dt, int64_t ld_dt,
                      stream);
   mark("chunk_state(dS_local)", stream);
   launch_state_passing_bwd(d, w.states, w.dstates, w.dstates_bf, w.cs, dfinal_state,
-                           d_initial_state, w.dcs, stream);
+                           d_initial_state, w.dcs_last, stream);
   mark("state_passing_bwd", stream);
   launch_chunk_scan_bwd_dx(d, xBC, dy, D, w.dt, w.cs, w.BC, w.states_bf, w.dstates_bf, dxBC,
-                           w.ddt_dir, w.dcs, dD, stream);
+                           w.ddt_dir, w.dcs, w.dcs_last, w.pg_dD, stream);
   mark("chunk_scan_bwd_dx", stream);
   launch_chunk_state_bwd_dB(d, xBC, dy, w.dt, w.cs, w.BC, w.dstates_bf, w.dBp, w.dcs, stream);
   mark("chunk_state_bwd_dB", stream);
@@ -121,9 +120,11 @@ void ssd_bwd(const SsdDims& d, const bf16* xBC, const bf16* dt, int64_t ld_dt,
   mark("chunk_scan_bwd_dC", stream);
   launch_bc_reduce(d, w.dBp, w.dCp, dxBC, stream);
   mark("bc_reduce", stream);
-  launch_dt_bwd(d, dt, ld_dt, dt_bias, A_log, w.dt, w.dcs, w.ddt_dir, ddt, ld_ddt, d_dt_bias,
-                dA_log, stream);
+  launch_dt_bwd(d, dt, ld_dt, dt_bias, A_log, w.dt, w.dcs, w.dcs_last, w.ddt_dir, ddt, ld_ddt,
+                w.pg_dtb, w.pg_dA, stream);
   mark("dt_bwd", stream);
+  launch_param_grad_reduce(d, w.pg_dD, w.pg_dtb, w.pg_dA, dD, d_dt_bias, dA_log, stream);
+  mark("param_grad_reduce", stream);
 }
 
 }  // namespace ssd::cuda

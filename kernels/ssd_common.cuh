@@ -12,9 +12,21 @@
 //   states_bf [batch, nc, nheads, P, N]   bf16 copy of slots 0..nc-1 (what the matmuls read)
 //   dstates   [batch, nc, nheads, P, N]   local state gradients sum_t exp(cs_t) dy_t C_t^T
 //   dstates_bf[batch, nc, nheads, P, N]   bf16 dL/d(state leaving chunk c)
-//   ddt_dir   [batch, nheads, nc, Q]      dL/d dt through the explicit dt factors
-//   dcs       [batch, nheads, nc, Q]      dL/d cs
+//   ddt_dir   [npb][batch, nheads, nc, Q] dL/d dt through the explicit dt factors, one slice
+//                                         per headdim slice pb of the dx kernel (npb = dx_pslices)
+//   dcs       [4+npb][batch, nheads, nc, Q] dL/d cs, one slice per producer (kDcs*): the sum
+//                                         over slices (in slice order) is dL/d cs
+//   dcs_last  [batch, nheads, nc, NX+NS]  further terms of dL/d cs at t = Q-1: the dx kernel's
+//                                         sum_s v_s per warp ([0, NX)), state_passing_bwd's
+//                                         decay term per warp ([NX, NX+NS))
 //   dBp, dCp  [nsplit, tokens, ngroups*N] dB, dC summed over one slice of each group's heads
+//   pg_dD     [batch, nheads, nc, NX]     dD per dx-kernel warp
+//   pg_dtb, pg_dA [batch, nheads, nc, Q/32] d_dt_bias, dA_log per dt_bwd warp
+//
+// Determinism: no float atomics. Every slot of ddt_dir, dcs, dcs_last and pg_* has exactly
+// one writer (a plain store; ddt_dir, dcs, dcs_last are zeroed first, so slots no thread writes
+// read as 0); the consumers (dt_bwd, param_grad_reduce) sum the slices / partials in a fixed
+// order, so the backward is bitwise reproducible run to run.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -50,9 +62,38 @@ struct SsdWorkspace {
   bf16* dstates_bf = nullptr;
   float* ddt_dir = nullptr;
   float* dcs = nullptr;
+  float* dcs_last = nullptr;
   float* dBp = nullptr;
   float* dCp = nullptr;
+  float* pg_dD = nullptr;
+  float* pg_dtb = nullptr;
+  float* pg_dA = nullptr;
+  size_t zero_bytes = 0;  // bytes from ddt_dir to the end of dcs_last (zeroed by ssd_bwd)
 };
+
+// ---- partial-sum layout of the backward (see the file comment) ----
+// Column slices of headdim the dx kernel splits each head into (PT = 64, or 32 for headdim 32).
+inline int dx_pslices(const SsdDims& d) {
+  return static_cast<int>(d.headdim / (d.headdim >= 64 ? 64 : 32));
+}
+// Blocks per (batch, chunk, head) of the dx kernel (grid.x) and their warps (4 per block).
+inline int dx_blocks(const SsdDims& d) { return static_cast<int>(d.chunk / 64) * dx_pslices(d); }
+inline int dx_warps(const SsdDims& d) { return dx_blocks(d) * 4; }
+// Blocks per (batch, head) of state_passing_bwd (grid.x; 256 threads of 4 elements) and warps.
+inline int sp_bwd_blocks(const SsdDims& d) {
+  return static_cast<int>((d.headdim * d.dstate / 4 + 255) / 256);
+}
+inline int sp_bwd_warps(const SsdDims& d) { return sp_bwd_blocks(d) * 8; }
+// Row length of dcs_last: NX + NS.
+inline int dcs_last_len(const SsdDims& d) { return dx_warps(d) + sp_bwd_warps(d); }
+// Elements of one [batch, nheads, nc, Q] slice (of dt, cs, ddt_dir, dcs).
+inline int64_t q_slice(const SsdDims& d) { return d.batch * d.nheads * d.nchunks() * d.chunk; }
+// The slices of dcs: the dC kernel's two column-half warps, the dB kernel's two (negated), then
+// the dx kernel's headdim slices.
+constexpr int kDcsDC = 0, kDcsDB = 2, kDcsDX = 4;
+inline int dcs_slices(const SsdDims& d) { return kDcsDX + dx_pslices(d); }
+// Warps per block of dt_bwd (one block of Q threads per (chunk, head, batch)).
+inline int dt_bwd_warps(const SsdDims& d) { return static_cast<int>(d.chunk / 32); }
 
 // Number of head slices the dB / dC kernels split each group's heads into: enough blocks to
 // fill the GPU a few times over, each slice summed in registers, the slices by bc_reduce.
@@ -85,11 +126,17 @@ inline size_t carve_workspace(const SsdDims& d, void* base, bool bwd, SsdWorkspa
     w->BC = take(B * nc * G * Q * Q);
     w->dstates = take(B * nc * H * P * N);
     w->dstates_bf = reinterpret_cast<bf16*>(take((B * nc * H * P * N + 1) / 2));
-    w->ddt_dir = take(B * H * nc * Q);
-    w->dcs = take(B * H * nc * Q);
+    const size_t zero_begin = off;
+    w->ddt_dir = take(static_cast<size_t>(dx_pslices(d)) * B * H * nc * Q);
+    w->dcs = take(static_cast<size_t>(dcs_slices(d)) * B * H * nc * Q);
+    w->dcs_last = take(B * H * nc * static_cast<size_t>(dcs_last_len(d)));
+    w->zero_bytes = off - zero_begin;
     const size_t nsplit = static_cast<size_t>(bc_bwd_splits(d));
     w->dBp = take(nsplit * B * d.seqlen * G * N);
     w->dCp = take(nsplit * B * d.seqlen * G * N);
+    w->pg_dD = take(B * H * nc * static_cast<size_t>(dx_warps(d)));
+    w->pg_dtb = take(B * H * nc * static_cast<size_t>(dt_bwd_warps(d)));
+    w->pg_dA = take(B * H * nc * static_cast<size_t>(dt_bwd_warps(d)));
   }
   return off;
 }
@@ -121,22 +168,26 @@ void launch_chunk_scan_fwd(const SsdDims& d, const bf16* xBC, const float* D, co
                            const float* cs, const float* CB, const bf16* states_bf, bf16* y,
                            cudaStream_t st);
 // ssd_state_passing_bwd.cu: from the local gradients in dstates, writes
-// dL/d(state leaving chunk c) to dstates_bf; adds exp(cs_last) <dstate_out, state_in> to dcs
-// at each chunk end (the chunk's own state's share is added by the dx kernel, as sum_s v_s).
+// dL/d(state leaving chunk c) to dstates_bf; writes exp(cs_last) <dstate_out, state_in> per
+// warp to dcs_last [.., NX + warp] of each chunk (the chunk's own state's share comes from the
+// dx kernel, as sum_s v_s).
 void launch_state_passing_bwd(const SsdDims& d, const float* states, const float* dstates,
                               bf16* dstates_bf, const float* cs, const float* dfinal,
-                              float* dinit, float* dcs, cudaStream_t st);
-// ssd_chunk_scan_bwd.cu. dx also adds the per-head state terms of dcs: +dy_t . y_state_t
-// and -v_s = -dt_s x_s . (exp(cs_last - cs_s) dS_out B_s) (and +v_s at the chunk's end).
+                              float* dinit, float* dcs_last, cudaStream_t st);
+// ssd_chunk_scan_bwd.cu. dx also writes the per-head state terms of dcs (slice kDcsDX + pb):
+// +dy_t . y_state_t - v_s, v_s = dt_s x_s . (exp(cs_last - cs_s) dS_out B_s), and sum_s v_s
+// per warp to dcs_last; ddt_dir into its slice pb; dD per warp into pg_dD.
 void launch_chunk_scan_bwd_dx(const SsdDims& d, const bf16* xBC, const bf16* dy,
                               const float* D, const float* dt, const float* cs, const float* BC,
                               const bf16* states_bf, const bf16* dstates_bf, bf16* dxBC,
-                              float* ddt_dir, float* dcs, float* dD, cudaStream_t st);
+                              float* ddt_dir, float* dcs, float* dcs_last, float* pg_dD,
+                              cudaStream_t st);
+// dC also writes its dcs terms, per column-half warp, to slices kDcsDC + 0/1.
 void launch_chunk_scan_bwd_dC(const SsdDims& d, const bf16* xBC, const bf16* dy,
                               const float* dt, const float* cs, const float* CB,
                               const bf16* states_bf, float* part, float* dcs, cudaStream_t st);
 // ssd_chunk_state_bwd.cu (dB into `part` [nsplit, tokens, G*N]; bc_reduce sums the slices of
-// dB and dC into dxBC)
+// dB and dC into dxBC). dB writes its (negated) dcs terms to slices kDcsDB + 0/1.
 size_t chunk_bc_bwd_smem(const SsdDims& d);
 void launch_chunk_state_bwd_dB(const SsdDims& d, const bf16* xBC, const bf16* dy,
                                const float* dt, const float* cs, const float* BC,
@@ -144,11 +195,17 @@ void launch_chunk_state_bwd_dB(const SsdDims& d, const bf16* xBC, const bf16* dy
                                cudaStream_t st);
 void launch_bc_reduce(const SsdDims& d, const float* dBp, const float* dCp, bf16* dxBC,
                       cudaStream_t st);
-// ssd_dt_bwd.cu
+// ssd_dt_bwd.cu: sums the slices of dcs (+ dcs_last at t = Q-1) and of ddt_dir in a fixed
+// order, writes ddt, and d_dt_bias / dA_log per warp into pg_dtb / pg_dA.
 void launch_dt_bwd(const SsdDims& d, const bf16* dt_raw, int64_t ld_dt, const float* dt_bias,
-                   const float* A_log, const float* dt, const float* dcs, const float* ddt_dir,
-                   bf16* ddt, int64_t ld_ddt, float* d_dt_bias, float* dA_log,
+                   const float* A_log, const float* dt, const float* dcs, const float* dcs_last,
+                   const float* ddt_dir, bf16* ddt, int64_t ld_ddt, float* pg_dtb, float* pg_dA,
                    cudaStream_t st);
+// ssd_dt_bwd.cu: dD[h] += sum pg_dD[h, ...], d_dt_bias[h] += sum pg_dtb[h, ...],
+// dA_log[h] += sum pg_dA[h, ...], each in a fixed order (one block per head).
+void launch_param_grad_reduce(const SsdDims& d, const float* pg_dD, const float* pg_dtb,
+                              const float* pg_dA, float* dD, float* d_dt_bias, float* dA_log,
+                              cudaStream_t st);
 
 void check_launch(const char* what);  // throws ssd::Error on a launch error
 

@@ -1,6 +1,7 @@
 // SSD backward of step 4, sequential over chunks from the last. With g = dL/d(state leaving
 // chunk c) (dfinal_state, or 0, for the last chunk):
-//   dcs[c, last] += exp(cs_last) <g, S_in[c]>   (the carried state's decay; the chunk's own
+//   dcs[c, last] += exp(cs_last) <g, S_in[c]>   (written per warp into dcs_last [.., off + w],
+//                   summed in a fixed order by dt_bwd; the carried state's decay; the chunk's own
 //                   state's share, sum_s v_s, comes from the dx kernel with the matching -v_s,
 //                   so that the two cancel to rounding exactly as they do in exact arithmetic)
 //   dstates_bf[c] = g (bf16);  g <- exp(cs_last[c]) * g + dS_local[c]   (dS_local: dstates)
@@ -12,9 +13,11 @@ namespace ssd::cuda::detail {
 __global__ __launch_bounds__(256) void state_passing_bwd_kernel(
     const float* __restrict__ states, const float* __restrict__ dstates,
     bf16* __restrict__ dstates_bf, const float* __restrict__ cs,
-    const float* __restrict__ dfinal, float* __restrict__ dinit, float* __restrict__ dcs, int H,
-    int PN, int nc, int Q) {
+    const float* __restrict__ dfinal, float* __restrict__ dinit, float* __restrict__ dcs_last,
+    int H, int PN, int nc, int Q, int last_len, int last_off) {
   const int h = blockIdx.y, b = blockIdx.z;
+  // this warp's slot in each chunk's row of dcs_last
+  const int slot = last_off + blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   const int e = (blockIdx.x * blockDim.x + threadIdx.x) * 4;
   const bool active = e < PN;
   const int64_t bh = static_cast<int64_t>(b) * H + h;
@@ -38,7 +41,7 @@ __global__ __launch_bounds__(256) void state_passing_bwd_kernel(
       *reinterpret_cast<uint2*>(obase + c * slot_stride) = u;
     }
     dot = warp_sum(dot) * dec;
-    if ((threadIdx.x & 31) == 0 && dot != 0.f) atomicAdd(dcs + (bh * nc + c) * Q + Q - 1, dot);
+    if ((threadIdx.x & 31) == 0) dcs_last[(bh * nc + c) * last_len + slot] = dot;
     g.x = dec * g.x + dl.x;
     g.y = dec * g.y + dl.y;
     g.z = dec * g.z + dl.z;
@@ -49,14 +52,14 @@ __global__ __launch_bounds__(256) void state_passing_bwd_kernel(
 
 void launch_state_passing_bwd(const SsdDims& d, const float* states, const float* dstates,
                               bf16* dstates_bf, const float* cs, const float* dfinal,
-                              float* dinit, float* dcs, cudaStream_t st) {
+                              float* dinit, float* dcs_last, cudaStream_t st) {
   const int PN = static_cast<int>(d.headdim * d.dstate);
-  dim3 grid((PN / 4 + 255) / 256, static_cast<unsigned>(d.nheads),
+  // 256 threads = 8 warps per block: the slots [dx_warps, dx_warps + sp_bwd_warps) of dcs_last
+  dim3 grid(static_cast<unsigned>(sp_bwd_blocks(d)), static_cast<unsigned>(d.nheads),
             static_cast<unsigned>(d.batch));
-  state_passing_bwd_kernel<<<grid, 256, 0, st>>>(states, dstates, dstates_bf, cs, dfinal, dinit, dcs,
-                                                 static_cast<int>(d.nheads), PN,
-                                                 static_cast<int>(d.nchunks()),
-                                                 static_cast<int>(d.chunk));
+  state_passing_bwd_kernel<<<grid, 256, 0, st>>>(
+      states, dstates, dstates_bf, cs, dfinal, dinit, dcs_last, static_cast<int>(d.nheads), PN,
+      static_cast<int>(d.nchunks()), static_cast<int>(d.chunk), dcs_last_len(d), dx_warps(d));
   check_launch("ssd state_passing_bwd");
 }
 

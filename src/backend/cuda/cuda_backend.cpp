@@ -465,6 +465,7 @@ class CudaBackend final : public Backend {
     if (ce_block_tokens_ <= 0 && tb >= 128) tb = tb / 64 * 64;
     tb = std::min(tb, T);
     auto logits = scratch(static_cast<size_t>(tb) * V * sizeof(float));
+    auto ce_ws = scratch(cuda::ce_block_workspace_bytes(tb));
     float* L = static_cast<float*>(logits.get());
     const bf16* H = p<bf16>(hidden);
     const bf16* W = p<bf16>(weight);
@@ -473,7 +474,7 @@ class CudaBackend final : public Backend {
       const int64_t rows = std::min(tb, T - r0);
       gemm_->nt(rows, V, Dm, H + r0 * Dm, Dm, W, Dm, L, DType::F32, V, 1.f, 0.f);
       cuda::ce_block(L, rows, V, tg + r0, static_cast<float>(grad_scale), p<double>(stats),
-                     grad, stream_);
+                     grad, ce_ws.get(), stream_);
       if (!grad) continue;
       const bf16* dl = reinterpret_cast<const bf16*>(L);  // bf16 [rows, V], row stride 2V
       if (dhidden)
