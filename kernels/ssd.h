@@ -16,6 +16,14 @@ namespace ssd::cuda {
 
 using bf16 = __nv_bfloat16;
 
+// Kernel variant of ssd_fwd / ssd_bwd: 1 = the original kernels (default), 2 = the faster
+// backward (merged dB/dC kernel over tile pairs with cp.async double buffering,
+// kernels/ssd_chunk_bwd_dbdc_v2.cu); both deterministic. The default comes from the
+// environment variable SSD_KERNEL_VARIANT (read once, on first use; "2" selects variant 2).
+// ssd_workspace_bytes depends on the variant: set it before sizing the workspace.
+void ssd_set_variant(int v);  // v must be 1 or 2
+int ssd_variant();
+
 // "" when these sizes are supported by the kernels; otherwise why not, naming config keys.
 std::string ssd_unsupported_reason(const SsdDims& d);
 

@@ -69,6 +69,10 @@ struct SsdWorkspace {
   float* pg_dtb = nullptr;
   float* pg_dA = nullptr;
   size_t zero_bytes = 0;  // bytes from ddt_dir to the end of dcs_last (zeroed by ssd_bwd)
+  // variant 2 only (carved after pg_dA when carve_workspace is called with v2 = true):
+  float* dcs_v2 = nullptr;  // [2*nblk][batch, nheads, nc, Q] dbdc_v2's dcs terms per tile pair
+  float* dBp_v2 = nullptr;  // [v2 splits][nblk][tokens][G*N] dB per (head slice, t tile)
+  float* dCp_v2 = nullptr;  // [v2 splits][nblk][tokens][G*N] dC per (head slice, s tile)
 };
 
 // ---- partial-sum layout of the backward (see the file comment) ----
@@ -106,8 +110,26 @@ inline int bc_bwd_splits(const SsdDims& d) {
   return static_cast<int>((hpg + hps - 1) / hps);
 }
 
+// Variant 2's merged dB/dC kernel (ssd_chunk_bwd_dbdc_v2.cu): one block per (64x64 tile pair
+// (t tile i >= s tile j) of a chunk, group, slice of the group's heads). Pairs per chunk:
+inline int dbdc_v2_pairs(const SsdDims& d) {
+  const int nb = static_cast<int>(d.chunk / 64);
+  return nb * (nb + 1) / 2;
+}
+// Head slices of that kernel: enough blocks for about four waves of one block per SM.
+inline int dbdc_v2_splits(const SsdDims& d) {
+  const int64_t base = d.batch * d.nchunks() * d.ngroups * dbdc_v2_pairs(d);
+  const int64_t hpg = d.nheads / d.ngroups;
+  int64_t s = (528 + base - 1) / base;
+  s = std::max<int64_t>(1, std::min<int64_t>(s, hpg));
+  const int64_t hps = (hpg + s - 1) / s;
+  return static_cast<int>((hpg + hps - 1) / hps);
+}
+
 // Carves `base` (may be null to only count) into the pieces; returns the bytes used.
-inline size_t carve_workspace(const SsdDims& d, void* base, bool bwd, SsdWorkspace* w) {
+// v2: also the pieces of variant 2 (after everything else; variant 1's layout is unchanged).
+inline size_t carve_workspace(const SsdDims& d, void* base, bool bwd, SsdWorkspace* w,
+                              bool v2 = false) {
   const size_t B = d.batch, H = d.nheads, nc = d.nchunks(), Q = d.chunk, G = d.ngroups,
                P = d.headdim, N = d.dstate;
   size_t off = 0;
@@ -137,6 +159,12 @@ inline size_t carve_workspace(const SsdDims& d, void* base, bool bwd, SsdWorkspa
     w->pg_dD = take(B * H * nc * static_cast<size_t>(dx_warps(d)));
     w->pg_dtb = take(B * H * nc * static_cast<size_t>(dt_bwd_warps(d)));
     w->pg_dA = take(B * H * nc * static_cast<size_t>(dt_bwd_warps(d)));
+    if (v2) {
+      const size_t nb = Q / 64, ns2 = static_cast<size_t>(dbdc_v2_splits(d));
+      w->dcs_v2 = take(2 * nb * B * H * nc * Q);
+      w->dBp_v2 = take(ns2 * nb * B * d.seqlen * G * N);
+      w->dCp_v2 = take(ns2 * nb * B * d.seqlen * G * N);
+    }
   }
   return off;
 }
@@ -195,6 +223,18 @@ void launch_chunk_state_bwd_dB(const SsdDims& d, const bf16* xBC, const bf16* dy
                                cudaStream_t st);
 void launch_bc_reduce(const SsdDims& d, const float* dBp, const float* dCp, bf16* dxBC,
                       cudaStream_t st);
+// ssd_chunk_bwd_dbdc_v2.cu (variant 2): dB and dC in one kernel per tile pair (see its file
+// comment); dcs terms per tile pair into dcs_v2. supported: the shared memory fits this GPU
+// (otherwise variant 2 runs variant 1's dB / dC kernels).
+bool chunk_bwd_dbdc_v2_supported(const SsdDims& d);
+void launch_chunk_bwd_dbdc_v2(const SsdDims& d, const bf16* xBC, const bf16* dy,
+                              const float* dt, const float* cs, const float* CB,
+                              const bf16* states_bf, const bf16* dstates_bf, float* dBp_v2,
+                              float* dCp_v2, float* dcs_v2, cudaStream_t st);
+// Sums dBp_v2 / dCp_v2 (fixed order) into dxBC's B and C columns, and folds dcs_v2 into the
+// dcs slices kDcsDC (dC terms) and kDcsDB (negated dB terms); kDcsDC+1, kDcsDB+1 stay 0.
+void launch_bc_reduce_v2(const SsdDims& d, const float* dBp_v2, const float* dCp_v2,
+                         const float* dcs_v2, bf16* dxBC, float* dcs, cudaStream_t st);
 // ssd_dt_bwd.cu: sums the slices of dcs (+ dcs_last at t = Q-1) and of ddt_dir in a fixed
 // order, writes ddt, and d_dt_bias / dA_log per warp into pg_dtb / pg_dA.
 void launch_dt_bwd(const SsdDims& d, const bf16* dt_raw, int64_t ld_dt, const float* dt_bias,

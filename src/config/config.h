@@ -48,6 +48,8 @@ struct TrainConfig {
   std::string resume = "auto";     // auto | never | PATH
   std::string init_from = "";      // exported model directory to start from
   std::string on_nan = "stop";     // stop | skip
+  int64_t stop_after = 0;          // stop (with a checkpoint) after this many steps of this
+                                   // invocation; 0: run to max_steps. For time-limited jobs.
 };
 
 struct DataConfig {

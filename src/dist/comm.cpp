@@ -57,6 +57,14 @@ void ProcessGrid::allreduce_sum(Backend& be, Tensor& t) const {
   }
 }
 
+std::vector<uint64_t> ProcessGrid::allgather(const std::vector<uint64_t>& mine) const {
+  std::vector<uint64_t> all(mine.size() * size_);
+  if (size_ == 1) return mine;
+  MPI_Allgather(mine.data(), static_cast<int>(mine.size()), MPI_UINT64_T, all.data(),
+                static_cast<int>(mine.size()), MPI_UINT64_T, MPI_COMM_WORLD);
+  return all;
+}
+
 bool ProcessGrid::any(bool flag) const {
   if (size_ == 1) return flag;
   int v = flag ? 1 : 0;

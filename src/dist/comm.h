@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "backend/backend.h"
 
@@ -23,6 +24,8 @@ class ProcessGrid {
   void allreduce_sum(float* data, int64_t n) const;
   // Sums a backend tensor across ranks (f32/f64; staged through host memory).
   void allreduce_sum(Backend& be, Tensor& t) const;
+  // Every rank's `mine` (same length everywhere), concatenated in rank order.
+  std::vector<uint64_t> allgather(const std::vector<uint64_t>& mine) const;
   // Root's value of a flag wins everywhere (e.g. "stop now").
   bool any(bool flag) const;
   void barrier() const;

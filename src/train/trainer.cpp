@@ -185,8 +185,7 @@ void Trainer::start_state() {
 }
 
 void Trainer::save_checkpoint() {
-  // Every rank holds the same parameters and moments; rank 0 writes. Data positions differ per
-  // rank, so they are gathered into the file by rank (here: rank 0's and, with MPI, each's).
+  // Every rank holds the same parameters and moments; rank 0 writes.
   CheckpointData ck;
   ck.step = step_;
   ck.config_yaml = config_to_yaml(cfg_);
@@ -197,24 +196,12 @@ void Trainer::save_checkpoint() {
     ck.adam_m.push_back({t[i].name, t[i].shape, to_host_f32(*be_, slots_[i].m)});
     ck.adam_v.push_back({t[i].name, t[i].shape, to_host_f32(*be_, slots_[i].v)});
   }
-  // Data-loader states of all ranks: each rank's 4 words, summed into place (others zero).
-  std::vector<uint64_t> mine = data_->state();
-  const int64_t w = static_cast<int64_t>(mine.size());
-  std::vector<double> all(static_cast<size_t>(w * grid_.size()), 0.0);
-  // RNG words do not survive a trip through double; send them as 32-bit halves.
-  std::vector<double> halves(static_cast<size_t>(2 * w * grid_.size()), 0.0);
-  for (int64_t i = 0; i < w; ++i) {
-    halves[2 * (grid_.rank() * w + i)] = static_cast<double>(mine[i] >> 32);
-    halves[2 * (grid_.rank() * w + i) + 1] = static_cast<double>(mine[i] & 0xffffffffull);
-  }
-  grid_.allreduce_sum(halves.data(), static_cast<int64_t>(halves.size()));
-  for (int r = 0; r < grid_.size(); ++r) {
-    std::vector<uint64_t> s(w);
-    for (int64_t i = 0; i < w; ++i)
-      s[i] = (static_cast<uint64_t>(halves[2 * (r * w + i)]) << 32) |
-             static_cast<uint64_t>(halves[2 * (r * w + i) + 1]);
-    ck.state["data." + std::to_string(r)] = s;
-  }
+  // Every rank's data-loader position, so each rank resumes its own stream.
+  const std::vector<uint64_t> mine = data_->state();
+  const std::vector<uint64_t> all = grid_.allgather(mine);
+  for (int r = 0; r < grid_.size(); ++r)
+    ck.state["data." + std::to_string(r)] = {all.begin() + r * mine.size(),
+                                            all.begin() + (r + 1) * mine.size()};
   ck.state["tokens_seen"] = {static_cast<uint64_t>(tokens_seen_)};
   if (grid_.is_root()) {
     fs::create_directories(cfg_.checkpoint.dir);
@@ -357,21 +344,26 @@ TrainResult Trainer::run() {
     }
     int sig = 0;
     const bool stop = grid_.any(stop_requested(&sig));
-    if ((cfg_.checkpoint.every > 0 && step % cfg_.checkpoint.every == 0) || last || stop)
+    const bool budget_done = tc.stop_after > 0 && steps_this_run >= tc.stop_after && !last;
+    if ((cfg_.checkpoint.every > 0 && step % cfg_.checkpoint.every == 0) || last || stop ||
+        budget_done)
       save_checkpoint();
-    if (stop) {
-      log("stopped by signal " + std::to_string(sig) + " after step " + std::to_string(step) +
-          "; checkpoint " + last_ckpt_ + ". Run the same command again to resume.");
-      res.stopped_by_signal = true;
+    if (stop || budget_done) {
+      log((stop ? "stopped by signal " + std::to_string(sig)
+                : "stopped after " + std::to_string(steps_this_run) + " steps (train.stop_after)") +
+          " at step " + std::to_string(step) + "; checkpoint " + last_ckpt_ +
+          ". Run the same command again to resume.");
+      res.stopped_by_signal = stop;
+      res.stopped_early = true;
       break;
     }
   }
   res.steps_done = step_;
   res.param_sumsq = be_->sum_squares(model_.params());
-  if (steps_this_run == 0 && !res.stopped_by_signal)
+  if (steps_this_run == 0 && !res.stopped_early)
     log("nothing to do: the run is already at step " + std::to_string(step_) + " of " +
         std::to_string(tc.max_steps) + " (raise train.max_steps to continue it)");
-  else if (!res.stopped_by_signal)
+  else if (!res.stopped_early)
     log("done: " + std::to_string(step_) + " steps, final loss " + std::to_string(res.last_loss));
   return res;
 }

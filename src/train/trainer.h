@@ -16,6 +16,7 @@ struct TrainResult {
   double last_eval_loss = -1;
   double last_eval_acc = -1;
   bool stopped_by_signal = false;
+  bool stopped_early = false;  // by a signal or by train.stop_after
   double param_sumsq = 0;  // sum of squared parameters at the end (a cheap fingerprint)
 };
 

@@ -91,6 +91,25 @@ TEST(DataParallel, TrainingKeepsRanksInStep) {
   if (g.is_root()) std::filesystem::remove_all(dir);
 }
 
+TEST(DataParallel, ResumeContinuesEveryRanksDataStream) {
+  auto& g = ProcessGrid::world();
+  const std::string a = "/tmp/ssdtrain_mpitest_resume_a", b = "/tmp/ssdtrain_mpitest_resume_b";
+  if (g.is_root()) std::filesystem::remove_all(a), std::filesystem::remove_all(b);
+  g.barrier();
+  TrainResult ra = train(parse_config(kSmall, {"train.max_steps=10", "run.dir=" + a}, "m"));
+  // The same run in two invocations: 4 steps, then the rest after a resume.
+  TrainResult rb1 = train(parse_config(
+      kSmall, {"train.max_steps=10", "run.dir=" + b, "train.stop_after=4"}, "m"));
+  EXPECT_TRUE(rb1.stopped_early);
+  EXPECT_EQ(rb1.steps_done, 4);
+  TrainResult rb2 = train(parse_config(kSmall, {"train.max_steps=10", "run.dir=" + b}, "m"));
+  EXPECT_EQ(rb2.steps_done, 10);
+  EXPECT_EQ(rb2.last_loss, ra.last_loss);
+  EXPECT_EQ(rb2.param_sumsq, ra.param_sumsq);
+  g.barrier();
+  if (g.is_root()) std::filesystem::remove_all(a), std::filesystem::remove_all(b);
+}
+
 int main(int argc, char** argv) {
   ProcessGrid::world();  // MPI_Init
   ::testing::InitGoogleTest(&argc, argv);
