@@ -2,6 +2,12 @@
 // one kernel file each (ssd_chunk_cumsum, ssd_chunk_bmm, ssd_chunk_state, ssd_state_passing,
 // ssd_chunk_scan; backward: ssd_state_passing_bwd, ssd_chunk_scan_bwd, ssd_chunk_state_bwd,
 // ssd_dt_bwd). The backward recomputes the forward's states from the inputs.
+// Variant 2 (the default; ssd_set_variant / SSD_KERNEL_VARIANT) replaces the backward's dB
+// kernel, dC kernel and bc_reduce by ssd_chunk_bwd_dbdc_v2.cu's merged kernel and its
+// reduction; every other step, and the forward, are the same kernels in both variants.
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "core/error.h"
@@ -28,6 +34,32 @@ void check_dims(const SsdDims& d) {
 
 void ssd_set_profiler(SsdProfiler* p) { g_profiler = p; }
 
+namespace {
+std::atomic<int> g_variant{0};  // 0: not chosen yet (SSD_KERNEL_VARIANT decides on first use)
+}  // namespace
+
+void ssd_set_variant(int v) {
+  if (v != 1 && v != 2) fail("ssd (cuda): kernel variant must be 1 or 2 (is ", v, ")");
+  g_variant.store(v);
+}
+
+int ssd_variant() {
+  int v = g_variant.load();
+  if (v == 0) {
+    const char* e = std::getenv("SSD_KERNEL_VARIANT");
+    int want = 2;  // measured faster on the H200 (docs/performance.md), same tests pass
+    if (e && *e) {
+      if (std::strcmp(e, "1") == 0) want = 1;
+      else if (std::strcmp(e, "2") == 0) want = 2;
+      else fail("ssd (cuda): SSD_KERNEL_VARIANT must be 1 or 2 (is '", e, "')");
+    }
+    int expected = 0;
+    g_variant.compare_exchange_strong(expected, want);  // a concurrent set_variant wins
+    v = g_variant.load();
+  }
+  return v;
+}
+
 std::string ssd_unsupported_reason(const SsdDims& d) {
   std::string why;
   auto add = [&](const std::string& s) { why += (why.empty() ? "" : "; ") + s; };
@@ -51,7 +83,7 @@ void check_launch(const char* what) {
 
 size_t ssd_workspace_bytes(const SsdDims& d) {
   detail::SsdWorkspace w;
-  return detail::carve_workspace(d, nullptr, true, &w);
+  return detail::carve_workspace(d, nullptr, true, &w, ssd_variant() == 2);
 }
 
 void ssd_fwd(const SsdDims& d, const bf16* xBC, const bf16* dt, int64_t ld_dt,
@@ -86,8 +118,9 @@ void ssd_bwd(const SsdDims& d, const bf16* xBC, const bf16* dt, int64_t ld_dt,
              float* d_initial_state, void* workspace, cudaStream_t stream) {
   using namespace detail;
   check_dims(d);
+  const bool v2 = ssd_variant() == 2;
   SsdWorkspace w;
-  carve_workspace(d, workspace, true, &w);
+  carve_workspace(d, workspace, true, &w, v2);
   const int nc = static_cast<int>(d.nchunks());
   const int64_t d_inner = d.d_inner(), GN = d.ngroups * d.dstate;
   mark("start", stream);
@@ -114,12 +147,21 @@ void ssd_bwd(const SsdDims& d, const bf16* xBC, const bf16* dt, int64_t ld_dt,
   launch_chunk_scan_bwd_dx(d, xBC, dy, D, w.dt, w.cs, w.BC, w.states_bf, w.dstates_bf, dxBC,
                            w.ddt_dir, w.dcs, w.dcs_last, w.pg_dD, stream);
   mark("chunk_scan_bwd_dx", stream);
-  launch_chunk_state_bwd_dB(d, xBC, dy, w.dt, w.cs, w.BC, w.dstates_bf, w.dBp, w.dcs, stream);
-  mark("chunk_state_bwd_dB", stream);
-  launch_chunk_scan_bwd_dC(d, xBC, dy, w.dt, w.cs, w.CB, w.states_bf, w.dCp, w.dcs, stream);
-  mark("chunk_scan_bwd_dC", stream);
-  launch_bc_reduce(d, w.dBp, w.dCp, dxBC, stream);
-  mark("bc_reduce", stream);
+  if (v2 && chunk_bwd_dbdc_v2_supported(d)) {
+    launch_chunk_bwd_dbdc_v2(d, xBC, dy, w.dt, w.cs, w.CB, w.states_bf, w.dstates_bf,
+                             w.dBp_v2, w.dCp_v2, w.dcs_v2, stream);
+    mark("chunk_bwd_dbdc_v2", stream);
+    launch_bc_reduce_v2(d, w.dBp_v2, w.dCp_v2, w.dcs_v2, dxBC, w.dcs, stream);
+    mark("bc_reduce_v2", stream);
+  } else {
+    launch_chunk_state_bwd_dB(d, xBC, dy, w.dt, w.cs, w.BC, w.dstates_bf, w.dBp, w.dcs,
+                              stream);
+    mark("chunk_state_bwd_dB", stream);
+    launch_chunk_scan_bwd_dC(d, xBC, dy, w.dt, w.cs, w.CB, w.states_bf, w.dCp, w.dcs, stream);
+    mark("chunk_scan_bwd_dC", stream);
+    launch_bc_reduce(d, w.dBp, w.dCp, dxBC, stream);
+    mark("bc_reduce", stream);
+  }
   launch_dt_bwd(d, dt, ld_dt, dt_bias, A_log, w.dt, w.dcs, w.dcs_last, w.ddt_dir, ddt, ld_ddt,
                 w.pg_dtb, w.pg_dA, stream);
   mark("dt_bwd", stream);

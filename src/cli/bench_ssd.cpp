@@ -1,7 +1,8 @@
 // `ssdtrain bench ssd`: times the CUDA SSD kernels (kernels/ssd_*.cu) on random data.
 // Prints the median over --iters timed runs (after --warmup untimed ones) of ssd_fwd and of
 // ssd_fwd + ssd_bwd, each bracketed by cudaEvents, then a per-step breakdown (mean over the
-// same number of runs) recorded through the SsdProfiler hook.
+// same number of runs) recorded through the SsdProfiler hook. --variant picks the kernel
+// variant (ssd_set_variant).
 #include "cli/bench_ssd.h"
 
 #include <algorithm>
@@ -31,6 +32,7 @@ struct Flags {
   int64_t batch = 8, seqlen = 2048, heads = 48, headdim = 64, groups = 1, dstate = 128,
           chunk = 256;
   int iters = 20, warmup = 5;
+  int variant = 0;  // 0: as configured (SSD_KERNEL_VARIANT, default 2)
 };
 
 bool parse(int argc, char** argv, Flags& f) {
@@ -40,8 +42,9 @@ bool parse(int argc, char** argv, Flags& f) {
       std::printf(
           "usage: ssdtrain bench ssd [--batch N] [--seqlen N] [--heads N] [--headdim N]\n"
           "                          [--groups N] [--dstate N] [--chunk N] [--iters N]\n"
-          "                          [--warmup N]\n"
-          "defaults: 8 2048 48 64 1 128 256, 20 iterations after 5 warm-up runs\n");
+          "                          [--warmup N] [--variant 1|2]\n"
+          "defaults: 8 2048 48 64 1 128 256, 20 iterations after 5 warm-up runs;\n"
+          "--variant: SSD kernel variant (default: SSD_KERNEL_VARIANT, else 2)\n");
       return false;
     }
     if (i + 1 >= argc) {
@@ -64,6 +67,13 @@ bool parse(int argc, char** argv, Flags& f) {
     else if (a == "--chunk") f.chunk = n;
     else if (a == "--iters") f.iters = static_cast<int>(n);
     else if (a == "--warmup") f.warmup = static_cast<int>(n);
+    else if (a == "--variant") {
+      if (n != 1 && n != 2) {
+        std::fprintf(stderr, "bench ssd: --variant must be 1 or 2 (is %lld)\n", n);
+        std::exit(2);
+      }
+      f.variant = static_cast<int>(n);
+    }
     else {
       std::fprintf(stderr, "bench ssd: unknown flag %s\n", a.c_str());
       std::exit(2);
@@ -178,11 +188,12 @@ int run_bench_ssd(int argc, char** argv) {
   d.dstate = f.dstate;
   d.chunk = f.chunk;
   const int64_t T = d.tokens(), H = d.nheads, SN = d.batch * H * d.headdim * d.dstate;
+  if (f.variant) cuda::ssd_set_variant(f.variant);  // before sizing the workspace
   cudaDeviceProp prop{};
   cudaGetDeviceProperties(&prop, 0);
-  std::printf("bench ssd on %s: batch %lld seqlen %lld heads %lld headdim %lld groups %lld "
-              "dstate %lld chunk %lld (%d warm-up, %d timed)\n",
-              prop.name, (long long)d.batch, (long long)d.seqlen, (long long)H,
+  std::printf("bench ssd on %s: kernel variant %d, batch %lld seqlen %lld heads %lld headdim "
+              "%lld groups %lld dstate %lld chunk %lld (%d warm-up, %d timed)\n",
+              prop.name, cuda::ssd_variant(), (long long)d.batch, (long long)d.seqlen, (long long)H,
               (long long)d.headdim, (long long)d.ngroups, (long long)d.dstate,
               (long long)d.chunk, f.warmup, f.iters);
 

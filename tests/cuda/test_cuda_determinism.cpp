@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <string>
 #include <utility>
 #include <vector>
@@ -119,7 +120,15 @@ struct SsdCase {
   int64_t batch, seqlen, nheads, headdim, ngroups, dstate, chunk;
 };
 
-void run_ssd_determinism(const SsdCase& c) {
+// Kernel variant `variant` (ssd_set_variant; restored on return).
+void run_ssd_determinism(const SsdCase& c, int variant) {
+  const int saved_variant = ssd::cuda::ssd_variant();
+  struct RestoreVariant {
+    int v;
+    ~RestoreVariant() { ssd::cuda::ssd_set_variant(v); }
+  } restore{saved_variant};
+  ssd::cuda::ssd_set_variant(variant);  // before sizing the workspace
+  SCOPED_TRACE("kernel variant " + std::to_string(variant));
   SsdDims d;
   d.batch = c.batch, d.seqlen = c.seqlen, d.nheads = c.nheads, d.headdim = c.headdim;
   d.ngroups = c.ngroups, d.dstate = c.dstate, d.chunk = c.chunk;
@@ -249,9 +258,9 @@ void run_ssd_determinism(const SsdCase& c) {
   const double e_ddt = ssdtest::rel_err(ddt_g, ddt_c), e_b = ssdtest::rel_err(r1.dbias, ddtb_ref),
                e_a = ssdtest::rel_err(r1.dAlog, dAlog_ref), e_d = ssdtest::rel_err(r1.dD, dD_ref),
                e_i = ssdtest::rel_err(r1.dinit, dinit_ref);
-  std::printf("[ssd determinism b%lld L%lld h%lld p%lld g%lld n%lld q%lld] vs cpu: ddt=%.2e "
+  std::printf("[ssd determinism v%d b%lld L%lld h%lld p%lld g%lld n%lld q%lld] vs cpu: ddt=%.2e "
               "d_dt_bias=%.2e dA_log=%.2e dD=%.2e d_initial_state=%.2e\n",
-              (long long)c.batch, (long long)c.seqlen, (long long)c.nheads,
+              variant, (long long)c.batch, (long long)c.seqlen, (long long)c.nheads,
               (long long)c.headdim, (long long)c.ngroups, (long long)c.dstate,
               (long long)c.chunk, e_ddt, e_b, e_a, e_d, e_i);
   EXPECT_LE(e_ddt, 1e-2) << "ddt";
@@ -264,14 +273,21 @@ void run_ssd_determinism(const SsdCase& c) {
 TEST(CudaDeterminism, SsdBackwardIsBitwiseReproducible) {
   if (cuda_device_count() == 0) GTEST_SKIP() << kNoGpu;
   // The shape of the brief: partial last chunk (1000 = 7*128 + 104), two groups.
-  run_ssd_determinism({2, 1000, 8, 64, 2, 128, 128});
+  for (int variant : {1, 2}) run_ssd_determinism({2, 1000, 8, 64, 2, 128, 128}, variant);
 }
 
 TEST(CudaDeterminism, SsdBackwardIsBitwiseReproducibleWideHeads) {
   if (cuda_device_count() == 0) GTEST_SKIP() << kNoGpu;
   // headdim 256: the dx kernel splits each head into 4 slices (4 ddt_dir and 8 dcs slices);
   // chunk 256, partial last chunk.
-  run_ssd_determinism({1, 600, 4, 256, 1, 64, 256});
+  for (int variant : {1, 2}) run_ssd_determinism({1, 600, 4, 256, 1, 64, 256}, variant);
+}
+
+TEST(CudaDeterminism, SsdBackwardIsBitwiseReproducibleDefaultBenchShape) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << kNoGpu;
+  // The bench shape's per-chunk geometry (headdim 64, dstate 128, chunk 256: variant 2's
+  // double-buffered path) with a partial last chunk and several heads per group.
+  for (int variant : {1, 2}) run_ssd_determinism({2, 700, 12, 64, 1, 128, 256}, variant);
 }
 
 // Host only (runs without a GPU): the backward's workspace pieces are in order, 256-byte
@@ -328,6 +344,28 @@ TEST(CudaDeterminism, WorkspaceLayoutHost) {
                                                  (P * N / 4 + 255) / 256 * 8));
     EXPECT_GE(off(w.ddt_dir) + w.zero_bytes, off(w.dcs_last) + B * H * nc * dcs_last_len(d) * 4);
     EXPECT_LE(off(w.ddt_dir) + w.zero_bytes, off(w.dBp));
+    // Variant 2: the same pieces at the same places, then its own after pg_dA.
+    {
+      SsdWorkspace w2;
+      const size_t total2 = carve_workspace(d, base, true, &w2, true);
+      EXPECT_EQ(w2.dcs, w.dcs);
+      EXPECT_EQ(w2.pg_dA, w.pg_dA);
+      EXPECT_EQ(w2.zero_bytes, w.zero_bytes);
+      const size_t nb = Q / 64, ns2 = static_cast<size_t>(dbdc_v2_splits(d));
+      EXPECT_GE(ns2, 1u);
+      EXPECT_LE(ns2, H / G);
+      const std::vector<Piece> v2p = {{"pg_dA", w2.pg_dA, B * H * nc * dt_bwd_warps(d) * 4},
+                                      {"dcs_v2", w2.dcs_v2, 2 * nb * nq * 4},
+                                      {"dBp_v2", w2.dBp_v2, ns2 * nb * B * L * G * N * 4},
+                                      {"dCp_v2", w2.dCp_v2, ns2 * nb * B * L * G * N * 4}};
+      for (size_t i = 0; i < v2p.size(); ++i) {
+        EXPECT_EQ(off(v2p[i].p) % 256, 0u) << v2p[i].name;
+        const size_t end = off(v2p[i].p) + v2p[i].bytes;
+        const size_t next = i + 1 < v2p.size() ? off(v2p[i + 1].p) : total2;
+        EXPECT_LE(end, next) << v2p[i].name << " overlaps what follows it (variant 2)";
+      }
+      EXPECT_GE(off(w2.dcs_v2), total);
+    }
     std::printf("    [layout b%zu L%zu h%zu p%zu g%zu n%zu q%zu] workspace %.2f MiB, zeroed %.3f MiB, "
                 "dcs slices %d, dcs_last row %d\n",
                 B, L, H, P, G, N, Q, total / 1048576.0, w.zero_bytes / 1048576.0, dcs_slices(d),

@@ -1,6 +1,7 @@
 // The CUDA SSD kernels (kernels/ssd_*.cu) against the CPU reference ssd::cpu::ssd_fwd/ssd_bwd
 // in fp32, on the same bf16-rounded inputs. One relative error per output tensor
-// (max |gpu - ref| / max |ref|) must stay <= 1e-2; NaN never passes.
+// (max |gpu - ref| / max |ref|) must stay <= 1e-2; NaN never passes. Every shape runs under
+// both kernel variants (ssd_set_variant 1 and 2).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -8,6 +9,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <initializer_list>
 #include <ostream>
 #include <string>
 #include <vector>
@@ -164,77 +166,87 @@ TEST_P(CudaSsd, MatchesCpuReference) {
                            ddt_ref.data(), ld_ddt, ddtb_ref.data(), dAlog_ref.data(),
                            dD_ref.data(), dinit_ref.data());
 
-  // GPU
-  using bf = uint16_t;
-  DevBuf<bf> g_xBC(T * CD), g_dt(T * ld_dt), g_y(T * DI), g_dy(T * DI), g_dxBC(T * CD),
-      g_ddt(T * ld_ddt);
-  DevBuf<float> g_bias(H), g_Alog(H), g_D(H), g_init(SN), g_fs(SN), g_dfinal(SN), g_dbias(H),
-      g_dAlog(H), g_dD(H), g_dinit(SN);
-  const size_t wsb = ssd::cuda::ssd_workspace_bytes(d);
-  DevBuf<unsigned char> g_ws(wsb);
-  ASSERT_TRUE(g_xBC.p && g_ws.p && g_dxBC.p && g_dinit.p) << "cudaMalloc failed";
-  g_xBC.up(xBC_b);
-  g_dt.up(dt_b);
-  g_dy.up(dy_b);
-  g_bias.up(dt_bias);
-  g_Alog.up(A_log);
-  g_D.up(D);
-  g_init.up(init);
-  g_dfinal.up(dfinal);
-  g_dbias.up(acc0);
-  g_dAlog.up(acc0);
-  g_dD.up(acc0);
-  const std::vector<bf> sentinel(T * ld_ddt, to_bf16(7.0f));
-  g_ddt.up(sentinel);
-  CUDA_OK(cudaMemset(g_y.p, 0xff, T * DI * sizeof(bf)));     // NaN-fill outputs
-  CUDA_OK(cudaMemset(g_dxBC.p, 0xff, T * CD * sizeof(bf)));
-  CUDA_OK(cudaMemset(g_fs.p, 0xff, SN * sizeof(float)));
-  CUDA_OK(cudaMemset(g_dinit.p, 0xff, SN * sizeof(float)));
-  auto B = [](DevBuf<bf>& b) { return reinterpret_cast<ssd::cuda::bf16*>(b.p); };
+  // GPU, under each kernel variant (ssd_set_variant), with the same tolerances
+  const int saved_variant = ssd::cuda::ssd_variant();
+  struct RestoreVariant {
+    int v;
+    ~RestoreVariant() { ssd::cuda::ssd_set_variant(v); }
+  } restore{saved_variant};
+  for (int variant : {1, 2}) {
+    SCOPED_TRACE("kernel variant " + std::to_string(variant));
+    ssd::cuda::ssd_set_variant(variant);  // before sizing the workspace
+    // GPU
+    using bf = uint16_t;
+    DevBuf<bf> g_xBC(T * CD), g_dt(T * ld_dt), g_y(T * DI), g_dy(T * DI), g_dxBC(T * CD),
+        g_ddt(T * ld_ddt);
+    DevBuf<float> g_bias(H), g_Alog(H), g_D(H), g_init(SN), g_fs(SN), g_dfinal(SN), g_dbias(H),
+        g_dAlog(H), g_dD(H), g_dinit(SN);
+    const size_t wsb = ssd::cuda::ssd_workspace_bytes(d);
+    DevBuf<unsigned char> g_ws(wsb);
+    ASSERT_TRUE(g_xBC.p && g_ws.p && g_dxBC.p && g_dinit.p) << "cudaMalloc failed";
+    g_xBC.up(xBC_b);
+    g_dt.up(dt_b);
+    g_dy.up(dy_b);
+    g_bias.up(dt_bias);
+    g_Alog.up(A_log);
+    g_D.up(D);
+    g_init.up(init);
+    g_dfinal.up(dfinal);
+    g_dbias.up(acc0);
+    g_dAlog.up(acc0);
+    g_dD.up(acc0);
+    const std::vector<bf> sentinel(T * ld_ddt, to_bf16(7.0f));
+    g_ddt.up(sentinel);
+    CUDA_OK(cudaMemset(g_y.p, 0xff, T * DI * sizeof(bf)));     // NaN-fill outputs
+    CUDA_OK(cudaMemset(g_dxBC.p, 0xff, T * CD * sizeof(bf)));
+    CUDA_OK(cudaMemset(g_fs.p, 0xff, SN * sizeof(float)));
+    CUDA_OK(cudaMemset(g_dinit.p, 0xff, SN * sizeof(float)));
+    auto B = [](DevBuf<bf>& b) { return reinterpret_cast<ssd::cuda::bf16*>(b.p); };
 
-  ssd::cuda::ssd_fwd(d, B(g_xBC), B(g_dt), ld_dt, g_bias.p, g_Alog.p, g_D.p,
-                     cs.init ? g_init.p : nullptr, B(g_y), g_fs.p, g_ws.p, nullptr);
-  ssd::cuda::ssd_bwd(d, B(g_xBC), B(g_dt), ld_dt, g_bias.p, g_Alog.p, g_D.p,
-                     cs.init ? g_init.p : nullptr, B(g_dy), cs.dfinal ? g_dfinal.p : nullptr,
-                     B(g_dxBC), B(g_ddt), ld_ddt, g_dbias.p, g_dAlog.p, g_dD.p, g_dinit.p,
-                     g_ws.p, nullptr);
-  CUDA_OK(cudaDeviceSynchronize());
+    ssd::cuda::ssd_fwd(d, B(g_xBC), B(g_dt), ld_dt, g_bias.p, g_Alog.p, g_D.p,
+                       cs.init ? g_init.p : nullptr, B(g_y), g_fs.p, g_ws.p, nullptr);
+    ssd::cuda::ssd_bwd(d, B(g_xBC), B(g_dt), ld_dt, g_bias.p, g_Alog.p, g_D.p,
+                       cs.init ? g_init.p : nullptr, B(g_dy), cs.dfinal ? g_dfinal.p : nullptr,
+                       B(g_dxBC), B(g_ddt), ld_ddt, g_dbias.p, g_dAlog.p, g_dD.p, g_dinit.p,
+                       g_ws.p, nullptr);
+    CUDA_OK(cudaDeviceSynchronize());
 
-  const auto y = g_y.down();
-  const auto dxBC = g_dxBC.down();
-  const auto ddt = g_ddt.down();
-  const int64_t GN = d.ngroups * d.dstate;
-  struct Cmp {
-    const char* name;
-    double err;
-  };
-  const std::vector<Cmp> cmps = {
-      {"y", ssdtest::rel_err(cols_bf16(y, T, DI, 0, DI), dbl(y_ref))},
-      {"final_state", ssdtest::rel_err(dbl(g_fs.down()), dbl(fs_ref))},
-      {"dx", ssdtest::rel_err(cols_bf16(dxBC, T, CD, 0, DI), cols(dxBC_ref, T, CD, 0, DI))},
-      {"dB", ssdtest::rel_err(cols_bf16(dxBC, T, CD, DI, GN), cols(dxBC_ref, T, CD, DI, GN))},
-      {"dC", ssdtest::rel_err(cols_bf16(dxBC, T, CD, DI + GN, GN),
-                              cols(dxBC_ref, T, CD, DI + GN, GN))},
-      {"ddt", ssdtest::rel_err(cols_bf16(ddt, T, ld_ddt, 0, H), cols(ddt_ref, T, ld_ddt, 0, H))},
-      {"d_dt_bias", ssdtest::rel_err(dbl(g_dbias.down()), dbl(ddtb_ref))},
-      {"dA_log", ssdtest::rel_err(dbl(g_dAlog.down()), dbl(dAlog_ref))},
-      {"dD", ssdtest::rel_err(dbl(g_dD.down()), dbl(dD_ref))},
-      {"d_initial_state", ssdtest::rel_err(dbl(g_dinit.down()), dbl(dinit_ref))},
-  };
-  std::string line;
-  for (const auto& c : cmps) {
-    char buf[64];
-    std::snprintf(buf, sizeof buf, " %s=%.2e", c.name, c.err);
-    line += buf;
+    const auto y = g_y.down();
+    const auto dxBC = g_dxBC.down();
+    const auto ddt = g_ddt.down();
+    const int64_t GN = d.ngroups * d.dstate;
+    struct Cmp {
+      const char* name;
+      double err;
+    };
+    const std::vector<Cmp> cmps = {
+        {"y", ssdtest::rel_err(cols_bf16(y, T, DI, 0, DI), dbl(y_ref))},
+        {"final_state", ssdtest::rel_err(dbl(g_fs.down()), dbl(fs_ref))},
+        {"dx", ssdtest::rel_err(cols_bf16(dxBC, T, CD, 0, DI), cols(dxBC_ref, T, CD, 0, DI))},
+        {"dB", ssdtest::rel_err(cols_bf16(dxBC, T, CD, DI, GN), cols(dxBC_ref, T, CD, DI, GN))},
+        {"dC", ssdtest::rel_err(cols_bf16(dxBC, T, CD, DI + GN, GN),
+                                cols(dxBC_ref, T, CD, DI + GN, GN))},
+        {"ddt", ssdtest::rel_err(cols_bf16(ddt, T, ld_ddt, 0, H), cols(ddt_ref, T, ld_ddt, 0, H))},
+        {"d_dt_bias", ssdtest::rel_err(dbl(g_dbias.down()), dbl(ddtb_ref))},
+        {"dA_log", ssdtest::rel_err(dbl(g_dAlog.down()), dbl(dAlog_ref))},
+        {"dD", ssdtest::rel_err(dbl(g_dD.down()), dbl(dD_ref))},
+        {"d_initial_state", ssdtest::rel_err(dbl(g_dinit.down()), dbl(dinit_ref))},
+    };
+    std::string line;
+    for (const auto& c : cmps) {
+      char buf[64];
+      std::snprintf(buf, sizeof buf, " %s=%.2e", c.name, c.err);
+      line += buf;
+    }
+    std::printf("[ssd v%d %s]%s\n", variant, case_name(cs).c_str(), line.c_str());
+    for (const auto& c : cmps) EXPECT_LE(c.err, kTol) << c.name;  // NaN/inf fail too
+
+    // columns of ddt past nheads are left alone
+    bool untouched = true;
+    for (int64_t i = 0; i < T; ++i)
+      for (int64_t j = H; j < ld_ddt; ++j) untouched &= ddt[i * ld_ddt + j] == sentinel[0];
+    EXPECT_TRUE(untouched) << "ddt written past column nheads";
   }
-  std::printf("[ssd %s]%s\n", case_name(cs).c_str(), line.c_str());
-  for (const auto& c : cmps) EXPECT_LE(c.err, kTol) << c.name;  // NaN/inf fail too
-
-  // columns of ddt past nheads are left alone
-  bool untouched = true;
-  for (int64_t i = 0; i < T; ++i)
-    for (int64_t j = H; j < ld_ddt; ++j) untouched &= ddt[i * ld_ddt + j] == sentinel[0];
-  EXPECT_TRUE(untouched) << "ddt written past column nheads";
 }
 
 INSTANTIATE_TEST_SUITE_P(

@@ -1,0 +1,459 @@
+// Variant 2 of the SSD backward's B and C factors: dB and dC in ONE kernel (replaces variant 1's
+// chunk_state_bwd_dB + chunk_scan_bwd_dC + bc_reduce).
+//
+// Both gradients are built from the same decayed, causal matrix of a chunk and head,
+//   M[t][s] = (dy_t . x_s) exp(cs_t - cs_s) dt_s   (s <= t),
+//   dC_t = sum_h [ exp(cs_t) dy_t S_in + sum_s M[t][s] B_s ],
+//   dB_s = sum_h [ exp(cs_last - cs_s) dt_s (x_s dS_out) + sum_t M[t][s] C_t ],
+//   dcs_t += sum_s M[t][s] CB[t][s],   dcs_s -= sum_t M[t][s] CB[t][s]   (BC[s][t] = CB[t][s]).
+// One block per (64x64 tile pair t tile i >= s tile j, chunk, group, slice of the group's
+// heads), looping over the slice's heads, computes each M tile ONCE and uses it twice:
+// dC_i += M B_j and dB_j += M^T C_i (the transpose read by ldmatrix.trans from the same
+// shared tile); the diagonal pairs (i == j) also add the two state terms.
+//
+// Why it is faster than variant 1 (dB 0.89 ms + dC 0.87 ms at 8x2048x48, latency bound):
+//  - dy . x^T is computed once instead of twice (2.5 instead of 3 tile GEMMs per pair and head);
+//  - B_j, C_i and the fp32 CB tile do not depend on the head: loaded once per block (CB into
+//    registers) instead of once per head and tile; per head only x_j, dy_i (2 x 8 KB), cs, dt
+//    (and, on the diagonal, S_in / dS_out) are loaded: about 3x less load traffic;
+//  - those per-head loads are cp.async (16-byte, zero-filled past seqlen) into two buffers:
+//    head h+1's tiles land while head h computes (one buffer when two do not fit, e.g.
+//    headdim 128 + dstate 128; if even one does not, variant 1's kernels run instead).
+//
+// Deterministic, no atomics: every slot has one writer. dC for t tile i from pair (i, j) goes
+// to dCp_v2[slice][j], dB for s tile j to dBp_v2[slice][i]; the dcs row sums (over s) of pair
+// (i, j) to dcs_v2 slice j, the column sums (over t) to slice nblk + i, each reduced over the
+// block's warps through shared memory in a fixed order. bc_reduce_v2 sums them in a fixed order.
+#include <algorithm>
+
+#include "ssd_common.cuh"
+
+namespace ssd::cuda::detail {
+
+namespace {
+
+__device__ __forceinline__ void cp_async16(void* s, const void* g, bool ok) {
+  const uint32_t sa = static_cast<uint32_t>(__cvta_generic_to_shared(s));
+  const int n = ok ? 16 : 0;  // src-size 0: nothing is read, the 16 bytes are zero-filled
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(g), "r"(n)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// load_tile with cp.async: rows >= valid are zero-filled (their source address is `safe`).
+__device__ __forceinline__ void load_tile_async(bf16* s, int lds, const bf16* g, int64_t ldg,
+                                                int rows, int cols, int valid,
+                                                const bf16* safe) {
+  const int cv = cols >> 3;
+  for (int i = threadIdx.x; i < rows * cv; i += blockDim.x) {
+    const int r = i / cv, c = (i - r * cv) << 3;
+    const bool ok = r < valid;
+    cp_async16(s + r * lds + c, ok ? g + r * ldg + c : safe, ok);
+  }
+}
+// n fp32 values (n % 4 == 0, 16-byte aligned) with cp.async.
+__device__ __forceinline__ void load_f32_async(float* s, const float* g, int n) {
+  for (int i = threadIdx.x * 4; i < n; i += blockDim.x * 4) cp_async16(s + i, g + i, true);
+}
+
+// Shared memory: fixed part Bj, Ci [64][N+8], Ws [64][72] (bf16), red_row [2][64],
+// red_col [4][64] (fp32); then nbuf buffers of Xs, dYs [64][P+8], Ss, dSs [P][N+8] (bf16),
+// cs_s, dt_s [Q] (fp32).
+size_t dbdc_fixed_bytes(const SsdDims& d) {
+  return (2 * 64 * (d.dstate + 8) + 64 * 72) * sizeof(bf16) + 6 * 64 * sizeof(float);
+}
+size_t dbdc_buf_bytes(const SsdDims& d) {
+  return (2 * 64 * (d.headdim + 8) + 2 * d.headdim * (d.dstate + 8)) * sizeof(bf16) +
+         2 * d.chunk * sizeof(float);
+}
+size_t dbdc_smem(const SsdDims& d, int nbuf) {
+  return dbdc_fixed_bytes(d) + static_cast<size_t>(nbuf) * dbdc_buf_bytes(d);
+}
+int max_smem_optin() {
+  int dev = 0, v = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+    return 48 * 1024;
+  return v;
+}
+// 2 (double buffered), 1, or 0 (does not fit: variant 1's kernels run).
+int dbdc_nbuf(const SsdDims& d) {
+  const size_t lim = static_cast<size_t>(max_smem_optin());
+  if (dbdc_smem(d, 2) <= lim) return 2;
+  if (dbdc_smem(d, 1) <= lim) return 1;
+  return 0;
+}
+
+}  // namespace
+
+// 8 warps: warp w owns rows 16*(w%4).. of the block's t tile (dC) and s tile (dB), and of
+// them the column half w/4 of N; of each 64x64 M tile it computes rows 16*(w%4).., the 32
+// columns 32*(w/4).., and shares them (bf16) via Ws.
+template <int NN>
+__global__ __launch_bounds__(256, 1) void chunk_bwd_dbdc_v2_kernel(
+    const bf16* __restrict__ xBC, int64_t ldx, const bf16* __restrict__ dy,
+    const float* __restrict__ dt, const float* __restrict__ cs, const float* __restrict__ CB,
+    const bf16* __restrict__ states, const bf16* __restrict__ dstates,
+    float* __restrict__ dBp, float* __restrict__ dCp, float* __restrict__ dcs2, int L, int H,
+    int G, int P, int nc, int Q, int nsplit, int hps, int nbuf, int64_t nq) {
+  constexpr int N = NN * 8, LDN = N + 8, NH = NN / 2, LDW = 72;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int LDP = P + 8;
+  const int nblk = Q / 64;
+  bf16* Bj = reinterpret_cast<bf16*>(smem_raw);
+  bf16* Ci = Bj + 64 * LDN;
+  bf16* Ws = Ci + 64 * LDN;
+  float* red_row = reinterpret_cast<float*>(Ws + 64 * LDW);  // [2][64]
+  float* red_col = red_row + 128;                              // [4][64]
+  unsigned char* buf0 = reinterpret_cast<unsigned char*>(red_col + 256);
+  const size_t buf_bytes = static_cast<size_t>(2 * 64 * LDP + 2 * P * LDN) * sizeof(bf16) +
+                           2 * static_cast<size_t>(Q) * sizeof(float);
+
+  // tile pair: the nblk diagonal pairs first (they carry the state terms), then (i > j)
+  const int hs = blockIdx.x % nsplit, pidx = blockIdx.x / nsplit;
+  int ti, tj;
+  if (pidx < nblk) {
+    ti = tj = pidx;
+  } else {
+    int q = pidx - nblk;
+    ti = 1;
+    while (q >= ti) {
+      q -= ti;
+      ++ti;
+    }
+    tj = q;
+  }
+  const bool diag = ti == tj;
+  const int c = blockIdx.y % nc, g = blockIdx.y / nc, b = blockIdx.z;
+  const int hpg = H / G;
+  const int h_begin = g * hpg + hs * hps, h_end = min(g * hpg + hpg, h_begin + hps);
+  const int nh = h_end - h_begin;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tq = lane & 3;
+  const int wr = warp & 3, wc = warp >> 2;
+  const int ncol0 = wc * (N / 2), scol0 = wc * 32;
+  const int64_t d_inner = static_cast<int64_t>(H) * P;
+  const int64_t row0 = static_cast<int64_t>(b) * L + static_cast<int64_t>(c) * Q;
+  const int i0 = ti * 64, j0 = tj * 64;
+  const int vi = L - (c * Q + i0), vj = L - (c * Q + j0);
+  const int lr0 = wr * 16 + (lane >> 2);
+  const int t0 = i0 + lr0, t1 = t0 + 8;  // chunk-local t rows (dC accumulator rows)
+  const int s0 = j0 + lr0, s1 = s0 + 8;  // chunk-local s rows (dB accumulator rows)
+  const int64_t PN = static_cast<int64_t>(P) * N;
+
+  // the CB values of this thread's M elements (fp32, head-independent)
+  float cbv[4][4];
+  {
+    const float* CBp = CB + ((static_cast<int64_t>(b) * nc + c) * G + g) * Q * Q;
+#pragma unroll
+    for (int jj = 0; jj < 4; ++jj) {
+      const int s = j0 + scol0 + jj * 8 + tq * 2;
+      const float2 a = *reinterpret_cast<const float2*>(CBp + static_cast<int64_t>(t0) * Q + s);
+      const float2 e = *reinterpret_cast<const float2*>(CBp + static_cast<int64_t>(t1) * Q + s);
+      cbv[jj][0] = a.x;
+      cbv[jj][1] = a.y;
+      cbv[jj][2] = e.x;
+      cbv[jj][3] = e.y;
+    }
+  }
+
+  // head-independent tiles (committed with head 0's group)
+  load_tile_async(Bj, LDN, xBC + (row0 + j0) * ldx + d_inner + static_cast<int64_t>(g) * N, ldx,
+                  64, N, vj, xBC);
+  load_tile_async(Ci, LDN, xBC + (row0 + i0) * ldx + d_inner + static_cast<int64_t>(G + g) * N,
+                  ldx, 64, N, vi, xBC);
+
+  auto issue = [&](int hl) {
+    const int h = h_begin + hl;
+    unsigned char* bb = buf0 + static_cast<size_t>(hl % nbuf) * buf_bytes;
+    bf16* Xs = reinterpret_cast<bf16*>(bb);
+    bf16* dYs = Xs + 64 * LDP;
+    bf16* Ss = dYs + 64 * LDP;
+    bf16* dSs = Ss + P * LDN;
+    float* cs_s = reinterpret_cast<float*>(dSs + P * LDN);
+    float* dt_s = cs_s + Q;
+    load_tile_async(Xs, LDP, xBC + (row0 + j0) * ldx + static_cast<int64_t>(h) * P, ldx, 64, P,
+                    vj, xBC);
+    load_tile_async(dYs, LDP, dy + (row0 + i0) * d_inner + static_cast<int64_t>(h) * P, d_inner,
+                    64, P, vi, dy);
+    if (diag) {
+      const int64_t so = ((static_cast<int64_t>(b) * nc + c) * H + h) * PN;
+      load_tile_async(Ss, LDN, states + so, N, P, N, P, states);
+      load_tile_async(dSs, LDN, dstates + so, N, P, N, P, dstates);
+    }
+    const int64_t cbase = ((static_cast<int64_t>(b) * H + h) * nc + c) * Q;
+    load_f32_async(cs_s, cs + cbase, Q);
+    load_f32_async(dt_s, dt + cbase, Q);
+    cp_async_commit();
+  };
+
+  float accC[NH][4], accB[NH][4];
+  zero_acc(accC);
+  zero_acc(accB);
+  if (nh > 0) issue(0);
+  for (int hl = 0; hl < nh; ++hl) {
+    const int h = h_begin + hl;
+    // buffer (hl+1) % 2 was last read in iteration hl-1, which ended with __syncthreads()
+    if (nbuf == 2 && hl + 1 < nh) {
+      issue(hl + 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    unsigned char* bb = buf0 + static_cast<size_t>(hl % nbuf) * buf_bytes;
+    const bf16* Xs = reinterpret_cast<const bf16*>(bb);
+    const bf16* dYs = Xs + 64 * LDP;
+    const bf16* Ss = dYs + 64 * LDP;
+    const bf16* dSs = Ss + P * LDN;
+    const float* cs_s = reinterpret_cast<const float*>(dSs + P * LDN);
+    const float* dt_s = cs_s + Q;
+    const float ct0 = cs_s[t0], ct1 = cs_s[t1];
+
+    // M tile: dY_i . X_j^T, this warp's rows and 32 s columns, then decay, dt, causal mask
+    float W[4][4];
+    zero_acc(W);
+    for (int k = 0; k < P; k += 16) {
+      uint32_t a[4];
+      lda_mk(a, dYs, LDP, wr * 16, k, lane);
+#pragma unroll
+      for (int jj = 0; jj < 4; jj += 2) {
+        uint32_t bq[4];
+        ldb_nk(bq, Xs, LDP, scol0 + jj * 8, k, lane);
+        mma_bf16(W[jj], a, bq[0], bq[1]);
+        mma_bf16(W[jj + 1], a, bq[2], bq[3]);
+      }
+    }
+    float dr0 = 0.f, dr1 = 0.f, cc[4][2];
+#pragma unroll
+    for (int jj = 0; jj < 4; ++jj) {
+      const int sl = scol0 + jj * 8 + tq * 2, s = j0 + sl;
+      const float q0 = cs_s[s], q1 = cs_s[s + 1], w0 = dt_s[s], w1 = dt_s[s + 1];
+      W[jj][0] = s <= t0 ? W[jj][0] * __expf(ct0 - q0) * w0 : 0.f;
+      W[jj][1] = s + 1 <= t0 ? W[jj][1] * __expf(ct0 - q1) * w1 : 0.f;
+      W[jj][2] = s <= t1 ? W[jj][2] * __expf(ct1 - q0) * w0 : 0.f;
+      W[jj][3] = s + 1 <= t1 ? W[jj][3] * __expf(ct1 - q1) * w1 : 0.f;
+      const float p00 = W[jj][0] * cbv[jj][0], p01 = W[jj][1] * cbv[jj][1];
+      const float p10 = W[jj][2] * cbv[jj][2], p11 = W[jj][3] * cbv[jj][3];
+      dr0 += p00 + p01;
+      dr1 += p10 + p11;
+      cc[jj][0] = p00 + p10;
+      cc[jj][1] = p01 + p11;
+      *reinterpret_cast<uint32_t*>(Ws + lr0 * LDW + sl) = pack_bf16(W[jj][0], W[jj][1]);
+      *reinterpret_cast<uint32_t*>(Ws + (lr0 + 8) * LDW + sl) = pack_bf16(W[jj][2], W[jj][3]);
+    }
+    // dcs partials: row sums over this warp's 32 columns, column sums over its 16 rows
+    dr0 = quad_sum(dr0);
+    dr1 = quad_sum(dr1);
+    if (tq == 0) {
+      red_row[wc * 64 + lr0] = dr0;
+      red_row[wc * 64 + lr0 + 8] = dr1;
+    }
+#pragma unroll
+    for (int jj = 0; jj < 4; ++jj)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float v = cc[jj][e];
+        v += __shfl_xor_sync(kFull, v, 4);
+        v += __shfl_xor_sync(kFull, v, 8);
+        v += __shfl_xor_sync(kFull, v, 16);
+        if (lane < 4) red_col[wr * 64 + scol0 + jj * 8 + tq * 2 + e] = v;
+      }
+
+    if (diag) {
+      // dC_i += diag(exp(cs_t)) dY_i (64 x P) . S_in (P x N)
+      const float e0 = __expf(ct0), e1 = __expf(ct1);
+      for (int k = 0; k < P; k += 16) {
+        uint32_t a[4];
+        lda_mk(a, dYs, LDP, wr * 16, k, lane);
+        scale_a_rows(a, e0, e1);
+#pragma unroll
+        for (int jj = 0; jj < NH; jj += 2) {
+          uint32_t bq[4];
+          ldb_kn(bq, Ss, LDN, ncol0 + jj * 8, k, lane);
+          mma_bf16(accC[jj], a, bq[0], bq[1]);
+          mma_bf16(accC[jj + 1], a, bq[2], bq[3]);
+        }
+      }
+      // dB_j += diag(exp(cs_last - cs_s) dt_s) X_j (64 x P) . dS_out (P x N)
+      const float cl = cs_s[Q - 1];
+      const float f0 = __expf(cl - cs_s[s0]) * dt_s[s0], f1 = __expf(cl - cs_s[s1]) * dt_s[s1];
+      for (int k = 0; k < P; k += 16) {
+        uint32_t a[4];
+        lda_mk(a, Xs, LDP, wr * 16, k, lane);
+        scale_a_rows(a, f0, f1);
+#pragma unroll
+        for (int jj = 0; jj < NH; jj += 2) {
+          uint32_t bq[4];
+          ldb_kn(bq, dSs, LDN, ncol0 + jj * 8, k, lane);
+          mma_bf16(accB[jj], a, bq[0], bq[1]);
+          mma_bf16(accB[jj + 1], a, bq[2], bq[3]);
+        }
+      }
+    }
+    __syncthreads();  // Ws, red_row, red_col complete
+
+    {
+      const int64_t cbase = ((static_cast<int64_t>(b) * H + h) * nc + c) * Q;
+      const int tid = threadIdx.x;
+      if (tid < 64) {
+        const int t = i0 + tid;
+        if (c * Q + t < L) dcs2[tj * nq + cbase + t] = red_row[tid] + red_row[64 + tid];
+      } else if (tid < 128) {
+        const int sl = tid - 64, s = j0 + sl;
+        if (c * Q + s < L)
+          dcs2[(nblk + ti) * nq + cbase + s] =
+              ((red_col[sl] + red_col[64 + sl]) + red_col[128 + sl]) + red_col[192 + sl];
+      }
+    }
+    // dC_i += M (64 t x 64 s) . B_j (64 s x this warp's N/2 columns)
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      uint32_t a[4];
+      lda_mk(a, Ws, LDW, wr * 16, kk * 16, lane);
+#pragma unroll
+      for (int jj = 0; jj < NH; jj += 2) {
+        uint32_t bq[4];
+        ldb_kn(bq, Bj, LDN, ncol0 + jj * 8, kk * 16, lane);
+        mma_bf16(accC[jj], a, bq[0], bq[1]);
+        mma_bf16(accC[jj + 1], a, bq[2], bq[3]);
+      }
+    }
+    // dB_j += M^T (64 s x 64 t) . C_i (64 t x this warp's N/2 columns)
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      uint32_t a[4];
+      lda_km(a, Ws, LDW, wr * 16, kk * 16, lane);
+#pragma unroll
+      for (int jj = 0; jj < NH; jj += 2) {
+        uint32_t bq[4];
+        ldb_kn(bq, Ci, LDN, ncol0 + jj * 8, kk * 16, lane);
+        mma_bf16(accB[jj], a, bq[0], bq[1]);
+        mma_bf16(accB[jj + 1], a, bq[2], bq[3]);
+      }
+    }
+    __syncthreads();  // everyone done with this buffer, Ws and red_*
+    if (nbuf == 1 && hl + 1 < nh) issue(hl + 1);
+  }
+
+  // this (head slice, pair)'s dC rows of tile i -> slot j, dB rows of tile j -> slot i
+  const int64_t GN = static_cast<int64_t>(G) * N;
+  const int64_t slab = static_cast<int64_t>(gridDim.z) * L * GN;  // tokens * GN
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int t = half ? t1 : t0;
+    if (c * Q + t < L) {
+      float* o = dCp + (static_cast<int64_t>(hs) * nblk + tj) * slab + (row0 + t) * GN +
+                 static_cast<int64_t>(g) * N + ncol0 + tq * 2;
+#pragma unroll
+      for (int jj = 0; jj < NH; ++jj)
+        *reinterpret_cast<float2*>(o + jj * 8) =
+            make_float2(accC[jj][half * 2], accC[jj][half * 2 + 1]);
+    }
+    const int s = half ? s1 : s0;
+    if (c * Q + s < L) {
+      float* o = dBp + (static_cast<int64_t>(hs) * nblk + ti) * slab + (row0 + s) * GN +
+                 static_cast<int64_t>(g) * N + ncol0 + tq * 2;
+#pragma unroll
+      for (int jj = 0; jj < NH; ++jj)
+        *reinterpret_cast<float2*>(o + jj * 8) =
+            make_float2(accB[jj][half * 2], accB[jj][half * 2 + 1]);
+    }
+  }
+}
+
+bool chunk_bwd_dbdc_v2_supported(const SsdDims& d) { return dbdc_nbuf(d) > 0; }
+
+void launch_chunk_bwd_dbdc_v2(const SsdDims& d, const bf16* xBC, const bf16* dy,
+                              const float* dt, const float* cs, const float* CB,
+                              const bf16* states_bf, const bf16* dstates_bf, float* dBp_v2,
+                              float* dCp_v2, float* dcs_v2, cudaStream_t st) {
+  const int P = static_cast<int>(d.headdim), N = static_cast<int>(d.dstate);
+  const int Q = static_cast<int>(d.chunk), nc = static_cast<int>(d.nchunks());
+  const int nsplit = dbdc_v2_splits(d), hpg = static_cast<int>(d.nheads / d.ngroups);
+  const int hps = (hpg + nsplit - 1) / nsplit;
+  const int nbuf = dbdc_nbuf(d);
+  const size_t smem = dbdc_smem(d, nbuf);
+  dim3 grid(static_cast<unsigned>(dbdc_v2_pairs(d) * nsplit),
+            static_cast<unsigned>(nc * d.ngroups), static_cast<unsigned>(d.batch));
+  auto go = [&](auto kern) {
+    allow_smem(kern, smem);
+    kern<<<grid, 256, smem, st>>>(xBC, d.conv_dim(), dy, dt, cs, CB, states_bf, dstates_bf,
+                                  dBp_v2, dCp_v2, dcs_v2, static_cast<int>(d.seqlen),
+                                  static_cast<int>(d.nheads), static_cast<int>(d.ngroups), P, nc,
+                                  Q, nsplit, hps, nbuf, q_slice(d));
+  };
+  if (N == 64)
+    go(chunk_bwd_dbdc_v2_kernel<8>);
+  else
+    go(chunk_bwd_dbdc_v2_kernel<16>);
+  check_launch("ssd chunk_bwd_dbdc_v2");
+}
+
+// Fixed-order sums: dC of a row in tile k = sum over slices, then pairs j = 0..k; dB = sum over
+// slices, then pairs i = k..nblk-1. dcs: slice kDcsDC = sum_{j<=k} dcs_v2[j], slice kDcsDB =
+// -sum_{i>=k} dcs_v2[nblk+i] (positions past seqlen are left as zeroed by ssd_bwd).
+__global__ void bc_reduce_v2_kernel(const float* __restrict__ dBp, const float* __restrict__ dCp,
+                                    const float* __restrict__ dcs2, int nsplit, int nblk,
+                                    int64_t tokens, int64_t GN, int64_t ldx, int64_t d_inner,
+                                    int L, int Q, int nc, int64_t nq, bf16* __restrict__ dxBC,
+                                    float* __restrict__ dcs) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t n4 = tokens * GN / 4, slab = tokens * GN;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n4;
+       i += stride) {
+    const int64_t e = i * 4, row = e / GN, col = e - row * GN;
+    const int k = static_cast<int>((row % L) % Q) / 64;
+    float4 sb = make_float4(0.f, 0.f, 0.f, 0.f), sc = sb;
+    for (int hs = 0; hs < nsplit; ++hs) {
+      for (int j = 0; j <= k; ++j) {
+        const float4 v = *reinterpret_cast<const float4*>(dCp + (hs * nblk + j) * slab + e);
+        sc.x += v.x; sc.y += v.y; sc.z += v.z; sc.w += v.w;
+      }
+      for (int t = k; t < nblk; ++t) {
+        const float4 v = *reinterpret_cast<const float4*>(dBp + (hs * nblk + t) * slab + e);
+        sb.x += v.x; sb.y += v.y; sb.z += v.z; sb.w += v.w;
+      }
+    }
+    bf16* ob = dxBC + row * ldx + d_inner + col;
+    bf16* oc = ob + GN;
+    uint2 ub, uc;
+    ub.x = pack_bf16(sb.x, sb.y);
+    ub.y = pack_bf16(sb.z, sb.w);
+    uc.x = pack_bf16(sc.x, sc.y);
+    uc.y = pack_bf16(sc.z, sc.w);
+    *reinterpret_cast<uint2*>(ob) = ub;
+    *reinterpret_cast<uint2*>(oc) = uc;
+  }
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < nq;
+       idx += stride) {
+    const int q = static_cast<int>(idx % Q);
+    const int c = static_cast<int>((idx / Q) % nc);
+    if (c * Q + q >= L) continue;
+    const int k = q / 64;
+    float sc = 0.f, sb = 0.f;
+    for (int j = 0; j <= k; ++j) sc += dcs2[j * nq + idx];
+    for (int t = k; t < nblk; ++t) sb += dcs2[(nblk + t) * nq + idx];
+    dcs[kDcsDC * nq + idx] = sc;
+    dcs[kDcsDB * nq + idx] = -sb;
+  }
+}
+
+void launch_bc_reduce_v2(const SsdDims& d, const float* dBp_v2, const float* dCp_v2,
+                         const float* dcs_v2, bf16* dxBC, float* dcs, cudaStream_t st) {
+  const int64_t GN = d.ngroups * d.dstate, n4 = d.tokens() * GN / 4;
+  const int64_t work = std::max<int64_t>(n4, q_slice(d));
+  const int blocks = static_cast<int>(std::min<int64_t>((work + 255) / 256, 132 * 16));
+  bc_reduce_v2_kernel<<<blocks, 256, 0, st>>>(
+      dBp_v2, dCp_v2, dcs_v2, dbdc_v2_splits(d), static_cast<int>(d.chunk / 64), d.tokens(), GN,
+      d.conv_dim(), d.d_inner(), static_cast<int>(d.seqlen), static_cast<int>(d.chunk),
+      static_cast<int>(d.nchunks()), q_slice(d), dxBC, dcs);
+  check_launch("ssd bc_reduce_v2");
+}
+
+}  // namespace ssd::cuda::detail
