@@ -15,17 +15,34 @@
 // and consecutive chunks are linked through state_in / state_out. Work is O(chunk^2) per
 // chunk, so linear in seqlen. Every exp() argument is <= 0 (A < 0, dt > 0): no overflow.
 //
+// In matrices, for one chunk of Q tokens (x [Q,P], B and C [Q,N], states [P,N]), writing
+// cum = dA_cumsum:
+//   CB        = C B^T                               [Q,Q]  shared by the heads of a group
+//   W[t][s]   = exp(cum_t - cum_s) CB[t][s] dt_s    [Q,Q]  for s <= t, 0 above the diagonal
+//   y         = W x + C_in state_in^T + D x         [Q,P]  C_in[t] = exp(cum_t) C_t
+//   state_out = exp(cum_last) state_in + x^T B_out  [P,N]
+//               with B_out[s] = exp(cum_last - cum_s) dt_s B_s
+// so a chunk is a few small GEMMs (OpenBLAS, through blas.h) around the O(Q^2) loops that
+// build W: decay_matrix (the exp(cum_t - cum_s), computed once per head and chunk and used
+// by every term that needs them) and decay_mask. Decays below exp(-40) count as 0 (decay()).
+//
 // The backward is the exact gradient of this computation: one forward pass to recover the
 // state entering each chunk, then a reverse pass over chunks carrying dstate = dL/dstate_out.
 //
-// (batch, head) pairs are independent and run in parallel. B and C are shared by the heads of
-// a group, and dt_bias/A_log/D by all batches, so their gradients are first written per
-// (batch, head) into scratch and then reduced in a fixed order: results do not depend on the
-// number of threads.
+// (batch, group) pairs are independent and run in parallel, each start to finish on one
+// thread; inside one, the heads of the group share B, C and C B^T, and their B and C
+// gradients are summed in head order. dt_bias/A_log/D are shared by all batches, so their
+// gradients are first written per (batch, head) into scratch and then reduced in a fixed
+// order: results do not depend on the number of threads.
+// The GEMMs are called from inside the parallel region, one per (head or group, chunk), and
+// are small: at most chunk x chunk x max(headdim, dstate). Up to 64 x 64 x 64 OpenBLAS runs
+// them on the calling thread; beyond that it may split one over its own threads as well,
+// which gives the same results but oversubscribes the cores (run with OPENBLAS_NUM_THREADS=1).
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
+#include "backend/cpu/blas.h"
 #include "backend/cpu/cpu_ops.h"
 
 namespace ssd::cpu {
@@ -41,6 +58,16 @@ T softplus_grad(T z) {
   return z > T(20) ? T(1) : T(1) / (T(1) + std::exp(-z));
 }
 
+// exp(z) of a log-decay z <= 0, taken as exactly 0 below exp(-40) ~ 4e-18: damped that much,
+// a token's contribution is below the rounding of the undamped ones even in double, and left
+// in, it would push the chunk's products into subnormal floats, which x86 handles many times
+// slower.
+constexpr double kMinLogDecay = -40;
+template <class T>
+T decay(T z) {
+  return z < kMinLogDecay ? T(0) : std::exp(z);
+}
+
 template <class T>
 T dot(const T* a, const T* b, int64_t n) {
   T s = 0;
@@ -53,63 +80,127 @@ void check_dims(const SsdDims& d) {
   SSD_CHECK(d.ngroups >= 1 && d.nheads % d.ngroups == 0, "ssd: nheads % ngroups != 0");
 }
 
-// Column offsets of one head's x and its group's B, C inside a row of xBC.
+// Column offsets of a head's x and a group's B, C inside a row of xBC.
 struct Layout {
   int64_t P, N, d_inner, conv_dim, heads_per_group, ngroups;
   explicit Layout(const SsdDims& d)
       : P(d.headdim), N(d.dstate), d_inner(d.d_inner()), conv_dim(d.conv_dim()),
         heads_per_group(d.nheads / d.ngroups), ngroups(d.ngroups) {}
   int64_t x_col(int64_t h) const { return h * P; }
-  int64_t B_col(int64_t h) const { return d_inner + (h / heads_per_group) * N; }
-  int64_t C_col(int64_t h) const { return d_inner + (ngroups + h / heads_per_group) * N; }
+  int64_t B_col(int64_t g) const { return d_inner + g * N; }
+  int64_t C_col(int64_t g) const { return d_inner + (ngroups + g) * N; }
 };
 
-// The inputs of one (batch, head, chunk), copied to contiguous buffers sized once per thread.
+// B and C of one (batch, group, chunk), shared by the heads of the group, and CB = C B^T.
+// Buffers are sized once per thread.
 template <class T>
-struct Chunk {
+struct GroupChunk {
   int64_t len = 0;               // tokens in this chunk (the last one may be short)
-  std::vector<T> x, B, C;        // [len, P], [len, N], [len, N]
+  std::vector<T> B, C;           // [len, N]
+  std::vector<T> CB;             // [len, len]: CB[t][s] = C_t . B_s
+
+  GroupChunk(int64_t max_len, int64_t N)
+      : B(max_len * N), C(max_len * N), CB(max_len * max_len) {}
+
+  void load(const Layout& lay, const T* xBC, int64_t g, int64_t tok0, int64_t n_tok,
+            bool with_CB) {
+    const int64_t N = lay.N;
+    len = n_tok;
+    for (int64_t s = 0; s < len; ++s) {
+      const T* row = xBC + (tok0 + s) * lay.conv_dim;
+      std::copy_n(row + lay.B_col(g), N, &B[s * N]);
+      std::copy_n(row + lay.C_col(g), N, &C[s * N]);
+    }
+    if (with_CB)
+      gemm(false, true, len, len, N, T(1), C.data(), N, B.data(), N, T(0), CB.data(), len);
+  }
+};
+
+// One head's inputs of a chunk, and the per-token decays derived from them (used by the
+// forward and the backward alike).
+template <class T>
+struct HeadChunk {
+  int64_t len = 0;
+  std::vector<T> x;              // [len, P]
   std::vector<T> dt_in;          // dt_raw + dt_bias, the softplus argument [len]
   std::vector<T> dt;             // softplus(dt_in) [len]
   std::vector<T> dA_cumsum;      // chunk-local cumulative sum of dt * A [len]
+  std::vector<T> decay_in;       // exp(cum_t): share of state_in that reaches token t [len]
+  std::vector<T> decay_out;      // exp(cum_last - cum_s): share of token s in state_out [len]
+  std::vector<T> C_in;           // decay_in[t] C_t: reads state_in at token t [len, N]
+  std::vector<T> B_out;          // decay_out[s] dt_s B_s: writes token s into state_out [len, N]
 
-  Chunk(int64_t max_len, int64_t P, int64_t N)
-      : x(max_len * P), B(max_len * N), C(max_len * N), dt_in(max_len), dt(max_len),
-        dA_cumsum(max_len) {}
+  HeadChunk(int64_t max_len, int64_t P, int64_t N)
+      : x(max_len * P), dt_in(max_len), dt(max_len), dA_cumsum(max_len), decay_in(max_len),
+        decay_out(max_len), C_in(max_len * N), B_out(max_len * N) {}
 
-  void load(const Layout& lay, const T* xBC, const T* dt_raw, int64_t ld_dt, T dt_bias, T A,
-            int64_t h, int64_t tok0, int64_t n_tok) {
-    len = n_tok;
+  void load(const Layout& lay, const GroupChunk<T>& gc, const T* xBC, const T* dt_raw,
+            int64_t ld_dt, T dt_bias, T A, int64_t h, int64_t tok0) {
+    const int64_t P = lay.P, N = lay.N;
+    len = gc.len;
     T cum = 0;
     for (int64_t s = 0; s < len; ++s) {
-      const T* row = xBC + (tok0 + s) * lay.conv_dim;
-      std::copy_n(row + lay.x_col(h), lay.P, &x[s * lay.P]);
-      std::copy_n(row + lay.B_col(h), lay.N, &B[s * lay.N]);
-      std::copy_n(row + lay.C_col(h), lay.N, &C[s * lay.N]);
+      std::copy_n(xBC + (tok0 + s) * lay.conv_dim + lay.x_col(h), P, &x[s * P]);
       dt_in[s] = dt_raw[(tok0 + s) * ld_dt + h] + dt_bias;
       dt[s] = softplus(dt_in[s]);
       cum += dt[s] * A;
       dA_cumsum[s] = cum;
     }
-  }
-};
-
-// state <- state_out of the chunk, given state = state_in.  state is [P, N].
-template <class T>
-void advance_state(const Chunk<T>& ck, int64_t P, int64_t N, T* state) {
-  const T last = ck.dA_cumsum[ck.len - 1];
-  const T decay_all = std::exp(last);
-  for (int64_t i = 0; i < P * N; ++i) state[i] *= decay_all;
-  for (int64_t s = 0; s < ck.len; ++s) {
-    // token s is decayed by every step after it, to the end of the chunk
-    const T coef = std::exp(last - ck.dA_cumsum[s]) * ck.dt[s];
-    for (int64_t p = 0; p < P; ++p) {
-      const T xs = coef * ck.x[s * P + p];
-      T* Sp = state + p * N;
-      const T* Bs = &ck.B[s * N];
-      for (int64_t n = 0; n < N; ++n) Sp[n] += xs * Bs[n];
+    const T last = dA_cumsum[len - 1];
+    for (int64_t s = 0; s < len; ++s) {
+      decay_in[s] = decay(dA_cumsum[s]);
+      decay_out[s] = decay(last - dA_cumsum[s]);
+      const T coef = decay_out[s] * dt[s];
+      for (int64_t n = 0; n < N; ++n) {
+        C_in[s * N + n] = decay_in[s] * gc.C[s * N + n];
+        B_out[s * N + n] = coef * gc.B[s * N + n];
+      }
     }
   }
+  T decay_all() const { return decay_in[len - 1]; }  // exp(cum_last): state_in to state_out
+};
+
+// E [len, len]: the decay from token s to token t, E[t][s] = decay(cum_t - cum_s) for s <= t
+// (the upper triangle is left alone). These are the only O(len^2) exp()s. To need fewer
+// (len^2/16 + 4.5 len instead of len^2/2: 512 instead of 2080 for 64 tokens), the tokens are
+// taken in blocks of 8, and for s in an earlier block than t's, ending at token e,
+//   exp(cum_t - cum_s) = exp(cum_t - cum_e) exp(cum_e - cum_s) = exp(cum_t - cum_e) E[e][s]:
+// a product of two factors <= 1 (unlike exp(cum_t) exp(-cum_s), which overflows).
+template <class T>
+void decay_matrix(const HeadChunk<T>& hc, T* E) {
+  constexpr int64_t K = 8;
+  const int64_t L = hc.len;
+  const T* cum = hc.dA_cumsum.data();
+  for (int64_t t = 0; t < L; ++t) {
+    T* Et = E + t * L;
+    const int64_t t_block = t - t % K;  // first token of t's block
+    for (int64_t s = t_block; s <= t; ++s) Et[s] = decay(cum[t] - cum[s]);
+    for (int64_t e = t_block - 1; e >= 0; e -= K) {  // earlier blocks [e - K + 1, e]
+      const T to_e = decay(cum[t] - cum[e]);
+      const T* Ee = E + e * L;
+      for (int64_t s = e - K + 1; s <= e; ++s)
+        Et[s] = cum[t] - cum[s] < kMinLogDecay ? T(0) : to_e * Ee[s];
+    }
+  }
+}
+
+// W [len, len] = the chunk's causal "attention" matrix for this head:
+// W[t][s] = E[t][s] CB[t][s] dt_s for s <= t, and 0 above the diagonal.
+template <class T>
+void decay_mask(const HeadChunk<T>& hc, const T* E, const T* CB, T* W) {
+  const int64_t L = hc.len;
+  for (int64_t t = 0; t < L; ++t) {
+    for (int64_t s = 0; s <= t; ++s) W[t * L + s] = E[t * L + s] * CB[t * L + s] * hc.dt[s];
+    std::fill(W + t * L + t + 1, W + (t + 1) * L, T(0));
+  }
+}
+
+// state <- state_out of the chunk, given state = state_in [P, N]:
+//   state = exp(cum_last) state + x^T B_out
+template <class T>
+void advance_state(const HeadChunk<T>& hc, int64_t P, int64_t N, T* state) {
+  gemm(true, false, P, N, hc.len, T(1), hc.x.data(), P, hc.B_out.data(), N, hc.decay_all(),
+       state, N);
 }
 
 }  // namespace
@@ -119,49 +210,48 @@ void ssd_fwd(const SsdDims& d, const T* xBC, const T* dt, int64_t ld_dt, const T
              const T* A_log, const T* D, const T* initial_state, T* y, T* final_state) {
   check_dims(d);
   const Layout lay(d);
-  const int64_t P = lay.P, N = lay.N, PN = P * N;
+  const int64_t P = lay.P, N = lay.N, PN = P * N, hpg = lay.heads_per_group;
   const int64_t max_len = std::min(d.chunk, d.seqlen);
 
 #pragma omp parallel
   {
-    Chunk<T> ck(max_len, P, N);
-    std::vector<T> state(PN), W(max_len * max_len), yt(P);
+    GroupChunk<T> gc(max_len, N);
+    HeadChunk<T> hc(max_len, P, N);
+    std::vector<T> states(hpg * PN);  // [head of group, P, N]
+    std::vector<T> E(max_len * max_len), W(max_len * max_len);
 
 #pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < d.batch; ++b) {
-      for (int64_t h = 0; h < d.nheads; ++h) {
-        const T A = -std::exp(A_log[h]);
-        const int64_t state_off = (b * d.nheads + h) * PN;
-        for (int64_t i = 0; i < PN; ++i)
-          state[i] = initial_state ? initial_state[state_off + i] : T(0);
+      for (int64_t g = 0; g < d.ngroups; ++g) {
+        const int64_t h0 = g * hpg;                       // first head of the group
+        const int64_t states_off = (b * d.nheads + h0) * PN;  // its heads' states are adjacent
+        for (int64_t i = 0; i < hpg * PN; ++i)
+          states[i] = initial_state ? initial_state[states_off + i] : T(0);
 
         for (int64_t t0 = 0; t0 < d.seqlen; t0 += d.chunk) {
           const int64_t tok0 = b * d.seqlen + t0;
-          ck.load(lay, xBC, dt, ld_dt, dt_bias[h], A, h, tok0, std::min(d.chunk, d.seqlen - t0));
-          const int64_t L = ck.len;
-          const T* cum = ck.dA_cumsum.data();
+          gc.load(lay, xBC, g, tok0, std::min(d.chunk, d.seqlen - t0), /*with_CB=*/true);
+          const int64_t L = gc.len;
+          for (int64_t h = h0; h < h0 + hpg; ++h) {
+            hc.load(lay, gc, xBC, dt, ld_dt, dt_bias[h], -std::exp(A_log[h]), h, tok0);
+            T* state = &states[(h - h0) * PN];
+            const T* x = hc.x.data();
+            decay_matrix(hc, E.data());
+            decay_mask(hc, E.data(), gc.CB.data(), W.data());
 
-          // The chunk's causal "attention" matrix W[t][s] = exp(cum_t - cum_s) (C_t.B_s) dt_s.
-          for (int64_t t = 0; t < L; ++t)
-            for (int64_t s = 0; s <= t; ++s)
-              W[t * L + s] = std::exp(cum[t] - cum[s]) *
-                             dot(&ck.C[t * N], &ck.B[s * N], N) * ck.dt[s];
+            // This head's y rows of the chunk: [L, P] with row stride d_inner.
+            T* yc = y + tok0 * lay.d_inner + lay.x_col(h);
+            for (int64_t t = 0; t < L; ++t)  // skip connection
+              for (int64_t p = 0; p < P; ++p) yc[t * lay.d_inner + p] = D[h] * x[t * P + p];
+            // + tokens of this chunk up to t:  W x
+            gemm(false, false, L, P, L, T(1), W.data(), L, x, P, T(1), yc, lay.d_inner);
+            // + the state entering the chunk, decayed to t and read out by C_t:  C_in state^T
+            gemm(false, true, L, P, N, T(1), hc.C_in.data(), N, state, N, T(1), yc, lay.d_inner);
 
-          for (int64_t t = 0; t < L; ++t) {
-            // skip connection + the state entering the chunk, decayed to t, read out by C_t
-            const T decay_in = std::exp(cum[t]);
-            for (int64_t p = 0; p < P; ++p)
-              yt[p] = D[h] * ck.x[t * P + p] + decay_in * dot(&state[p * N], &ck.C[t * N], N);
-            // tokens of this chunk up to t
-            for (int64_t s = 0; s <= t; ++s) {
-              const T w = W[t * L + s];
-              for (int64_t p = 0; p < P; ++p) yt[p] += w * ck.x[s * P + p];
-            }
-            std::copy_n(yt.data(), P, y + (tok0 + t) * lay.d_inner + lay.x_col(h));
+            advance_state(hc, P, N, state);
           }
-          advance_state(ck, P, N, state.data());
         }
-        if (final_state) std::copy_n(state.data(), PN, final_state + state_off);
+        if (final_state) std::copy_n(states.data(), hpg * PN, final_state + states_off);
       }
     }
   }
@@ -171,12 +261,14 @@ void ssd_fwd(const SsdDims& d, const T* xBC, const T* dt, int64_t ld_dt, const T
 // CB[t][s] = C_t.B_s and W = E CB dt_s (as in the forward); dS = dL/dstate_out, S_in = state_in.
 // From  y_t = sum_s W[t][s] x_s + exp(cum_t) S_in C_t + D x_t  and
 //       S_out = exp(cum_last) S_in + sum_s exp(cum_last - cum_s) dt_s x_s B_s^T:
-//   dW[t][s]  = dy_t . x_s
+//   dW[t][s]  = dy_t . x_s                                            dW  = dY x^T
 //   dx_s      = sum_{t>=s} W[t][s] dy_t + D dy_s + exp(cum_last - cum_s) dt_s (dS B_s)
+//                                                           dX  = W^T dY + D dY + B_out dS^T
 //   dCB[t][s] = dW[t][s] E[t][s] dt_s
-//   dC_t      = sum_{s<=t} dCB[t][s] B_s + exp(cum_t) S_in^T dy_t
+//   dC_t      = sum_{s<=t} dCB[t][s] B_s + exp(cum_t) S_in^T dy_t    dC  = dCB B + ...
 //   dB_s      = sum_{t>=s} dCB[t][s] C_t + exp(cum_last - cum_s) dt_s dS^T x_s
-//   dS_in     = exp(cum_last) dS + sum_t exp(cum_t) dy_t C_t^T
+//                                                                     dB  = dCB^T C + ...
+//   dS_in     = exp(cum_last) dS + sum_t exp(cum_t) dy_t C_t^T        dS_in = ... + dY^T C_in
 //   dt_s (explicit factor dt_s, not through cum):
 //             = sum_{t>=s} dW[t][s] E[t][s] CB[t][s] + exp(cum_last - cum_s) x_s^T dS B_s
 //   dcum: a factor exp(cum_u - cum_v) in a term whose (upstream gradient x value) is G sends
@@ -184,6 +276,8 @@ void ssd_fwd(const SsdDims& d, const T* xBC, const T* dt, int64_t ld_dt, const T
 //         to dcum_t alone.
 //   cum_t = sum_{k<=t} dt_k A  =>  da_k = sum_{t>=k} dcum_t;  ddt_k += A da_k;  dA += dt_k da_k.
 // Finally ddt_raw = ddt softplus'(dt_raw + dt_bias), ddt_bias = sum ddt_raw, dA_log = dA A.
+// B and C belong to the group: dB and dC sum these over its heads, and since CB is shared,
+// the heads' dCB are summed first and multiplied by B and C once per group.
 template <class T>
 void ssd_bwd(const SsdDims& d, const T* xBC, const T* dt, int64_t ld_dt, const T* dt_bias,
              const T* A_log, const T* D, const T* initial_state, const T* dy,
@@ -191,189 +285,154 @@ void ssd_bwd(const SsdDims& d, const T* xBC, const T* dt, int64_t ld_dt, const T
              T* dD, T* d_initial_state) {
   check_dims(d);
   const Layout lay(d);
-  const int64_t P = lay.P, N = lay.N, PN = P * N;
+  const int64_t P = lay.P, N = lay.N, PN = P * N, hpg = lay.heads_per_group;
   const int64_t max_len = std::min(d.chunk, d.seqlen);
   const int64_t nchunks = d.nchunks();
   const int64_t BH = d.batch * d.nheads;
 
-  // Per (batch, head): the B and C gradients of each token [seqlen, 2N] (reduced over the
-  // heads of a group below), and the three per-head parameter gradients.
-  std::vector<T> dBC_head(BH * d.seqlen * 2 * N);
+  // The three per-head parameter gradients of each (batch, head), reduced over the batch below.
   std::vector<T> dD_bh(BH), dA_log_bh(BH), d_dt_bias_bh(BH);
 
 #pragma omp parallel
   {
-    Chunk<T> ck(max_len, P, N);
-    std::vector<T> states_in(nchunks * PN), dS(PN), dS_in(PN);
-    std::vector<T> W(max_len * max_len), dCB(max_len * max_len);
+    GroupChunk<T> gc(max_len, N);
+    HeadChunk<T> hc(max_len, P, N);
+    std::vector<T> states_in(hpg * nchunks * PN);  // [head of group, chunk, P, N]
+    std::vector<T> dS(hpg * PN), dS_in(PN);        // dS: [head of group, P, N]
+    std::vector<T> E(max_len * max_len), W(max_len * max_len), dW(max_len * max_len);
+    std::vector<T> dCB(max_len * max_len);         // summed over the heads of the group
     std::vector<T> dY(max_len * P), dX(max_len * P), dB(max_len * N), dC(max_len * N);
+    std::vector<T> G(max_len * N), dSx(max_len * N);
     std::vector<T> dcum(max_len), ddt_explicit(max_len);
-    std::vector<T> v_P(P), v_N(N);
+    std::vector<T> dD_sum(hpg), dA_sum(hpg), d_dt_bias_sum(hpg);  // per head of the group
 
-#pragma omp for collapse(2) schedule(static)
-    for (int64_t b = 0; b < d.batch; ++b) {
-      for (int64_t h = 0; h < d.nheads; ++h) {
-        const int64_t bh = b * d.nheads + h;
-        const T A = -std::exp(A_log[h]);
-        const int64_t state_off = bh * PN;
-
-        // Forward over chunks only to recover the state entering each chunk.
-        for (int64_t i = 0; i < PN; ++i)
-          states_in[i] = initial_state ? initial_state[state_off + i] : T(0);
-        for (int64_t c = 0; c + 1 < nchunks; ++c) {
-          const int64_t t0 = c * d.chunk;
-          ck.load(lay, xBC, dt, ld_dt, dt_bias[h], A, h, b * d.seqlen + t0,
-                  std::min(d.chunk, d.seqlen - t0));
-          std::copy_n(&states_in[c * PN], PN, &states_in[(c + 1) * PN]);
-          advance_state(ck, P, N, &states_in[(c + 1) * PN]);
-        }
-
-        for (int64_t i = 0; i < PN; ++i)
-          dS[i] = dfinal_state ? dfinal_state[state_off + i] : T(0);
-        T dD_sum = 0, dA_sum = 0, d_dt_bias_sum = 0;
-
-        for (int64_t c = nchunks - 1; c >= 0; --c) {
-          const int64_t t0 = c * d.chunk;
-          const int64_t tok0 = b * d.seqlen + t0;
-          ck.load(lay, xBC, dt, ld_dt, dt_bias[h], A, h, tok0, std::min(d.chunk, d.seqlen - t0));
-          const int64_t L = ck.len;
-          const T* cum = ck.dA_cumsum.data();
-          const T* x = ck.x.data();
-          const T* Bm = ck.B.data();
-          const T* Cm = ck.C.data();
-          const T* S_in = &states_in[c * PN];
-          const T cum_last = cum[L - 1];
-          for (int64_t t = 0; t < L; ++t)
-            std::copy_n(dy + (tok0 + t) * lay.d_inner + lay.x_col(h), P, &dY[t * P]);
-          std::fill_n(dcum.begin(), L, T(0));
-          std::fill_n(ddt_explicit.begin(), L, T(0));
-
-          // ---- intra-chunk (quadratic) part ----
-          for (int64_t t = 0; t < L; ++t) {
-            for (int64_t s = 0; s <= t; ++s) {
-              const T E = std::exp(cum[t] - cum[s]);
-              const T CB = dot(&Cm[t * N], &Bm[s * N], N);
-              const T w = E * CB * ck.dt[s];
-              const T dw = dot(&dY[t * P], &x[s * P], P);
-              W[t * L + s] = w;
-              dCB[t * L + s] = dw * E * ck.dt[s];
-              ddt_explicit[s] += dw * E * CB;
-              if (s < t) {  // the diagonal has E = 1: no dependence on cum
-                dcum[t] += dw * w;
-                dcum[s] -= dw * w;
-              }
-            }
-          }
-          for (int64_t s = 0; s < L; ++s) {
-            for (int64_t p = 0; p < P; ++p) dX[s * P + p] = D[h] * dY[s * P + p];
-            for (int64_t t = s; t < L; ++t) {
-              const T w = W[t * L + s];
-              for (int64_t p = 0; p < P; ++p) dX[s * P + p] += w * dY[t * P + p];
-            }
-          }
-          for (int64_t t = 0; t < L; ++t) {
-            T* dCt = &dC[t * N];
-            std::fill_n(dCt, N, T(0));
-            for (int64_t s = 0; s <= t; ++s) {
-              const T g = dCB[t * L + s];
-              for (int64_t n = 0; n < N; ++n) dCt[n] += g * Bm[s * N + n];
-            }
-          }
-          for (int64_t s = 0; s < L; ++s) {
-            T* dBs = &dB[s * N];
-            std::fill_n(dBs, N, T(0));
-            for (int64_t t = s; t < L; ++t) {
-              const T g = dCB[t * L + s];
-              for (int64_t n = 0; n < N; ++n) dBs[n] += g * Cm[t * N + n];
-            }
-          }
-
-          // ---- the state entering the chunk: y_t += exp(cum_t) S_in C_t ----
-          for (int64_t i = 0; i < PN; ++i) dS_in[i] = std::exp(cum_last) * dS[i];
-          for (int64_t t = 0; t < L; ++t) {
-            const T decay_in = std::exp(cum[t]);
-            const T* dyt = &dY[t * P];
-            T read = 0;  // dy_t . (S_in C_t)
-            for (int64_t p = 0; p < P; ++p) {
-              read += dyt[p] * dot(&S_in[p * N], &Cm[t * N], N);
-              const T g = decay_in * dyt[p];
-              for (int64_t n = 0; n < N; ++n) {
-                dC[t * N + n] += g * S_in[p * N + n];
-                dS_in[p * N + n] += g * Cm[t * N + n];
-              }
-            }
-            dcum[t] += decay_in * read;
-          }
-
-          // ---- the state leaving the chunk ----
-          {
-            T carried = 0;  // dS . S_in, through exp(cum_last) S_in
-            for (int64_t i = 0; i < PN; ++i) carried += dS[i] * S_in[i];
-            dcum[L - 1] += std::exp(cum_last) * carried;
-          }
-          for (int64_t s = 0; s < L; ++s) {
-            const T decay_out = std::exp(cum_last - cum[s]);
-            const T coef = decay_out * ck.dt[s];
-            T* dSB = v_P.data();  // dS B_s  [P]
-            T* dSx = v_N.data();  // dS^T x_s [N]
-            std::fill_n(dSx, N, T(0));
-            for (int64_t p = 0; p < P; ++p) {
-              dSB[p] = dot(&dS[p * N], &Bm[s * N], N);
-              const T xp = x[s * P + p];
-              for (int64_t n = 0; n < N; ++n) dSx[n] += dS[p * N + n] * xp;
-            }
-            for (int64_t p = 0; p < P; ++p) dX[s * P + p] += coef * dSB[p];
-            for (int64_t n = 0; n < N; ++n) dB[s * N + n] += coef * dSx[n];
-            const T xSB = decay_out * dot(&x[s * P], dSB, P);  // d(term)/d(dt_s)
-            ddt_explicit[s] += xSB;
-            dcum[L - 1] += xSB * ck.dt[s];
-            dcum[s] -= xSB * ck.dt[s];
-          }
-
-          // ---- through the cumulative sum, the softplus, and out ----
-          T da = 0;  // dL/da_s = sum_{t>=s} dcum_t, accumulated backwards
-          for (int64_t s = L - 1; s >= 0; --s) {
-            da += dcum[s];
-            const T ddt_s = ddt_explicit[s] + da * A;
-            dA_sum += da * ck.dt[s];
-            const T ddt_raw = ddt_s * softplus_grad(ck.dt_in[s]);
-            ddt[(tok0 + s) * ld_ddt + h] = ddt_raw;
-            d_dt_bias_sum += ddt_raw;
-          }
-          dD_sum += dot(dY.data(), x, L * P);
-          for (int64_t t = 0; t < L; ++t) {
-            std::copy_n(&dX[t * P], P, dxBC + (tok0 + t) * lay.conv_dim + lay.x_col(h));
-            T* dBC_t = &dBC_head[(bh * d.seqlen + t0 + t) * 2 * N];
-            std::copy_n(&dB[t * N], N, dBC_t);
-            std::copy_n(&dC[t * N], N, dBC_t + N);
-          }
-          std::swap(dS, dS_in);  // dL/dstate_out of the previous chunk
-        }
-        if (d_initial_state) std::copy_n(dS.data(), PN, d_initial_state + state_off);
-        dD_bh[bh] = dD_sum;
-        dA_log_bh[bh] = dA_sum * A;  // dA/dA_log = A
-        d_dt_bias_bh[bh] = d_dt_bias_sum;
-      }
-    }
-
-    // B and C of a group: sum over its heads, in head order.
 #pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < d.batch; ++b) {
       for (int64_t g = 0; g < d.ngroups; ++g) {
-        const int64_t h0 = g * lay.heads_per_group;
-        for (int64_t t = 0; t < d.seqlen; ++t) {
-          T* row = dxBC + (b * d.seqlen + t) * lay.conv_dim;
-          T* dBt = row + lay.B_col(h0);
-          T* dCt = row + lay.C_col(h0);
-          std::fill_n(dBt, N, T(0));
-          std::fill_n(dCt, N, T(0));
-          for (int64_t h = h0; h < h0 + lay.heads_per_group; ++h) {
-            const T* src = &dBC_head[((b * d.nheads + h) * d.seqlen + t) * 2 * N];
-            for (int64_t n = 0; n < N; ++n) {
-              dBt[n] += src[n];
-              dCt[n] += src[N + n];
-            }
+        const int64_t h0 = g * hpg;
+        const int64_t states_off = (b * d.nheads + h0) * PN;
+        auto S_in_of = [&](int64_t hh, int64_t c) { return &states_in[(hh * nchunks + c) * PN]; };
+
+        // Forward over chunks only to recover the state entering each chunk.
+        for (int64_t hh = 0; hh < hpg; ++hh)
+          for (int64_t i = 0; i < PN; ++i)
+            S_in_of(hh, 0)[i] = initial_state ? initial_state[states_off + hh * PN + i] : T(0);
+        for (int64_t c = 0; c + 1 < nchunks; ++c) {
+          const int64_t t0 = c * d.chunk, tok0 = b * d.seqlen + t0;
+          gc.load(lay, xBC, g, tok0, std::min(d.chunk, d.seqlen - t0), /*with_CB=*/false);
+          for (int64_t hh = 0; hh < hpg; ++hh) {
+            const int64_t h = h0 + hh;
+            hc.load(lay, gc, xBC, dt, ld_dt, dt_bias[h], -std::exp(A_log[h]), h, tok0);
+            std::copy_n(S_in_of(hh, c), PN, S_in_of(hh, c + 1));
+            advance_state(hc, P, N, S_in_of(hh, c + 1));
           }
+        }
+
+        for (int64_t i = 0; i < hpg * PN; ++i)
+          dS[i] = dfinal_state ? dfinal_state[states_off + i] : T(0);
+        std::fill(dD_sum.begin(), dD_sum.end(), T(0));
+        std::fill(dA_sum.begin(), dA_sum.end(), T(0));
+        std::fill(d_dt_bias_sum.begin(), d_dt_bias_sum.end(), T(0));
+
+        for (int64_t c = nchunks - 1; c >= 0; --c) {
+          const int64_t t0 = c * d.chunk, tok0 = b * d.seqlen + t0;
+          gc.load(lay, xBC, g, tok0, std::min(d.chunk, d.seqlen - t0), /*with_CB=*/true);
+          const int64_t L = gc.len;
+          const T* CB = gc.CB.data();
+          std::fill_n(dCB.begin(), L * L, T(0));
+          std::fill_n(dB.begin(), L * N, T(0));
+          std::fill_n(dC.begin(), L * N, T(0));
+
+          for (int64_t hh = 0; hh < hpg; ++hh) {
+            const int64_t h = h0 + hh;
+            const T A = -std::exp(A_log[h]);
+            hc.load(lay, gc, xBC, dt, ld_dt, dt_bias[h], A, h, tok0);
+            const T* x = hc.x.data();
+            const T* S_in = S_in_of(hh, c);
+            T* dS_h = &dS[hh * PN];
+            for (int64_t t = 0; t < L; ++t)
+              std::copy_n(dy + (tok0 + t) * lay.d_inner + lay.x_col(h), P, &dY[t * P]);
+            std::fill_n(dcum.begin(), L, T(0));
+            std::fill_n(ddt_explicit.begin(), L, T(0));
+
+            // ---- intra-chunk (quadratic) part ----
+            gemm(false, true, L, L, P, T(1), dY.data(), P, x, P, T(0), dW.data(), L);  // dY x^T
+            decay_matrix(hc, E.data());
+            decay_mask(hc, E.data(), CB, W.data());
+            for (int64_t t = 0; t < L; ++t) {
+              for (int64_t s = 0; s <= t; ++s) {
+                const int64_t i = t * L + s;
+                dCB[i] += dW[i] * E[i] * hc.dt[s];
+                ddt_explicit[s] += dW[i] * E[i] * CB[i];
+                dW[i] *= W[i];  // now the gradient reaching the factor exp(cum_t - cum_s)
+              }
+              // ... which sends +dW[t][s] to dcum_t, -dW[t][s] to dcum_s (not on the diagonal:
+              // E = 1 there, no cum in it)
+              for (int64_t s = 0; s < t; ++s) dcum[t] += dW[t * L + s];
+              for (int64_t s = 0; s < t; ++s) dcum[s] -= dW[t * L + s];
+            }
+            for (int64_t i = 0; i < L * P; ++i) dX[i] = D[h] * dY[i];
+            gemm(true, false, L, P, L, T(1), W.data(), L, dY.data(), P, T(1), dX.data(), P);
+
+            // ---- the state entering the chunk: y_t += exp(cum_t) S_in C_t ----
+            // G_t = S_in^T dy_t: dC_t += exp(cum_t) G_t, and dy_t . (S_in C_t) = G_t . C_t.
+            gemm(false, false, L, N, P, T(1), dY.data(), P, S_in, N, T(0), G.data(), N);
+            for (int64_t t = 0; t < L; ++t) {
+              for (int64_t n = 0; n < N; ++n) dC[t * N + n] += hc.decay_in[t] * G[t * N + n];
+              dcum[t] += dot(&G[t * N], &hc.C_in[t * N], N);
+            }
+            // dS_in = exp(cum_last) dS + dY^T C_in
+            std::copy_n(dS_h, PN, dS_in.data());
+            gemm(true, false, P, N, L, T(1), dY.data(), P, hc.C_in.data(), N, hc.decay_all(),
+                 dS_in.data(), N);
+
+            // ---- the state leaving the chunk ----
+            // through exp(cum_last) S_in
+            dcum[L - 1] += hc.decay_all() * dot(dS_h, S_in, PN);
+            // through x_s B_out_s^T: dX += B_out dS^T, dB_s += exp(cum_last - cum_s) dt_s dS^T x_s
+            gemm(false, true, L, P, N, T(1), hc.B_out.data(), N, dS_h, N, T(1), dX.data(), P);
+            gemm(false, false, L, N, P, T(1), x, P, dS_h, N, T(0), dSx.data(), N);  // dS^T x_s
+            for (int64_t s = 0; s < L; ++s) {
+              const T coef = hc.decay_out[s] * hc.dt[s];
+              for (int64_t n = 0; n < N; ++n) dB[s * N + n] += coef * dSx[s * N + n];
+              // d(term)/d(dt_s) = exp(cum_last - cum_s) x_s^T dS B_s
+              const T xSB = hc.decay_out[s] * dot(&dSx[s * N], &gc.B[s * N], N);
+              ddt_explicit[s] += xSB;
+              dcum[L - 1] += xSB * hc.dt[s];
+              dcum[s] -= xSB * hc.dt[s];
+            }
+
+            // ---- through the cumulative sum, the softplus, and out ----
+            T da = 0;  // dL/da_s = sum_{t>=s} dcum_t, accumulated backwards
+            for (int64_t s = L - 1; s >= 0; --s) {
+              da += dcum[s];
+              const T ddt_s = ddt_explicit[s] + da * A;
+              dA_sum[hh] += da * hc.dt[s];
+              const T ddt_raw = ddt_s * softplus_grad(hc.dt_in[s]);
+              ddt[(tok0 + s) * ld_ddt + h] = ddt_raw;
+              d_dt_bias_sum[hh] += ddt_raw;
+            }
+            dD_sum[hh] += dot(dY.data(), x, L * P);
+            for (int64_t t = 0; t < L; ++t)
+              std::copy_n(&dX[t * P], P, dxBC + (tok0 + t) * lay.conv_dim + lay.x_col(h));
+            std::copy_n(dS_in.data(), PN, dS_h);  // dL/dstate_out of the previous chunk
+          }
+
+          // The intra-chunk part of dB and dC, for all heads of the group at once.
+          gemm(false, false, L, N, L, T(1), dCB.data(), L, gc.B.data(), N, T(1), dC.data(), N);
+          gemm(true, false, L, N, L, T(1), dCB.data(), L, gc.C.data(), N, T(1), dB.data(), N);
+          for (int64_t t = 0; t < L; ++t) {
+            T* row = dxBC + (tok0 + t) * lay.conv_dim;
+            std::copy_n(&dB[t * N], N, row + lay.B_col(g));
+            std::copy_n(&dC[t * N], N, row + lay.C_col(g));
+          }
+        }
+        if (d_initial_state) std::copy_n(dS.data(), hpg * PN, d_initial_state + states_off);
+        for (int64_t hh = 0; hh < hpg; ++hh) {
+          const int64_t h = h0 + hh, bh = b * d.nheads + h;
+          dD_bh[bh] = dD_sum[hh];
+          dA_log_bh[bh] = dA_sum[hh] * -std::exp(A_log[h]);  // dA/dA_log = A
+          d_dt_bias_bh[bh] = d_dt_bias_sum[hh];
         }
       }
     }
