@@ -306,8 +306,10 @@ TEST(CudaDeterminism, WorkspaceLayoutHost) {
                  N = d.dstate, G = d.ngroups, L = d.seqlen;
     char* base = reinterpret_cast<char*>(uintptr_t(1) << 40);
     SsdWorkspace w;
-    const size_t total = carve_workspace(d, base, true, &w);
-    EXPECT_EQ(total, ssd::cuda::ssd_workspace_bytes(d));
+    const size_t total = carve_workspace(d, base, true, &w);  // variant 1's layout
+    SsdWorkspace w_default;  // the layout ssd_workspace_bytes sizes: the default variant's
+    EXPECT_EQ(carve_workspace(d, base, true, &w_default, ssd::cuda::ssd_variant() == 2),
+              ssd::cuda::ssd_workspace_bytes(d));
     const size_t nq = B * H * nc * Q, ns = static_cast<size_t>(bc_bwd_splits(d));
     EXPECT_EQ(static_cast<size_t>(q_slice(d)), nq);
     struct Piece {
