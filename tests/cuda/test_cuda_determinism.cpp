@@ -26,11 +26,14 @@
 #ifdef SSD_HAVE_CUDA
 #include <cuda_runtime.h>
 
+#include "cuda/cuda_testutil.h"
 #include "ssd.h"
 #include "ssd_common.cuh"
 #endif
 
 namespace {
+
+using namespace ssdtest;
 
 using namespace ssd;
 
@@ -65,51 +68,6 @@ bool finite_and_nonzero(const std::vector<T>& v) {
 // ------------------------------------------------------------------------ (a) SSD backward
 
 #ifdef SSD_HAVE_CUDA
-
-#define CUDA_OK(x)                                               \
-  do {                                                           \
-    const cudaError_t e_ = (x);                                  \
-    ASSERT_EQ(e_, cudaSuccess) << #x << ": " << cudaGetErrorString(e_); \
-  } while (0)
-
-uint16_t to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-float from_bf16(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-std::vector<uint16_t> round_bf16(std::vector<float>& v) {
-  std::vector<uint16_t> b(v.size());
-  for (size_t i = 0; i < v.size(); ++i) {
-    b[i] = to_bf16(v[i]);
-    v[i] = from_bf16(b[i]);
-  }
-  return b;
-}
-
-template <class T>
-struct DevBuf {
-  T* p = nullptr;
-  size_t n = 0;
-  explicit DevBuf(size_t count) : n(count) {
-    if (cudaMalloc(&p, std::max<size_t>(count, 1) * sizeof(T)) != cudaSuccess) p = nullptr;
-  }
-  DevBuf(const DevBuf&) = delete;
-  ~DevBuf() { cudaFree(p); }
-  void up(const std::vector<T>& h) { cudaMemcpy(p, h.data(), n * sizeof(T), cudaMemcpyHostToDevice); }
-  std::vector<T> down() const {
-    std::vector<T> h(n);
-    cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost);
-    return h;
-  }
-};
 
 struct SsdOut {
   std::vector<uint16_t> dxBC, ddt;

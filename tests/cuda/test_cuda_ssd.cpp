@@ -20,10 +20,13 @@
 #ifdef SSD_HAVE_CUDA
 #include <cuda_runtime.h>
 
+#include "cuda/cuda_testutil.h"
 #include "ssd.h"
 #endif
 
 namespace {
+
+using namespace ssdtest;
 
 #ifdef SSD_HAVE_CUDA
 
@@ -35,49 +38,6 @@ bool have_gpu() {
   int n = 0;
   return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
 }
-
-#define CUDA_OK(x) ASSERT_EQ((x), cudaSuccess) << cudaGetErrorString(x)
-
-// float <-> bf16 bits, round to nearest even (the test's own, host side).
-uint16_t to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-float from_bf16(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-// Rounds v to bf16 in place; returns the bits.
-std::vector<uint16_t> round_bf16(std::vector<float>& v) {
-  std::vector<uint16_t> b(v.size());
-  for (size_t i = 0; i < v.size(); ++i) {
-    b[i] = to_bf16(v[i]);
-    v[i] = from_bf16(b[i]);
-  }
-  return b;
-}
-
-template <class T>
-struct DevBuf {
-  T* p = nullptr;
-  size_t n = 0;
-  explicit DevBuf(size_t count) : n(count) {
-    if (cudaMalloc(&p, std::max<size_t>(count, 1) * sizeof(T)) != cudaSuccess) p = nullptr;
-  }
-  DevBuf(const DevBuf&) = delete;
-  ~DevBuf() { cudaFree(p); }
-  void up(const std::vector<T>& h) { cudaMemcpy(p, h.data(), n * sizeof(T), cudaMemcpyHostToDevice); }
-  std::vector<T> down() const {
-    std::vector<T> h(n);
-    cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost);
-    return h;
-  }
-};
 
 struct Case {
   int64_t batch, seqlen, nheads, headdim, ngroups, dstate, chunk;
