@@ -211,7 +211,8 @@ int bench_train(const std::vector<std::string>& in) {
   no_more(args, "bench train");
   const int64_t steps = steps_s.empty() ? 10 : std::stoll(steps_s);
   auto be = make_backend_for(cfg, 0);
-  Mamba2LM model(cfg.model, *be, cfg.train.micro_batch, cfg.train.seq_len);
+  Mamba2LM model(cfg.model, *be, cfg.train.micro_batch, cfg.train.seq_len,
+                 cfg.train.recompute == "layers");
   model.init(cfg.train.seed);
   auto data = make_data_source(cfg, 0, 1);
   const int64_t B = cfg.train.micro_batch, L = cfg.train.seq_len, T = B * L;
@@ -250,8 +251,8 @@ int bench_train(const std::vector<std::string>& in) {
                            (m.chunk_size * m.headdim + 2.0 * m.d_state * m.headdim);
   const double tok_s = T / med;
   const double mfu = (6 * params + ssd_flops) * tok_s / 790e12;
-  std::printf("bench train: backend %s, %.0f params, batch %lld x seqlen %lld\n",
-              be->name().c_str(), params, (long long)B, (long long)L);
+  std::printf("bench train: backend %s, %.0f params, batch %lld x seqlen %lld, recompute %s\n",
+              be->name().c_str(), params, (long long)B, (long long)L, cfg.train.recompute.c_str());
   std::printf("step median %.3f ms over %lld steps | %.0f tokens/s | MFU %.1f%% (of 790 TFLOP/s)",
               med * 1e3, (long long)steps, tok_s, mfu * 100);
   if (int64_t peak = be->peak_memory_bytes(); peak > 0)

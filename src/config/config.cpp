@@ -96,6 +96,7 @@ const std::vector<Field>& fields() {
       field("train.init_from", &Config::train, &TrainConfig::init_from),
       field("train.on_nan", &Config::train, &TrainConfig::on_nan),
       field("train.stop_after", &Config::train, &TrainConfig::stop_after),
+      field("train.recompute", &Config::train, &TrainConfig::recompute),
 
       field("data.kind", &Config::data, &DataConfig::kind),
       field("data.path", &Config::data, &DataConfig::path),
@@ -262,6 +263,8 @@ void validate(const Config& c) {
   if (!(t.beta2 >= 0 && t.beta2 < 1)) fail("config key 'train.beta2' must be in [0, 1), got ", t.beta2);
   positive("train.adam_eps", t.adam_eps);
   non_negative("train.stop_after", t.stop_after);
+  if (t.recompute != "none" && t.recompute != "layers")
+    fail("config key 'train.recompute' must be none or layers, got '", t.recompute, "'");
   if (t.on_nan != "stop" && t.on_nan != "skip")
     fail("config key 'train.on_nan' must be stop or skip, got '", t.on_nan, "'");
   if (t.resume.empty()) fail("config key 'train.resume' must be auto, never or a checkpoint path");

@@ -48,6 +48,9 @@ struct TrainConfig {
   std::string resume = "auto";     // auto | never | PATH
   std::string init_from = "";      // exported model directory to start from
   std::string on_nan = "stop";     // stop | skip
+  std::string recompute = "none";  // none | layers: keep only each layer's input and residual,
+                                   // recompute the rest in the backward (less memory, ~1/3 more
+                                   // compute)
   int64_t stop_after = 0;          // stop (with a checkpoint) after this many steps of this
                                    // invocation; 0: run to max_steps. For time-limited jobs.
 };

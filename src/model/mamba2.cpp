@@ -4,8 +4,10 @@
 
 namespace ssd {
 
-Mamba2LM::Mamba2LM(const ModelConfig& cfg, Backend& be, int64_t batch, int64_t seqlen)
-    : cfg_(cfg), be_(be), batch_(batch), seqlen_(seqlen), T_(batch * seqlen) {
+Mamba2LM::Mamba2LM(const ModelConfig& cfg, Backend& be, int64_t batch, int64_t seqlen,
+                   bool recompute_activations)
+    : cfg_(cfg), be_(be), batch_(batch), seqlen_(seqlen), T_(batch * seqlen),
+      recompute_(recompute_activations) {
   table_ = param_table(cfg_);
   if (std::string why = be_.ssd_unsupported(ssd_dims()); !why.empty())
     fail("the ", be_.name(), " backend cannot run this model: ", why);
@@ -38,8 +40,11 @@ Mamba2LM::Mamba2LM(const ModelConfig& cfg, Backend& be, int64_t batch, int64_t s
   targets_ = be_.alloc({T_}, DType::I32);
   x_ = be_.alloc({T_, D}, cmp);
   for (int i = 0; i < cfg_.n_layer; ++i) {
+    residual_.push_back(be_.alloc({T_, D}, acc));
+    if (recompute_) x_in_.push_back(be_.alloc({T_, D}, cmp));
+  }
+  for (int i = 0; i < (recompute_ ? 1 : cfg_.n_layer); ++i) {
     LayerActs a;
-    a.residual = be_.alloc({T_, D}, acc);
     a.rstd = be_.alloc({T_}, acc);
     a.hidden = be_.alloc({T_, D}, cmp);
     a.zxbcdt = be_.alloc({T_, cfg_.d_in_proj()}, cmp);
@@ -133,8 +138,7 @@ SsdDims Mamba2LM::ssd_dims() const {
   return d;
 }
 
-SsdInputs Mamba2LM::ssd_inputs(int i) const {
-  const auto& a = acts_[i];
+SsdInputs Mamba2LM::ssd_inputs(int i, const LayerActs& a) const {
   const auto& p = lp_[i];
   SsdInputs in;
   in.xBC = a.xBC;
@@ -150,25 +154,27 @@ void Mamba2LM::upload_tokens(const int32_t* tokens, const int32_t* targets) {
   if (targets) be_.upload(targets_, targets);
 }
 
-void Mamba2LM::forward() {
+void Mamba2LM::layer_forward(int i, bool with_output) {
   const double eps = cfg_.norm_eps;
   const int64_t Di = cfg_.d_inner();
-  be_.embedding_fwd(tokens_, w(emb_), x_);
-  for (int i = 0; i < cfg_.n_layer; ++i) {
-    auto& a = acts_[i];
-    const auto& p = lp_[i];
-    const Tensor* res_in = i == 0 ? nullptr : &acts_[i - 1].residual;
-    be_.add_rmsnorm_fwd(x_, res_in, params_[p.norm], eps, a.residual, a.hidden, a.rstd);
-    be_.linear_fwd(a.hidden, w(p.in_proj), a.zxbcdt);
-    be_.conv1d_silu_fwd(cols(a.zxbcdt, Di, cfg_.conv_dim()), batch_, seqlen_, params_[p.conv_w],
-                        params_[p.conv_b], a.xBC);
-    be_.ssd_fwd(ssd_dims(), ssd_inputs(i), a.y, nullptr);
-    be_.gated_rmsnorm_fwd(a.y, cols(a.zxbcdt, 0, Di), params_[p.gnorm], Di / cfg_.ngroups, eps,
-                          a.ynorm, a.grstd);
-    be_.linear_fwd(a.ynorm, w(p.out_proj), x_);
-  }
-  be_.add_rmsnorm_fwd(x_, &acts_.back().residual, params_[norm_f_], eps, res_f_, hidden_f_,
-                      rstd_f_);
+  auto& a = acts(i);
+  const auto& p = lp_[i];
+  const Tensor* res_in = i == 0 ? nullptr : &residual_[i - 1];
+  be_.add_rmsnorm_fwd(input(i), res_in, params_[p.norm], eps, residual_[i], a.hidden, a.rstd);
+  be_.linear_fwd(a.hidden, w(p.in_proj), a.zxbcdt);
+  be_.conv1d_silu_fwd(cols(a.zxbcdt, Di, cfg_.conv_dim()), batch_, seqlen_, params_[p.conv_w],
+                      params_[p.conv_b], a.xBC);
+  be_.ssd_fwd(ssd_dims(), ssd_inputs(i, a), a.y, nullptr);
+  be_.gated_rmsnorm_fwd(a.y, cols(a.zxbcdt, 0, Di), params_[p.gnorm], Di / cfg_.ngroups, eps,
+                        a.ynorm, a.grstd);
+  if (with_output) be_.linear_fwd(a.ynorm, w(p.out_proj), input(i + 1));
+}
+
+void Mamba2LM::forward() {
+  be_.embedding_fwd(tokens_, w(emb_), input(0));
+  for (int i = 0; i < cfg_.n_layer; ++i) layer_forward(i, true);
+  be_.add_rmsnorm_fwd(x_, &residual_.back(), params_[norm_f_], cfg_.norm_eps, res_f_,
+                      hidden_f_, rstd_f_);
 }
 
 void Mamba2LM::forward_loss(const int32_t* tokens, const int32_t* targets, Tensor& stats) {
@@ -185,7 +191,6 @@ std::vector<float> Mamba2LM::logits(const int32_t* tokens) {
   be_.linear_fwd(hidden_f_, w(emb_), out);
   Tensor out_acc = be_.alloc({T_, V}, be_.accum_dtype());
   be_.convert(out, out_acc);
-  Tensor host32 = out_acc;
   std::vector<float> result(T_ * V);
   if (out_acc.dtype == DType::F32) {
     be_.download(result.data(), out_acc);
@@ -212,7 +217,10 @@ void Mamba2LM::forward_backward(const int32_t* tokens, const int32_t* targets,
   be_.add_rmsnorm_bwd(d_hidden_, nullptr, res_f_, params_[norm_f_], rstd_f_, d_res_[cur],
                       grads_[norm_f_]);
   for (int i = cfg_.n_layer - 1; i >= 0; --i) {
-    auto& a = acts_[i];
+    // Recomputation: the layer's activations again, from its saved input and residual (same
+    // inputs, same ops: the same values). The residual it rewrites is unchanged.
+    if (recompute_) layer_forward(i, false);
+    auto& a = acts(i);
     const auto& p = lp_[i];
     // Mixer output gradient in compute dtype.
     const Tensor* dout = &d_res_[cur];
@@ -230,13 +238,13 @@ void Mamba2LM::forward_backward(const int32_t* tokens, const int32_t* targets,
     g.d_dt_bias = grads_[p.dt_bias];
     g.dA_log = grads_[p.A_log];
     g.dD = grads_[p.D];
-    be_.ssd_bwd(ssd_dims(), ssd_inputs(i), d_y_, nullptr, g);
+    be_.ssd_bwd(ssd_dims(), ssd_inputs(i, a), d_y_, nullptr, g);
     ColSlice dxbc_in = cols(d_zxbcdt_, Di, conv_dim);
     be_.conv1d_silu_bwd(cols(a.zxbcdt, Di, conv_dim), batch_, seqlen_, params_[p.conv_w],
                         params_[p.conv_b], d_xBC_, dxbc_in, grads_[p.conv_w], grads_[p.conv_b]);
     be_.linear_bwd(a.hidden, w(p.in_proj), d_zxbcdt_, &d_hidden_, grads_[p.in_proj]);
     // Through this layer's add + norm: the residual gradient before layer i.
-    be_.add_rmsnorm_bwd(d_hidden_, &d_res_[cur], a.residual, params_[p.norm], a.rstd,
+    be_.add_rmsnorm_bwd(d_hidden_, &d_res_[cur], residual_[i], params_[p.norm], a.rstd,
                         d_res_[1 - cur], grads_[p.norm]);
     cur = 1 - cur;
   }

@@ -1,7 +1,9 @@
 // The Mamba-2 language model, written once against the Backend interface:
 //   embedding -> n_layer x [residual add + RMSNorm -> Mamba2 mixer] -> add + norm_f -> tied head
 // Mixer: in_proj -> [z | xBC | dt]; conv1d+SiLU on xBC; SSD; gated RMSNorm with z; out_proj.
-// Buffers are allocated once for a fixed (batch, seqlen); every step reuses them.
+// Buffers are allocated once for a fixed (batch, seqlen); every step reuses them. With
+// activation recomputation, only each layer's input and residual are kept from the forward;
+// the backward runs each layer's forward again, into one shared set of buffers.
 #pragma once
 #include <array>
 #include <vector>
@@ -14,7 +16,8 @@ namespace ssd {
 
 class Mamba2LM {
  public:
-  Mamba2LM(const ModelConfig& cfg, Backend& be, int64_t batch, int64_t seqlen);
+  Mamba2LM(const ModelConfig& cfg, Backend& be, int64_t batch, int64_t seqlen,
+           bool recompute_activations = false);
 
   const ModelConfig& config() const { return cfg_; }
   const std::vector<ParamSpec>& table() const { return table_; }
@@ -49,7 +52,6 @@ class Mamba2LM {
 
  private:
   struct LayerActs {
-    Tensor residual;  // residual stream after this layer's add (accum)
     Tensor rstd;      // [T] of the pre-mixer RMSNorm
     Tensor hidden;    // normalised input of the mixer [T, d_model]
     Tensor zxbcdt;    // in_proj output [T, d_in_proj]
@@ -65,9 +67,14 @@ class Mamba2LM {
 
   void upload_tokens(const int32_t* tokens, const int32_t* targets);
   void forward();
+  // Layer i's forward from its input; the out_proj (the layer's output) only when asked.
+  void layer_forward(int i, bool with_output);
+  LayerActs& acts(int i) { return acts_[recompute_ ? 0 : i]; }
+  // Layer i reads input(i) and writes input(i + 1); the last layer writes x_.
+  Tensor& input(int i) { return recompute_ && i < cfg_.n_layer ? x_in_[i] : x_; }
   const Tensor& w(int idx) const { return compute_[idx]; }
   SsdDims ssd_dims() const;
-  SsdInputs ssd_inputs(int layer) const;
+  SsdInputs ssd_inputs(int layer, const LayerActs& a) const;
 
   ModelConfig cfg_;
   Backend& be_;
@@ -77,9 +84,12 @@ class Mamba2LM {
   std::vector<LayerParams> lp_;
   int emb_ = 0, norm_f_ = 0;
 
+  bool recompute_ = false;
   Tensor tokens_, targets_;
   Tensor x_;                 // embedding / mixer output, input of the next add [T, d_model]
-  std::vector<LayerActs> acts_;
+  std::vector<Tensor> x_in_;      // recompute: each layer's input [T, d_model]
+  std::vector<Tensor> residual_;  // residual stream after each layer's add (accum)
+  std::vector<LayerActs> acts_;   // one per layer, or one shared set when recomputing
   Tensor res_f_, rstd_f_, hidden_f_;
   // backward scratch (shared by all layers)
   Tensor d_hidden_, d_ynorm_, d_y_, d_xBC_, d_zxbcdt_, d_res_[2], d_x_;

@@ -99,7 +99,8 @@ class Trainer {
       : cfg_(cfg), grid_(ProcessGrid::world()),
         be_(make_backend_for(cfg, grid_.local_rank())),
         data_(make_data_source(cfg, grid_.rank(), grid_.size())),
-        model_(cfg.model, *be_, cfg.train.micro_batch, cfg.train.seq_len) {
+        model_(cfg.model, *be_, cfg.train.micro_batch, cfg.train.seq_len,
+               cfg.train.recompute == "layers") {
     const auto& t = model_.table();
     for (size_t i = 0; i < t.size(); ++i) {
       Tensor m = be_->alloc(t[i].shape, be_->accum_dtype());

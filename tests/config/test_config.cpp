@@ -660,3 +660,8 @@ TEST(ConfigRoundTrip, StringsThatLookLikeOtherYaml) {
 }
 
 }  // namespace
+
+TEST(ConfigErrors, RecomputeMustBeNoneOrLayers) {
+  expect_set_error({"train.recompute=all"}, {"train.recompute", "all"});
+  EXPECT_NO_THROW(parse_config(default_yaml(), {"train.recompute=layers"}, "d"));
+}

@@ -193,3 +193,13 @@ TEST(Train, NonFiniteLossStopsAndKeepsTheLastGoodCheckpoint) {
   fs::remove_all(dir);
   fs::remove_all(dir2);
 }
+
+TEST(Train, RecomputationTrainsTheSameRun) {
+  fs::path a = fresh_dir("rc_a"), b = fresh_dir("rc_b");
+  ssd::train(ssd::parse_config(kSmall, {"train.max_steps=6", "run.dir=" + a.string()}, "t"));
+  ssd::train(ssd::parse_config(
+      kSmall, {"train.max_steps=6", "run.dir=" + b.string(), "train.recompute=layers"}, "t"));
+  EXPECT_EQ(ssdtest::read_losses(a / "metrics.jsonl"), ssdtest::read_losses(b / "metrics.jsonl"));
+  fs::remove_all(a);
+  fs::remove_all(b);
+}
