@@ -1,4 +1,6 @@
 // Causal depthwise conv1d over time + SiLU, forward and backward.
+#include <type_traits>
+
 #include "common.cuh"
 #include "ops.h"
 
@@ -164,6 +166,18 @@ __global__ void __launch_bounds__(kCols)
   part_b[blockIdx.y * C + c] = accb;
 }
 
+// Calls f(std::integral_constant<int, K>) for the widths compiled specially (2, 3, 4: the
+// unrolled kernels), f(integral_constant<int, 0>) for the runtime-width kernel otherwise.
+template <class F>
+void with_width(int K, F&& f) {
+  switch (K) {
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    default: f(std::integral_constant<int, 0>{}); break;
+  }
+}
+
 }  // namespace
 
 void conv1d_silu_fwd(const bf16* in, int64_t ld_in, int64_t batch, int64_t seqlen, int64_t C,
@@ -178,20 +192,7 @@ void conv1d_silu_fwd(const bf16* in, int64_t ld_in, int64_t batch, int64_t seqle
   auto go = [&](auto kernel) {
     kernel<<<grid, kCols, 0, stream>>>(in, ld_in, ntok, seqlen, C, w, bias, K, out);
   };
-  switch (K) {
-    case 2:
-      go(conv1d_silu_fwd_k<2>);
-      break;
-    case 3:
-      go(conv1d_silu_fwd_k<3>);
-      break;
-    case 4:
-      go(conv1d_silu_fwd_k<4>);
-      break;
-    default:
-      go(conv1d_silu_fwd_k<0>);
-      break;
-  }
+  with_width(K, [&](auto kt) { go(conv1d_silu_fwd_k<decltype(kt)::value>); });
   check_launch("conv1d_silu_fwd");
 }
 
@@ -216,20 +217,7 @@ void conv1d_silu_bwd(const bf16* in, int64_t ld_in, int64_t batch, int64_t seqle
     kernel<<<grid, kCols, 0, stream>>>(in, ld_in, ntok, seqlen, C, w, bias, K, dout, din, ld_din,
                                        part_w, part_b);
   };
-  switch (K) {
-    case 2:
-      go(conv1d_silu_bwd_k<2>);
-      break;
-    case 3:
-      go(conv1d_silu_bwd_k<3>);
-      break;
-    case 4:
-      go(conv1d_silu_bwd_k<4>);
-      break;
-    default:
-      go(conv1d_silu_bwd_k<0>);
-      break;
-  }
+  with_width(K, [&](auto kt) { go(conv1d_silu_bwd_k<decltype(kt)::value>); });
   check_launch("conv1d_silu_bwd");
   column_sum_accumulate(part_w, static_cast<int>(chunks), C * K, dw, stream);
   column_sum_accumulate(part_b, static_cast<int>(chunks), C, dbias, stream);

@@ -65,12 +65,6 @@ std::vector<std::string> take_sets(std::vector<std::string>& args) {
   return sets;
 }
 
-std::vector<HostTensor> expected_params(const ModelConfig& m) {
-  std::vector<HostTensor> e;
-  for (const auto& s : param_table(m)) e.push_back({s.name, s.shape, {}});
-  return e;
-}
-
 }  // namespace
 
 Config config_from_args(const std::vector<std::string>& in, std::vector<std::string>* rest) {
@@ -108,12 +102,10 @@ int cmd_eval(const std::vector<std::string>& in) {
   if (ckpt.empty()) fail("eval needs --checkpoint FILE");
   CheckpointData ck = read_checkpoint(ckpt);
   Config cfg = parse_config(ck.config_yaml, sets, ckpt + " (stored config)");
-  check_checkpoint_shapes(ck, expected_params(cfg.model));
+  check_checkpoint_shapes(ck, param_shapes(param_table(cfg.model)));
   auto be = make_backend_for(cfg, ProcessGrid::world().local_rank());
   Mamba2LM model(cfg.model, *be, cfg.train.micro_batch, cfg.train.seq_len);
-  std::vector<std::vector<float>> vals;
-  for (auto& p : ck.params) vals.push_back(std::move(p.data));
-  model.params_from_host(vals);
+  model.load_params(ck.params);
   auto data = make_data_source(cfg, 0, 1);
   const int64_t B = cfg.train.micro_batch, L = cfg.train.seq_len;
   std::vector<int32_t> tok(B * L), tgt(B * L);
@@ -144,7 +136,7 @@ int cmd_export(const std::vector<std::string>& in) {
     fail("--format must be hf or mamba_ssm, got '", format, "'");
   CheckpointData ck = read_checkpoint(ckpt);
   Config cfg = parse_config(ck.config_yaml, {}, ckpt + " (stored config)");
-  check_checkpoint_shapes(ck, expected_params(cfg.model));
+  check_checkpoint_shapes(ck, param_shapes(param_table(cfg.model)));
   if (format == "mamba_ssm" && cfg.model.norm_eps != 1e-5)
     std::fprintf(stderr, "warning: model.norm_eps is %g but mamba_ssm always uses 1e-5; the "
                  "exported model will compute slightly different outputs there\n", cfg.model.norm_eps);
@@ -162,12 +154,11 @@ int cmd_export(const std::vector<std::string>& in) {
     const int64_t L = 24;
     auto be = make_cpu_backend(DType::F32);
     Mamba2LM model(cfg.model, *be, 1, L);
-    std::vector<std::vector<float>> vals;
-    for (auto& p : ck.params) vals.push_back(p.data);
+    std::vector<HostTensor> weights = ck.params;
     if (dtype == "bf16")  // the reference sees the weights the export holds
-      for (auto& v : vals)
-        for (auto& x : v) x = bf16_to_fp32(fp32_to_bf16(x));
-    model.params_from_host(vals);
+      for (auto& t : weights)
+        for (auto& x : t.data) x = bf16_to_fp32(fp32_to_bf16(x));
+    model.load_params(weights);
     std::vector<int32_t> tok(L);
     for (int64_t t = 0; t < L; ++t) tok[t] = static_cast<int32_t>((t * 7 + 3) % cfg.model.vocab_size);
     auto logits = model.logits(tok.data());

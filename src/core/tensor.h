@@ -54,6 +54,13 @@ struct Tensor {
   Tensor rows(int64_t start, int64_t len) const;
 };
 
+// A named full (unsharded) fp32 tensor on the host: what checkpoints and exports hold.
+struct HostTensor {
+  std::string name;
+  Shape shape;
+  std::vector<float> data;
+};
+
 // Wraps memory the caller owns (host memory in tests, for example).
 Tensor borrow(void* data, DType dtype, Shape shape, Device device = Device::CPU);
 

@@ -12,12 +12,6 @@ namespace ssd {
 
 inline constexpr int64_t kCheckpointFormatVersion = 1;
 
-// A named full (unsharded) fp32 tensor on the host.
-struct HostTensor {
-  std::string name;
-  Shape shape;
-  std::vector<float> data;
-};
 
 struct CheckpointData {
   int64_t format_version = kCheckpointFormatVersion;

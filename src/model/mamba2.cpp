@@ -105,6 +105,25 @@ void Mamba2LM::params_from_host(const std::vector<std::vector<float>>& values) {
   refresh_compute_weights();
 }
 
+std::vector<HostTensor> Mamba2LM::named_params_to_host() {
+  auto values = params_to_host();
+  std::vector<HostTensor> out;
+  for (size_t i = 0; i < table_.size(); ++i)
+    out.push_back({table_[i].name, table_[i].shape, std::move(values[i])});
+  return out;
+}
+
+void Mamba2LM::load_params(const std::vector<HostTensor>& tensors) {
+  SSD_CHECK(tensors.size() == table_.size(), "got ", tensors.size(), " tensors");
+  std::vector<std::vector<float>> values;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    SSD_CHECK(tensors[i].name == table_[i].name, tensors[i].name, " where ", table_[i].name,
+              " belongs");
+    values.push_back(tensors[i].data);
+  }
+  params_from_host(values);
+}
+
 void Mamba2LM::refresh_compute_weights() {
   for (size_t i = 0; i < params_.size(); ++i)
     if (compute_[i].data != params_[i].data) be_.convert(params_[i], compute_[i]);

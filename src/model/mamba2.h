@@ -33,6 +33,9 @@ class Mamba2LM {
   // Host fp32 copies of the parameters, and loading from them (checkpoints, export, import).
   std::vector<std::vector<float>> params_to_host();
   void params_from_host(const std::vector<std::vector<float>>& values);
+  // The same with names: tensors in table order, named as the table (checked).
+  std::vector<HostTensor> named_params_to_host();
+  void load_params(const std::vector<HostTensor>& tensors);
   // Re-derives the compute-dtype copies of the GEMM weights; call after changing params.
   void refresh_compute_weights();
   void zero_grads();

@@ -64,6 +64,12 @@ void init_param(const ParamSpec& spec, const ModelConfig& m, uint64_t seed, floa
   }
 }
 
+std::vector<HostTensor> param_shapes(const std::vector<ParamSpec>& table) {
+  std::vector<HostTensor> out;
+  for (const auto& s : table) out.push_back({s.name, s.shape, {}});
+  return out;
+}
+
 int64_t count_params(const std::vector<ParamSpec>& table) {
   int64_t n = 0;
   for (const auto& p : table) n += shape_numel(p.shape);

@@ -43,4 +43,7 @@ void init_param(const ParamSpec& spec, const ModelConfig& m, uint64_t seed, floa
 
 int64_t count_params(const std::vector<ParamSpec>& table);
 
+// Names and shapes (no data) of the table: what a checkpoint or an export must hold.
+std::vector<HostTensor> param_shapes(const std::vector<ParamSpec>& table);
+
 }  // namespace ssd

@@ -155,12 +155,8 @@ void Trainer::start_state() {
 
   if (!resume_from.empty()) {
     CheckpointData ck = read_checkpoint(resume_from);
-    std::vector<HostTensor> expected;
-    for (const auto& s : model_.table()) expected.push_back({s.name, s.shape, {}});
-    check_checkpoint_shapes(ck, expected);
-    std::vector<std::vector<float>> vals;
-    for (auto& p : ck.params) vals.push_back(std::move(p.data));
-    model_.params_from_host(vals);
+    check_checkpoint_shapes(ck, param_shapes(model_.table()));
+    model_.load_params(ck.params);
     for (size_t i = 0; i < slots_.size(); ++i) {
       from_host_f32(*be_, slots_[i].m, ck.adam_m[i].data);
       from_host_f32(*be_, slots_[i].v, ck.adam_v[i].data);
@@ -175,36 +171,30 @@ void Trainer::start_state() {
     last_ckpt_ = resume_from;
     log("resumed from " + resume_from + " at step " + std::to_string(step_));
   } else if (!tc.init_from.empty()) {
-    std::vector<HostTensor> expected;
-    for (const auto& s : model_.table()) expected.push_back({s.name, s.shape, {}});
-    auto loaded = import_model(tc.init_from, cfg_.model, expected);
-    std::vector<std::vector<float>> vals;
-    for (auto& p : loaded) vals.push_back(std::move(p.data));
-    model_.params_from_host(vals);
+    model_.load_params(import_model(tc.init_from, cfg_.model, param_shapes(model_.table())));
     log("initialised weights from " + tc.init_from);
   }
 }
 
 void Trainer::save_checkpoint() {
-  // Every rank holds the same parameters and moments; rank 0 writes.
-  CheckpointData ck;
-  ck.step = step_;
-  ck.config_yaml = config_to_yaml(cfg_);
-  auto host = model_.params_to_host();
-  const auto& t = model_.table();
-  for (size_t i = 0; i < t.size(); ++i) {
-    ck.params.push_back({t[i].name, t[i].shape, std::move(host[i])});
-    ck.adam_m.push_back({t[i].name, t[i].shape, to_host_f32(*be_, slots_[i].m)});
-    ck.adam_v.push_back({t[i].name, t[i].shape, to_host_f32(*be_, slots_[i].v)});
-  }
-  // Every rank's data-loader position, so each rank resumes its own stream.
+  // Every rank's data-loader position, so each rank resumes its own stream (all ranks take
+  // part in the gather).
   const std::vector<uint64_t> mine = data_->state();
   const std::vector<uint64_t> all = grid_.allgather(mine);
-  for (int r = 0; r < grid_.size(); ++r)
-    ck.state["data." + std::to_string(r)] = {all.begin() + r * mine.size(),
-                                            all.begin() + (r + 1) * mine.size()};
-  ck.state["tokens_seen"] = {static_cast<uint64_t>(tokens_seen_)};
+  // Every rank holds the same parameters and moments: only rank 0 copies them out and writes.
   if (grid_.is_root()) {
+    CheckpointData ck;
+    ck.step = step_;
+    ck.config_yaml = config_to_yaml(cfg_);
+    ck.params = model_.named_params_to_host();
+    for (size_t i = 0; i < ck.params.size(); ++i) {
+      ck.adam_m.push_back({ck.params[i].name, ck.params[i].shape, to_host_f32(*be_, slots_[i].m)});
+      ck.adam_v.push_back({ck.params[i].name, ck.params[i].shape, to_host_f32(*be_, slots_[i].v)});
+    }
+    for (int r = 0; r < grid_.size(); ++r)
+      ck.state["data." + std::to_string(r)] = {all.begin() + r * mine.size(),
+                                              all.begin() + (r + 1) * mine.size()};
+    ck.state["tokens_seen"] = {static_cast<uint64_t>(tokens_seen_)};
     fs::create_directories(cfg_.checkpoint.dir);
     std::string path = checkpoint_path(cfg_.checkpoint.dir, step_);
     write_checkpoint(path, ck);

@@ -74,6 +74,16 @@ struct SsdOut {
   std::vector<float> dbias, dAlog, dD, dinit;
 };
 
+// Every output of two backward runs bit for bit; `why` names the second run in messages.
+void expect_same_outputs(const SsdOut& a, const SsdOut& b, const std::string& why) {
+  EXPECT_BITWISE_EQ(a.dxBC, b.dxBC, "dxBC" + why);
+  EXPECT_BITWISE_EQ(a.ddt, b.ddt, "ddt" + why);
+  EXPECT_BITWISE_EQ(a.dbias, b.dbias, "d_dt_bias" + why);
+  EXPECT_BITWISE_EQ(a.dAlog, b.dAlog, "dA_log" + why);
+  EXPECT_BITWISE_EQ(a.dD, b.dD, "dD" + why);
+  EXPECT_BITWISE_EQ(a.dinit, b.dinit, "d_initial_state" + why);
+}
+
 struct SsdCase {
   int64_t batch, seqlen, nheads, headdim, ngroups, dstate, chunk;
 };
@@ -163,12 +173,7 @@ void run_ssd_determinism(const SsdCase& c, int variant) {
   if (::testing::Test::HasFatalFailure()) return;
   run(0, nullptr, r2);
   if (::testing::Test::HasFatalFailure()) return;
-  EXPECT_BITWISE_EQ(r1.dxBC, r2.dxBC, "dxBC");
-  EXPECT_BITWISE_EQ(r1.ddt, r2.ddt, "ddt");
-  EXPECT_BITWISE_EQ(r1.dbias, r2.dbias, "d_dt_bias");
-  EXPECT_BITWISE_EQ(r1.dAlog, r2.dAlog, "dA_log");
-  EXPECT_BITWISE_EQ(r1.dD, r2.dD, "dD");
-  EXPECT_BITWISE_EQ(r1.dinit, r2.dinit, "d_initial_state");
+  expect_same_outputs(r1, r2, "");
   EXPECT_TRUE(finite_and_nonzero(r1.dbias) && finite_and_nonzero(r1.dAlog) &&
               finite_and_nonzero(r1.dD) && finite_and_nonzero(r1.dinit))
       << "parameter / state gradients should be finite and not all zero";
@@ -177,12 +182,7 @@ void run_ssd_determinism(const SsdCase& c, int variant) {
   // workspace memory that this call did not write or zero).
   run(0xff, nullptr, r3);
   if (::testing::Test::HasFatalFailure()) return;
-  EXPECT_BITWISE_EQ(r1.dxBC, r3.dxBC, "dxBC (0xff-filled workspace)");
-  EXPECT_BITWISE_EQ(r1.ddt, r3.ddt, "ddt (0xff-filled workspace)");
-  EXPECT_BITWISE_EQ(r1.dbias, r3.dbias, "d_dt_bias (0xff-filled workspace)");
-  EXPECT_BITWISE_EQ(r1.dAlog, r3.dAlog, "dA_log (0xff-filled workspace)");
-  EXPECT_BITWISE_EQ(r1.dD, r3.dD, "dD (0xff-filled workspace)");
-  EXPECT_BITWISE_EQ(r1.dinit, r3.dinit, "d_initial_state (0xff-filled workspace)");
+  expect_same_outputs(r1, r3, " (0xff-filled workspace)");
 
   // Accumulation: from acc0 the parameter gradients are exactly acc0 + (the zero-start result)
   // (the kernel adds one fixed-order per-head sum to the output: one fp32 addition).

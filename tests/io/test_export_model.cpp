@@ -22,13 +22,6 @@ const char* kSmall =
     "data: {kind: mqar, mqar_num_pairs: 4, mqar_key_vocab: 16, mqar_value_vocab: 16}\n"
     "run: {log_every: 1, eval_batches: 1}\n";
 
-std::vector<HostTensor> named(const Mamba2LM& m, std::vector<std::vector<float>> values) {
-  std::vector<HostTensor> out;
-  for (size_t i = 0; i < values.size(); ++i)
-    out.push_back({m.table()[i].name, m.table()[i].shape, std::move(values[i])});
-  return out;
-}
-
 }  // namespace
 
 TEST(ExportModel, ImportGivesTheSameLogits) {
@@ -46,13 +39,8 @@ TEST(ExportModel, ImportGivesTheSameLogits) {
 
   for (auto fmt : {ExportFormat::HuggingFace, ExportFormat::MambaSsm}) {
     fs::path out = dir / (fmt == ExportFormat::HuggingFace ? "hf" : "mamba");
-    export_model(c.model, named(a, a.params_to_host()), out.string(), fmt, ExportDType::F32);
-    std::vector<HostTensor> expected;
-    for (const auto& s : b.table()) expected.push_back({s.name, s.shape, {}});
-    auto loaded = import_model(out.string(), c.model, expected);
-    std::vector<std::vector<float>> vals;
-    for (auto& t : loaded) vals.push_back(t.data);
-    b.params_from_host(vals);
+    export_model(c.model, a.named_params_to_host(), out.string(), fmt, ExportDType::F32);
+    b.load_params(import_model(out.string(), c.model, param_shapes(b.table())));
     EXPECT_EQ(b.logits(tok.data()), ref);  // fp32 export: bit-identical weights, same logits
   }
   fs::remove_all(dir);
@@ -65,7 +53,7 @@ TEST(ExportModel, TrainingStartsFromAnExport) {
   auto be = make_cpu_backend(DType::F32);
   Mamba2LM a(c.model, *be, 1, 24);
   a.init(77);
-  export_model(c.model, named(a, a.params_to_host()), (dir / "export").string(),
+  export_model(c.model, a.named_params_to_host(), (dir / "export").string(),
                ExportFormat::HuggingFace, ExportDType::F32);
   // Zero steps to take beyond the import: max_steps 1 with lr tiny keeps the weights close,
   // but the run must start from the exported values, not from seed init.

@@ -2,6 +2,7 @@
 // differences in double precision, f32 against f64, and the initialisation rules.
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cmath>
 
 #include "backend/backend.h"
@@ -39,6 +40,14 @@ Batch make_batch(int64_t B, int64_t L, int64_t vocab, uint64_t seed) {
     b.tgt.push_back(i % 5 == 3 ? -1 : static_cast<int32_t>(g() % vocab));
   }
   return b;
+}
+
+// Fresh gradients of one forward/backward (grad_scale 1); returns the stats.
+std::array<double, 3> fwd_bwd(Mamba2LM& m, const Batch& b) {
+  Tensor s = m.new_stats();
+  m.zero_grads();
+  m.forward_backward(b.tok.data(), b.tgt.data(), 1.0, s);
+  return m.read_stats(s);
 }
 
 double loss_of(Mamba2LM& m, const Batch& b) {
@@ -125,12 +134,8 @@ TEST(Mamba2LM, Float32AgreesWithFloat64) {
   m64.init(9);
   m32.init(9);
   Batch b = make_batch(2, 7, cfg.vocab_size, 2);
-  Tensor s64 = m64.new_stats(), s32 = m32.new_stats();
-  m64.zero_grads();
-  m32.zero_grads();
-  m64.forward_backward(b.tok.data(), b.tgt.data(), 1.0, s64);
-  m32.forward_backward(b.tok.data(), b.tgt.data(), 1.0, s32);
-  EXPECT_NEAR(m32.read_stats(s32)[0], m64.read_stats(s64)[0], 1e-4 * m64.read_stats(s64)[0]);
+  const auto st64 = fwd_bwd(m64, b), st32 = fwd_bwd(m32, b);
+  EXPECT_NEAR(st32[0], st64[0], 1e-4 * st64[0]);
   for (size_t i = 0; i < m64.grads().size(); ++i) {
     const auto& g64 = m64.grads()[i];
     const auto& g32 = m32.grads()[i];
@@ -206,12 +211,7 @@ TEST(Mamba2LM, RecomputationGivesTheSameGradients) {
   plain.init(13);
   recomputed.init(13);
   Batch b = make_batch(2, 7, cfg.vocab_size, 17);
-  Tensor s1 = plain.new_stats(), s2 = recomputed.new_stats();
-  plain.zero_grads();
-  recomputed.zero_grads();
-  plain.forward_backward(b.tok.data(), b.tgt.data(), 1.0, s1);
-  recomputed.forward_backward(b.tok.data(), b.tgt.data(), 1.0, s2);
-  EXPECT_EQ(plain.read_stats(s1), recomputed.read_stats(s2));
+  EXPECT_EQ(fwd_bwd(plain, b), fwd_bwd(recomputed, b));
   for (size_t i = 0; i < plain.grads().size(); ++i) {
     const auto& g1 = plain.grads()[i];
     const auto& g2 = recomputed.grads()[i];
