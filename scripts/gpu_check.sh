@@ -41,6 +41,12 @@ for shape in "8 2048 48" "4 4096 64" "4 4096 80" "1 32768 64"; do
 done
 cat "$OUT/bench_ssd_8_2048_48.log"
 for m in 130m 370m 780m 1.3b 2.7b; do
-  step "bench train $m"
-  "$bin" bench train --config configs/mamba2-$m.yaml --steps "${BENCH_STEPS:-5}" 2>&1 | tail -2
+  step "bench train $m (per-op table in $OUT/bench_train_$m.log)"
+  "$bin" bench train --config configs/mamba2-$m.yaml --steps "${BENCH_STEPS:-5}" --breakdown \
+    > "$OUT/bench_train_$m.log" 2>&1
+  grep -E "^(bench train|step median)" "$OUT/bench_train_$m.log"
 done
+cat "$OUT/bench_train_130m.log"
+step "bench train 1.3b with activation recomputation (train.recompute=layers)"
+"$bin" bench train --config configs/mamba2-1.3b.yaml --steps "${BENCH_STEPS:-5}" \
+  --set train.recompute=layers 2>&1 | tail -2

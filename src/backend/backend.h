@@ -17,6 +17,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "core/tensor.h"
 
@@ -81,6 +82,17 @@ class Backend {
   virtual void synchronize() {}
   // Most device memory held by tensors at once so far (0 where not tracked: the CPU).
   virtual int64_t peak_memory_bytes() const { return 0; }
+  // Per-op device time, for `bench train --breakdown`. While profiling is on, every op's device
+  // time is recorded under a label (the op's name, plus the GEMM shape for linear ops);
+  // profile_take() waits for the device and returns the totals since the last take, largest
+  // first. Backends that cannot time their ops return nothing.
+  struct OpTime {
+    std::string label;
+    double seconds = 0;
+    int64_t calls = 0;
+  };
+  virtual void set_profiling(bool) {}
+  virtual std::vector<OpTime> profile_take() { return {}; }
   // "" when this backend can run the SSD op at these sizes, else why not (naming config keys).
   virtual std::string ssd_unsupported(const SsdDims&) const { return ""; }
 

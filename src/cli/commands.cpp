@@ -44,6 +44,19 @@ bool take_flag(std::vector<std::string>& args, const std::string& name) {
   return true;
 }
 
+// A positive integer option value; the error names the option.
+int64_t parse_count(const char* name, const std::string& v) {
+  size_t used = 0;
+  long long n = 0;
+  try {
+    n = std::stoll(v, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used != v.size() || n <= 0) fail("option ", name, " needs a positive integer, got '", v, "'");
+  return n;
+}
+
 void no_more(const std::vector<std::string>& args, const char* cmd) {
   if (!args.empty()) fail("unexpected argument '", args[0], "' for '", cmd, "' (see --help)");
 }
@@ -194,13 +207,42 @@ int cmd_config(const std::vector<std::string>& in) {
 
 namespace {
 
+// `bench train --breakdown`: `steps` more steps with per-op device timing, as a table of
+// milliseconds per step. The events around each op add a little host time; the step median
+// printed before is measured without them.
+template <class StepFn>
+void print_breakdown(Backend& be, int64_t steps, double step_median, StepFn&& one_step) {
+  be.profile_take();  // drop anything recorded before
+  be.set_profiling(true);
+  for (int64_t s = 0; s < steps; ++s) one_step();
+  be.set_profiling(false);
+  auto ops = be.profile_take();
+  if (ops.empty()) {
+    std::printf("no per-op breakdown: the %s backend does not time its ops\n",
+                be.name().c_str());
+    return;
+  }
+  double total = 0;
+  for (const auto& o : ops) total += o.seconds;
+  const double ms_step = 1e3 / steps;
+  std::printf("\nper-op device time, mean over %lld steps (GEMM labels: MxNxK)\n",
+              (long long)steps);
+  std::printf("%-36s %10s %10s %8s\n", "op", "calls/step", "ms/step", "share");
+  for (const auto& o : ops)
+    std::printf("%-36s %10.1f %10.3f %7.1f%%\n", o.label.c_str(), double(o.calls) / steps,
+                o.seconds * ms_step, 100 * o.seconds / total);
+  std::printf("%-36s %10s %10.3f %7.1f%%\n", "sum of ops", "", total * ms_step, 100.0);
+  std::printf("%-36s %10s %10.3f\n", "step median (untimed run)", "", step_median * 1e3);
+}
+
 // Times whole optimizer steps (forward, backward, AdamW) on the configured backend.
 int bench_train(const std::vector<std::string>& in) {
   std::vector<std::string> args;
   Config cfg = config_from_args(in, &args);
   std::string steps_s = take(args, "--steps");
+  const bool breakdown = take_flag(args, "--breakdown");
   no_more(args, "bench train");
-  const int64_t steps = steps_s.empty() ? 10 : std::stoll(steps_s);
+  const int64_t steps = steps_s.empty() ? 10 : parse_count("--steps", steps_s);
   auto be = make_backend_for(cfg, 0);
   Mamba2LM model(cfg.model, *be, cfg.train.micro_batch, cfg.train.seq_len,
                  cfg.train.recompute == "layers");
@@ -220,19 +262,23 @@ int bench_train(const std::vector<std::string>& in) {
   Tensor stats = model.new_stats();
   std::vector<double> times;
   const int64_t warmup = 2;
-  for (int64_t s = 0; s < warmup + steps; ++s) {
+  int64_t step_no = 0;
+  auto one_step = [&] {
     be->synchronize();
     auto t0 = std::chrono::steady_clock::now();
     model.zero_grads();
     model.forward_backward(tok.data(), tgt.data(), 1.0 / T, stats);
     AdamWHyper h;
     h.lr = 1e-4;
-    h.step = s + 1;
+    h.step = ++step_no;
     be->adamw_step(slots, h);
     model.refresh_compute_weights();
     be->synchronize();
-    auto t1 = std::chrono::steady_clock::now();
-    if (s >= warmup) times.push_back(std::chrono::duration<double>(t1 - t0).count());
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  };
+  for (int64_t s = 0; s < warmup + steps; ++s) {
+    const double t = one_step();
+    if (s >= warmup) times.push_back(t);
   }
   std::sort(times.begin(), times.end());
   const double med = times[times.size() / 2];
@@ -249,6 +295,7 @@ int bench_train(const std::vector<std::string>& in) {
   if (int64_t peak = be->peak_memory_bytes(); peak > 0)
     std::printf(" | peak tensor memory %.1f GiB", peak / 1073741824.0);
   std::printf("\n");
+  if (breakdown) print_breakdown(*be, steps, med, one_step);
   return 0;
 }
 

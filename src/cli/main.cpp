@@ -21,7 +21,7 @@ void usage(FILE* out) {
       "  export  --checkpoint FILE --out DIR [--dtype bf16|fp32] [--format hf|mamba_ssm] [--with-reference]\n"
       "  config  [--config FILE] [--set ...]                     print the resolved config\n"
       "  bench   ssd [--batch N --seqlen N --heads N --headdim N --groups N --dstate N --chunk N]\n"
-      "  bench   train [--config FILE] [--set ...] [--steps N]\n"
+      "  bench   train [--config FILE] [--set ...] [--steps N] [--breakdown]\n"
       "\n"
       "Run 'ssdtrain <command> --help' for details. Configs live in configs/.\n");
 }

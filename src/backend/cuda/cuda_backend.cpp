@@ -7,9 +7,11 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
+#include <algorithm>
 
 #include "backend/backend.h"
 #include "backend/cuda/gemm.h"
@@ -179,6 +181,8 @@ class CudaBackend final : public Backend {
 
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
+    for (auto& sp : spans_) free_events_.insert(free_events_.end(), {sp.a, sp.b});
+    for (cudaEvent_t e : free_events_) cudaEventDestroy(e);
     sq_table_ = Tensor();
     adam_table_ = Tensor();
     sumsq_out_ = Tensor();
@@ -213,6 +217,7 @@ class CudaBackend final : public Backend {
 
   void zero(Tensor& t) override {
     on_device("zero", "t", t);
+    auto prof = profile("zero");
     check_cuda(cudaMemsetAsync(t.data, 0, t.nbytes(), stream_), "zero");
   }
 
@@ -237,6 +242,7 @@ class CudaBackend final : public Backend {
     on_device("convert", "dst", dst);
     if (src.numel() != dst.numel())
       fail("cuda convert: src ", desc(src), " and dst ", desc(dst), " differ in size");
+    auto prof = profile("convert");
     if (src.dtype == dst.dtype) {
       if (src.data != dst.data && src.nbytes())
         check_cuda(cudaMemcpyAsync(dst.data, src.data, src.nbytes(), cudaMemcpyDeviceToDevice,
@@ -251,9 +257,33 @@ class CudaBackend final : public Backend {
     check_cuda(cudaStreamSynchronize(stream_), "synchronize (an earlier kernel failed)");
   }
 
+  // ---- profiling ----
+  void set_profiling(bool on) override { profiling_ = on; }
+
+  std::vector<OpTime> profile_take() override {
+    synchronize();
+    std::map<std::string, OpTime> by_label;
+    for (auto& sp : spans_) {
+      float ms = 0;
+      check_cuda(cudaEventElapsedTime(&ms, sp.a, sp.b), "profile_take");
+      OpTime& o = by_label[sp.label];
+      o.label = sp.label;
+      o.seconds += ms * 1e-3;
+      o.calls += 1;
+      free_events_.insert(free_events_.end(), {sp.a, sp.b});
+    }
+    spans_.clear();
+    std::vector<OpTime> out;
+    for (auto& [label, o] : by_label) out.push_back(o);
+    std::sort(out.begin(), out.end(),
+              [](const OpTime& x, const OpTime& y) { return x.seconds > y.seconds; });
+    return out;
+  }
+
   // ---- layers ----
   void embedding_fwd(const Tensor& tokens, const Tensor& weight, Tensor& out) override {
     const char* op = "embedding_fwd";
+    auto prof = profile(op);
     need(op, "tokens", tokens, DType::I32, tokens.shape);
     need_2d(op, "weight", weight, {DType::BF16, DType::F32});
     const int64_t T = tokens.numel(), V = weight.size(0), D = weight.size(1);
@@ -264,6 +294,7 @@ class CudaBackend final : public Backend {
 
   void embedding_bwd(const Tensor& tokens, const Tensor& dout, Tensor& dweight) override {
     const char* op = "embedding_bwd";
+    auto prof = profile(op);
     need(op, "tokens", tokens, DType::I32, tokens.shape);
     need_2d(op, "dweight", dweight, {DType::F32});
     const int64_t T = tokens.numel(), V = dweight.size(0), D = dweight.size(1);
@@ -277,6 +308,7 @@ class CudaBackend final : public Backend {
   void add_rmsnorm_fwd(const Tensor& x, const Tensor* residual_in, const Tensor& weight,
                        double eps, Tensor& residual_out, Tensor& y, Tensor& rstd) override {
     const char* op = "add_rmsnorm_fwd";
+    auto prof = profile(op);
     need_2d(op, "x", x, {DType::BF16, DType::F32});
     const int64_t T = x.size(0), D = x.size(1);
     if (residual_in) need(op, "residual_in", *residual_in, DType::F32, {T, D});
@@ -293,6 +325,7 @@ class CudaBackend final : public Backend {
                        const Tensor& residual_out, const Tensor& weight, const Tensor& rstd,
                        Tensor& d_residual, Tensor& dweight) override {
     const char* op = "add_rmsnorm_bwd";
+    auto prof = profile(op);
     need_2d(op, "residual_out", residual_out, {DType::F32});
     const int64_t T = residual_out.size(0), D = residual_out.size(1);
     need(op, "dy", dy, {DType::BF16, DType::F32}, {T, D});
@@ -315,6 +348,7 @@ class CudaBackend final : public Backend {
     const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
     need(op, "w", w, DType::BF16, {N, K});
     need(op, "y", y, {DType::BF16, DType::F32}, {M, N});
+    auto prof = profile(op, M, N, K);
     gemm_->nt(M, N, K, p<bf16>(x), K, p<bf16>(w), K, y.data, y.dtype, N, 1.f, 0.f);
   }
 
@@ -328,6 +362,7 @@ class CudaBackend final : public Backend {
     need(op, "dy", dy, {DType::BF16, DType::F32}, {M, N});
     if (dx) need(op, "dx", *dx, {DType::BF16, DType::F32}, {M, K});
     need(op, "dw", dw, DType::F32, {N, K});
+    auto prof = profile(op, M, N, K);
     const bf16* dyp = p<bf16>(dy);
     std::shared_ptr<void> dy16;
     if (dy.dtype != DType::BF16) {  // an fp32 gradient (the residual stream's): round once
@@ -342,6 +377,7 @@ class CudaBackend final : public Backend {
   void conv1d_silu_fwd(const ColSlice& in, int64_t batch, int64_t seqlen, const Tensor& w,
                        const Tensor& bias, Tensor& out) override {
     const char* op = "conv1d_silu_fwd";
+    auto prof = profile(op);
     const auto [C, K] = conv_dims(op, w);
     const int64_t T = batch * seqlen;
     need_slice(op, "in", in, DType::BF16, T, C);
@@ -355,6 +391,7 @@ class CudaBackend final : public Backend {
                        const Tensor& bias, const Tensor& dout, ColSlice& din, Tensor& dw,
                        Tensor& dbias) override {
     const char* op = "conv1d_silu_bwd";
+    auto prof = profile(op);
     const auto [C, K] = conv_dims(op, w);
     const int64_t T = batch * seqlen;
     need_slice(op, "in", in, DType::BF16, T, C);
@@ -373,6 +410,7 @@ class CudaBackend final : public Backend {
 
   void ssd_fwd(const SsdDims& d, const SsdInputs& in, Tensor& y, Tensor* final_state) override {
     const char* op = "ssd_fwd";
+    auto prof = profile(op);
     check_ssd(op, d, in);
     need(op, "y", y, DType::BF16, {d.tokens(), d.d_inner()});
     const Shape st{d.batch, d.nheads, d.headdim, d.dstate};
@@ -387,6 +425,7 @@ class CudaBackend final : public Backend {
   void ssd_bwd(const SsdDims& d, const SsdInputs& in, const Tensor& dy,
                const Tensor* dfinal_state, SsdGrads& g) override {
     const char* op = "ssd_bwd";
+    auto prof = profile(op);
     check_ssd(op, d, in);
     const Shape st{d.batch, d.nheads, d.headdim, d.dstate};
     need(op, "dy", dy, DType::BF16, {d.tokens(), d.d_inner()});
@@ -409,6 +448,7 @@ class CudaBackend final : public Backend {
   void gated_rmsnorm_fwd(const Tensor& y, const ColSlice& z, const Tensor& weight,
                          int64_t group_size, double eps, Tensor& out, Tensor& rstd) override {
     const char* op = "gated_rmsnorm_fwd";
+    auto prof = profile(op);
     need_2d(op, "y", y, {DType::BF16});
     const int64_t T = y.size(0), D = y.size(1);
     check_group(op, D, group_size);
@@ -425,6 +465,7 @@ class CudaBackend final : public Backend {
                          const Tensor& weight, int64_t group_size, const Tensor& rstd,
                          Tensor& dy, ColSlice& dz, Tensor& dweight) override {
     const char* op = "gated_rmsnorm_bwd";
+    auto prof = profile(op);
     need_2d(op, "y", y, {DType::BF16});
     const int64_t T = y.size(0), D = y.size(1);
     check_group(op, D, group_size);
@@ -445,6 +486,7 @@ class CudaBackend final : public Backend {
   void lm_head_ce(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
                   double grad_scale, Tensor& stats, Tensor* dhidden, Tensor* dweight) override {
     const char* op = "lm_head_ce";
+    auto prof = profile(op);
     need_2d(op, "hidden", hidden, {DType::BF16});
     need_2d(op, "weight", weight, {DType::BF16});
     const int64_t T = hidden.size(0), Dm = hidden.size(1), V = weight.size(0);
@@ -505,6 +547,7 @@ class CudaBackend final : public Backend {
       table.push_back(s);
     }
     sync_table(table, sq_host_, sq_table_);
+    auto prof = profile("sum_squares");
     cuda::sum_squares(p<SqTensor>(sq_table_), static_cast<int>(table.size()), tiles,
                       p<double>(sumsq_out_), scratch(sum_squares_workspace_bytes()).get(),
                       stream_);
@@ -541,6 +584,7 @@ class CudaBackend final : public Backend {
     }
     if (table.empty()) return;
     sync_table(table, adam_host_, adam_table_);
+    auto prof = profile("adamw_step");
     AdamWScalars sc;
     sc.lr = static_cast<float>(h.lr);
     sc.beta1 = static_cast<float>(h.beta1);
@@ -555,6 +599,52 @@ class CudaBackend final : public Backend {
   }
 
  private:
+  // One timed op: events recorded on the stream around the op's launches when profiling is on.
+  struct Span {
+    std::string label;
+    cudaEvent_t a = nullptr, b = nullptr;
+  };
+  class ProfileScope {
+   public:
+    ProfileScope() = default;
+    ProfileScope(CudaBackend* be, std::string label) : be_(be) {
+      idx_ = be_->spans_.size();
+      be_->spans_.push_back({std::move(label), be_->event(), be_->event()});
+      check_cuda(cudaEventRecord(be_->spans_[idx_].a, be_->stream_), "profile");
+    }
+    ProfileScope(const ProfileScope&) = delete;
+    ProfileScope& operator=(const ProfileScope&) = delete;
+    ~ProfileScope() {
+      if (be_) cudaEventRecord(be_->spans_[idx_].b, be_->stream_);
+    }
+
+   private:
+    CudaBackend* be_ = nullptr;
+    size_t idx_ = 0;
+  };
+
+  ProfileScope profile(const char* op) {
+    if (!profiling_) return {};
+    return {this, op};
+  }
+  // GEMM ops carry their shape (M rows, N outputs, K inputs) so that layers can be told apart.
+  ProfileScope profile(const char* op, int64_t M, int64_t N, int64_t K) {
+    if (!profiling_) return {};
+    return {this, std::string(op) + " " + std::to_string(M) + "x" + std::to_string(N) + "x" +
+                      std::to_string(K)};
+  }
+
+  cudaEvent_t event() {
+    if (!free_events_.empty()) {
+      cudaEvent_t e = free_events_.back();
+      free_events_.pop_back();
+      return e;
+    }
+    cudaEvent_t e = nullptr;
+    check_cuda(cudaEventCreate(&e), "cudaEventCreate");
+    return e;
+  }
+
   void on_device(const char* op, const char* name, const Tensor& t) {
     if (!t.defined() || t.device != Device::CUDA)
       fail("cuda ", op, ": ", name, " must be a tensor on cuda, got ", desc(t));
@@ -626,6 +716,9 @@ class CudaBackend final : public Backend {
   Tensor sq_table_;
   std::vector<AdamWTensor> adam_host_;
   Tensor adam_table_;
+  bool profiling_ = false;
+  std::vector<Span> spans_;
+  std::vector<cudaEvent_t> free_events_;
 };
 
 }  // namespace
