@@ -1,4 +1,12 @@
 // Gated group RMSNorm: out = rmsnorm_groups(y * silu(z)) * weight, forward and backward.
+//
+// Two paths. The vector path (group a multiple of 256 columns, dim <= 8192, 16-byte aligned
+// rows) gives each thread 8 consecutive columns: one 16-byte access per bf16 tensor and row,
+// and the row stays on chip (registers, or shared memory in the backward) from the group
+// reduction to the output, so each input is read from global memory once. The scalar kernels
+// after it handle every other shape and alignment.
+#include <cstring>
+
 #include "common.cuh"
 #include "ops.h"
 
@@ -8,6 +16,215 @@ namespace {
 constexpr int kBwdBlocks = 1024;  // fixed: the two-stage dweight sum is deterministic
 
 int block_for(int64_t n) { return n >= 1024 ? 256 : (n >= 256 ? 128 : 64); }
+
+// ---------------------------------------------------------------------------- vector path
+
+constexpr int kVec = 8;               // columns per thread: 16 bytes of bf16
+constexpr int kVecMaxThreads = 1024;  // blocks of dim / kVec threads: dim <= 8192
+constexpr int kBwdStages = 3;         // rows of loads in flight per thread in the backward
+
+__device__ __forceinline__ uint4 ldg16(const bf16* p) {
+  return __ldg(reinterpret_cast<const uint4*>(p));
+}
+__device__ __forceinline__ void st16(bf16* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
+
+// bf16 -> f32 is exact: a bf16 is the high half of a float.
+__device__ __forceinline__ void unpack8(uint4 u, float (&v)[kVec]) {
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    v[2 * i] = __uint_as_float(w[i] << 16);
+    v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+// Round to nearest even (as from_f<bf16>); the lower column goes in the low half.
+__device__ __forceinline__ uint4 pack8(const float (&v)[kVec]) {
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+    memcpy(&w[i], &h, 4);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+__device__ __forceinline__ void load_w8(const float* p, float (&v)[kVec]) {
+  const float4 a = __ldg(reinterpret_cast<const float4*>(p));
+  const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+  v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+
+// Asynchronous global -> shared copies (cp.async): loads in flight that hold no registers.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+// Wait until at most n of this thread's committed groups are still in flight.
+template <int n>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(n) : "memory");
+}
+
+// sigmoidf_ with an approximate reciprocal (MUFU.RCP, within 2 ulp): the IEEE division's
+// slow-path call makes the backward spill registers. Used by both vector kernels.
+__device__ __forceinline__ float sigmoid_fast(float x) {
+  return __fdividef(1.f, 1.f + __expf(-x));
+}
+
+// Sum of v over the threads of one group, returned to each of them. A group is
+// warps_per_group consecutive whole warps (group % 256 == 0): shuffle within each warp, then
+// the group's first lanes read its warp partials from sh and shuffle again. Fixed order, so
+// deterministic. One barrier per call: consecutive calls must alternate between two sh
+// buffers (the barrier of the call in between orders the reuse).
+__device__ __forceinline__ float group_sum(float v, float* sh, int warps_per_group) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_sum(v);
+  if (lane == 0) sh[warp] = v;
+  __syncthreads();
+  const int w0 = warp - warp % warps_per_group;
+  return warp_sum(lane < warps_per_group ? sh[w0 + lane] : 0.f);
+}
+
+// One block of dim/8 threads per row.
+__global__ void __launch_bounds__(kVecMaxThreads)
+    gated_rmsnorm_fwd_vec_k(const bf16* __restrict__ y, const bf16* __restrict__ z,
+                            int64_t ld_z, const float* __restrict__ w, int64_t dim, int group,
+                            float inv_group, float eps, bf16* __restrict__ out,
+                            float* __restrict__ rstd) {
+  __shared__ float sh[32];
+  const int64_t row = blockIdx.x;
+  const int c = threadIdx.x * kVec;
+  float yv[kVec], zv[kVec], wv[kVec], g[kVec];
+  unpack8(ldg16(y + row * dim + c), yv);
+  unpack8(ldg16(z + row * ld_z + c), zv);
+  load_w8(w + c, wv);
+  float ss = 0.f;
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) {
+    g[j] = yv[j] * (zv[j] * sigmoid_fast(zv[j]));  // as the backward recomputes it
+    ss += g[j] * g[j];
+  }
+  ss = group_sum(ss, sh, group / 256);
+  const float rs = rsqrtf(ss * inv_group + eps);
+  if (c % group == 0) rstd[row * (static_cast<int>(dim) / group) + c / group] = rs;
+  float o[kVec];
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) o[j] = g[j] * rs * wv[j];
+  st16(out + row * dim + c, pack8(o));
+}
+
+// Shared memory of the backward: kBwdStages row slots of (dout, y, z) per thread, 16 bytes
+// each, then the matching rstd values.
+size_t gated_bwd_vec_smem(int threads) {
+  return static_cast<size_t>(kBwdStages) * threads * (3 * sizeof(uint4) + sizeof(float));
+}
+
+// kBwdBlocks blocks walk rows blockIdx.x, +gridDim.x, ...; each thread owns 8 columns and keeps
+// their weights and dweight partials in registers. Per row and group:
+//   dot = sum(dout*w*ghat), dg = rs*(dout*w - ghat*dot/G), dy = dg*silu(z), dz = dg*y*silu'(z).
+// The loads of the next kBwdStages rows are in flight (cp.async into shared memory) while a row
+// is reduced: registers limit occupancy to a few blocks per SM, and these keep the memory
+// system busy regardless. Each thread copies and reads back only its own slots, so the copies
+// need no barrier of their own. part[blockIdx.x, :] is written at the end.
+__global__ void __launch_bounds__(kVecMaxThreads)
+    gated_rmsnorm_bwd_vec_k(const bf16* __restrict__ dout, const bf16* __restrict__ y,
+                            const bf16* __restrict__ z, int64_t ld_z,
+                            const float* __restrict__ w, const float* __restrict__ rstd,
+                            int64_t ntok, int64_t dim, int group, float inv_group,
+                            bf16* __restrict__ dy, bf16* __restrict__ dz, int64_t ld_dz,
+                            float* __restrict__ part) {
+  // slots[k][i][t], i = dout, y, z; then rs_slots[k][t]
+  extern __shared__ uint4 slots[];
+  __shared__ float sh[2][32];
+  const int t = threadIdx.x, nt = blockDim.x;
+  float* rs_slots = reinterpret_cast<float*>(slots + kBwdStages * 3 * nt);
+  const int c = t * kVec;
+  const int ngroups = static_cast<int>(dim) / group;
+  const int q = c / group, warps_per_group = group / 256;
+  const int64_t stride = gridDim.x;
+
+  // Slot k holds rows blockIdx.x + (i*kBwdStages + k)*stride; one commit group per row,
+  // empty past the end, so that wait_group counts rows.
+  auto issue = [&](int64_t r, int k) {
+    if (r < ntok) {
+      uint4* s = slots + k * 3 * nt + t;
+      cp_async16(s, dout + r * dim + c);
+      cp_async16(s + nt, y + r * dim + c);
+      cp_async16(s + 2 * nt, z + r * ld_z + c);
+      cp_async4(rs_slots + k * nt + t, rstd + r * ngroups + q);
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int k = 0; k < kBwdStages; ++k) issue(blockIdx.x + k * stride, k);
+
+  float wv[kVec], acc[kVec];
+  load_w8(w + c, wv);
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) acc[j] = 0.f;
+  int buf = 0, k = 0;
+#pragma unroll 1
+  for (int64_t row = blockIdx.x; row < ntok; row += stride) {
+    cp_async_wait<kBwdStages - 1>();  // this row's group has landed
+    // The row is read from its slot twice, before and after the reduction, rather than held
+    // in registers across it; only the sigmoids are kept.
+    const uint4* s = slots + k * 3 * nt + t;
+    const float rs = rs_slots[k * nt + t];
+    float sg[kVec], dot = 0.f;
+    {
+      float dv[kVec], yv[kVec], zv[kVec];
+      unpack8(s[0], dv);
+      unpack8(s[nt], yv);
+      unpack8(s[2 * nt], zv);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        sg[j] = sigmoid_fast(zv[j]);
+        const float ghat = yv[j] * (zv[j] * sg[j]) * rs;
+        dot += dv[j] * wv[j] * ghat;
+        acc[j] += dv[j] * ghat;
+      }
+    }
+    const float mean = group_sum(dot, sh[buf], warps_per_group) * inv_group;
+    buf ^= 1;
+    {
+      float dv[kVec], yv[kVec], zv[kVec], dyv[kVec], dzv[kVec];
+      unpack8(s[0], dv);
+      unpack8(s[nt], yv);
+      unpack8(s[2 * nt], zv);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        const float silu = zv[j] * sg[j];
+        const float ghat = yv[j] * silu * rs;
+        const float dg = rs * (dv[j] * wv[j] - ghat * mean);
+        dyv[j] = dg * silu;
+        dzv[j] = dg * yv[j] * sg[j] * (1.f + zv[j] * (1.f - sg[j]));  // dg * y * silu'(z)
+      }
+      st16(dy + row * dim + c, pack8(dyv));
+      st16(dz + row * ld_dz + c, pack8(dzv));
+    }
+    // The slot's values are consumed (the stores above depend on them): refill it.
+    issue(row + kBwdStages * stride, k);
+    k = k + 1 == kBwdStages ? 0 : k + 1;
+  }
+  float4* pr = reinterpret_cast<float4*>(part + blockIdx.x * dim + c);
+  pr[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+  pr[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Shapes the vector kernels take: a group is whole warps, a row fits one block.
+bool vec_shape_ok(int64_t dim, int64_t group) {
+  return group % 256 == 0 && dim % group == 0 && dim / kVec <= kVecMaxThreads;
+}
+
+// ---------------------------------------------------------------------------- scalar path
 
 // One block per (row, group).
 __global__ void gated_rmsnorm_fwd_k(const bf16* __restrict__ y, const bf16* __restrict__ z,
@@ -96,6 +313,15 @@ void gated_rmsnorm_fwd(const bf16* y, const bf16* z, int64_t ld_z, const float* 
   if (ntok <= 0 || dim <= 0) return;
   if (group <= 0 || dim % group != 0)
     fail("cuda gated_rmsnorm_fwd: group size ", group, " does not divide ", dim);
+  if (vec_shape_ok(dim, group) && ld_z % kVec == 0 && aligned16(y) && aligned16(z) &&
+      aligned16(weight) && aligned16(out)) {
+    if (ntok > INT32_MAX) fail("cuda gated_rmsnorm_fwd: too many rows");
+    gated_rmsnorm_fwd_vec_k<<<static_cast<unsigned>(ntok), static_cast<int>(dim / kVec), 0,
+                              stream>>>(y, z, ld_z, weight, dim, static_cast<int>(group),
+                                        1.f / static_cast<float>(group), eps, out, rstd);
+    check_launch("gated_rmsnorm_fwd");
+    return;
+  }
   const int64_t nblocks = ntok * (dim / group);
   if (nblocks > INT32_MAX) fail("cuda gated_rmsnorm_fwd: too many rows");
   gated_rmsnorm_fwd_k<<<static_cast<unsigned>(nblocks), block_for(group), 0, stream>>>(
@@ -116,14 +342,27 @@ void gated_rmsnorm_bwd(const bf16* dout, const bf16* y, const bf16* z, int64_t l
   if (group <= 0 || dim % group != 0)
     fail("cuda gated_rmsnorm_bwd: group size ", group, " does not divide ", dim);
   const int nb = static_cast<int>(std::min<int64_t>(ntok, kBwdBlocks));
-  const size_t smem = dim * sizeof(float);
-  if (smem > 200 * 1024) fail("cuda gated_rmsnorm_bwd: dim ", dim, " is too large");
-  if (smem > 48 * 1024)
-    cudaFuncSetAttribute(gated_rmsnorm_bwd_k, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         static_cast<int>(smem));
   float* part = static_cast<float*>(ws);
-  gated_rmsnorm_bwd_k<<<nb, block_for(group), smem, stream>>>(
-      dout, y, z, ld_z, weight, rstd, ntok, dim, group, dy, dz, ld_dz, part);
+  if (vec_shape_ok(dim, group) && ld_z % kVec == 0 && ld_dz % kVec == 0 && aligned16(dout) &&
+      aligned16(y) && aligned16(z) && aligned16(weight) && aligned16(dy) && aligned16(dz) &&
+      aligned16(part)) {
+    const int threads = static_cast<int>(dim / kVec);
+    const size_t smem = gated_bwd_vec_smem(threads);
+    if (smem > 48 * 1024)
+      cudaFuncSetAttribute(gated_rmsnorm_bwd_vec_k,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    gated_rmsnorm_bwd_vec_k<<<nb, threads, smem, stream>>>(
+        dout, y, z, ld_z, weight, rstd, ntok, dim, static_cast<int>(group),
+        1.f / static_cast<float>(group), dy, dz, ld_dz, part);
+  } else {
+    const size_t smem = dim * sizeof(float);
+    if (smem > 200 * 1024) fail("cuda gated_rmsnorm_bwd: dim ", dim, " is too large");
+    if (smem > 48 * 1024)
+      cudaFuncSetAttribute(gated_rmsnorm_bwd_k, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(smem));
+    gated_rmsnorm_bwd_k<<<nb, block_for(group), smem, stream>>>(
+        dout, y, z, ld_z, weight, rstd, ntok, dim, group, dy, dz, ld_dz, part);
+  }
   check_launch("gated_rmsnorm_bwd");
   column_sum_accumulate(part, nb, dim, dweight, stream);
 }

@@ -24,23 +24,39 @@ using bf16 = __nv_bfloat16;
 void ssd_set_variant(int v);  // v must be 1 or 2
 int ssd_variant();
 
+// Optional hook: when set, ssd_fwd / ssd_bwd call mark(step) after launching each step, so a
+// profiler can record a cudaEvent there. Not thread-safe; for benchmarks and
+// the backend's per-op profile.
+struct SsdProfiler {
+  virtual ~SsdProfiler() = default;
+  virtual void mark(const char* step, cudaStream_t stream) = 0;
+};
+void ssd_set_profiler(SsdProfiler* p);  // nullptr disables
+
 // "" when these sizes are supported by the kernels; otherwise why not, naming config keys.
 std::string ssd_unsupported_reason(const SsdDims& d);
 
 // Scratch bytes ssd_fwd / ssd_bwd need for these sizes (the caller allocates once and reuses).
 size_t ssd_workspace_bytes(const SsdDims& d);
 
+// Bytes of the forward's intermediates (dt, decays, C.B^T, the states entering each chunk)
+// that ssd_fwd can leave in a caller's buffer for ssd_bwd, which then skips recomputing them.
+size_t ssd_saved_bytes(const SsdDims& d);
+
+// saved: null, or ssd_saved_bytes of device memory that ssd_fwd fills for ssd_bwd.
 void ssd_fwd(const SsdDims& d, const bf16* xBC, const bf16* dt, int64_t ld_dt,
              const float* dt_bias, const float* A_log, const float* D,
              const float* initial_state, bf16* y, float* final_state, void* workspace,
-             cudaStream_t stream);
+             void* saved, cudaStream_t stream);
 
 // dxBC, ddt (columns [0, nheads) of each row) and d_initial_state are overwritten;
 // d_dt_bias, dA_log, dD accumulate. initial_state, dfinal_state, d_initial_state may be null.
+// saved: null (the forward's intermediates are recomputed), or what ssd_fwd wrote there for
+// the same inputs.
 void ssd_bwd(const SsdDims& d, const bf16* xBC, const bf16* dt, int64_t ld_dt,
              const float* dt_bias, const float* A_log, const float* D,
              const float* initial_state, const bf16* dy, const float* dfinal_state, bf16* dxBC,
              bf16* ddt, int64_t ld_ddt, float* d_dt_bias, float* dA_log, float* dD,
-             float* d_initial_state, void* workspace, cudaStream_t stream);
+             float* d_initial_state, void* workspace, const void* saved, cudaStream_t stream);
 
 }  // namespace ssd::cuda

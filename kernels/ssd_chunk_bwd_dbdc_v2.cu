@@ -32,31 +32,6 @@ namespace ssd::cuda::detail {
 
 namespace {
 
-__device__ __forceinline__ void cp_async16(void* s, const void* g, bool ok) {
-  const uint32_t sa = static_cast<uint32_t>(__cvta_generic_to_shared(s));
-  const int n = ok ? 16 : 0;  // src-size 0: nothing is read, the 16 bytes are zero-filled
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(g), "r"(n)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
-
-// load_tile with cp.async: rows >= valid are zero-filled (their source address is `safe`).
-__device__ __forceinline__ void load_tile_async(bf16* s, int lds, const bf16* g, int64_t ldg,
-                                                int rows, int cols, int valid,
-                                                const bf16* safe) {
-  const int cv = cols >> 3;
-  for (int i = threadIdx.x; i < rows * cv; i += blockDim.x) {
-    const int r = i / cv, c = (i - r * cv) << 3;
-    const bool ok = r < valid;
-    cp_async16(s + r * lds + c, ok ? g + r * ldg + c : safe, ok);
-  }
-}
 // n fp32 values (n % 4 == 0, 16-byte aligned) with cp.async.
 __device__ __forceinline__ void load_f32_async(float* s, const float* g, int n) {
   for (int i = threadIdx.x * 4; i < n; i += blockDim.x * 4) cp_async16(s + i, g + i, true);

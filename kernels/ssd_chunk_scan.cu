@@ -4,22 +4,40 @@
 //       + D x_t.
 // One block (4 warps x 16 rows) per (64-token tile, PT-column slice of headdim, chunk, head,
 // batch); both products on bf16 tensor cores, the masked/decayed CB tile built in registers
-// straight into A fragments.
+// straight into A fragments. The tiles of each step are copied with cp.async into one of two
+// shared buffers while the previous step is multiplied.
 #include "ssd_common.cuh"
 
 namespace ssd::cuda::detail {
 
+// Shared memory: two stage buffers (cp.async double buffering), each either a carried-state
+// stage (C tile [64][64 of N], S tile [PT][64 of N]) or an intra-chunk stage (X tile [64][PT],
+// CB tile [64 t][64 s] fp32); then cs, dt [Q].
+template <int NT>
+constexpr int scan_fwd_stage_bytes() {
+  constexpr int PT = NT * 8, LDX = PT + 8, LDS = 72, LDCB = 68;  // LDCB: 4 blocks / SM fit
+  constexpr int state = (64 + PT) * LDS * 2;
+  constexpr int intra = 64 * LDX * 2 + 64 * LDCB * 4;
+  return state > intra ? state : intra;
+}
+template <int NT>
+constexpr int scan_fwd_smem_bytes() {
+  return 2 * scan_fwd_stage_bytes<NT>() + 2 * 256 * 4;
+}
+
+// The block's work is a list of stages: N/64 carried-state stages, then the intra-chunk
+// stages sb = 0..tb; stage k + 1's tiles are copied (cp.async) while stage k is multiplied.
 template <int NT>
 __global__ __launch_bounds__(128) void chunk_scan_fwd_kernel(
     const bf16* __restrict__ xBC, int64_t ldx, const float* __restrict__ D,
     const float* __restrict__ dt, const float* __restrict__ cs, const float* __restrict__ CB,
     const bf16* __restrict__ states, bf16* __restrict__ y, int L, int H, int G, int P, int N,
     int nc, int Q) {
-  constexpr int PT = NT * 8, LDX = PT + 8, LDS = 72;
-  __shared__ __align__(16) bf16 Cs[64 * LDS];
-  __shared__ __align__(16) bf16 Ss[PT * LDS];
-  __shared__ __align__(16) bf16 Xs[64 * LDX];
-  __shared__ float cs_s[256], dt_s[256];
+  constexpr int PT = NT * 8, LDX = PT + 8, LDS = 72, LDCB = 68;  // LDCB: 4 blocks / SM fit
+  constexpr int kStage = scan_fwd_stage_bytes<NT>();
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* cs_s = reinterpret_cast<float*>(smem + 2 * kStage);
+  float* dt_s = cs_s + 256;
   const int npb = P / PT;
   const int pb = blockIdx.x % npb, tb = blockIdx.x / npb;
   const int c = blockIdx.y % nc, h = blockIdx.y / nc, b = blockIdx.z;
@@ -34,49 +52,77 @@ __global__ __launch_bounds__(128) void chunk_scan_fwd_kernel(
   }
   const int64_t row0 = static_cast<int64_t>(b) * L + static_cast<int64_t>(c) * Q;
   const int t0 = tb * 64;
-  float acc[NT][4];
-  zero_acc(acc);
-
-  // carried state: C_t (64 x N) . S_in^T (N x PT)
   const bf16* S = states + ((static_cast<int64_t>(b) * nc + c) * H + h) *
                                static_cast<int64_t>(P) * N + static_cast<int64_t>(pb) * PT * N;
   const bf16* Cg = xBC + (row0 + t0) * ldx + d_inner + static_cast<int64_t>(G + g) * N;
-  for (int n0 = 0; n0 < N; n0 += 64) {
-    __syncthreads();
-    load_tile(Cs, LDS, Cg + n0, ldx, 64, 64, L - (c * Q + t0));
-    load_tile(Ss, LDS, S + n0, N, PT, 64, PT);
-    __syncthreads();
-    warp_mma_smem<NT, true>(acc, Cs, LDS, warp * 16, Ss, LDS, 64, lane);
-  }
-  const int r0 = t0 + warp * 16 + (lane >> 2), r1 = r0 + 8;  // chunk-local rows
-  const float cs0 = cs_s[r0], cs1 = cs_s[r1];
-  {
-    const float e0 = __expf(cs0), e1 = __expf(cs1);
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      acc[j][0] *= e0;
-      acc[j][1] *= e0;
-      acc[j][2] *= e1;
-      acc[j][3] *= e1;
-    }
-  }
-
-  // intra-chunk: (CB o decay o dt, causal) (64 x 64 per s-block) . X_s (64 x PT)
   const float* CBp = CB + ((static_cast<int64_t>(b) * nc + c) * G + g) * Q * Q;
   const bf16* Xg = xBC + row0 * ldx + static_cast<int64_t>(h) * P + pb * PT;
-  for (int sb = 0; sb <= tb; ++sb) {
-    const int s0 = sb * 64;
+  const int nN = N / 64, nstage = nN + tb + 1;
+
+  auto issue = [&](int k) {
+    unsigned char* buf = smem + (k & 1) * kStage;
+    if (k < nN) {  // carried state: C_t [64 x 64 of N], S_in [PT x 64 of N]
+      bf16* Cs = reinterpret_cast<bf16*>(buf);
+      bf16* Ss = Cs + 64 * LDS;
+      load_tile_async(Cs, LDS, Cg + k * 64, ldx, 64, 64, L - (c * Q + t0), xBC);  // safe addr
+      load_tile_async(Ss, LDS, S + k * 64, N, PT, 64, PT, S);
+    } else {  // intra-chunk block sb: X_s [64 x PT], CB[t0.., s0..] [64 x 64] fp32
+      const int s0 = (k - nN) * 64;
+      bf16* Xs = reinterpret_cast<bf16*>(buf);
+      float* CBs = reinterpret_cast<float*>(buf + 64 * LDX * 2);
+      load_tile_async(Xs, LDX, Xg + s0 * ldx, ldx, 64, PT, L - (c * Q + s0), xBC);
+      const float* src = CBp + static_cast<int64_t>(t0) * Q + s0;
+      for (int i = threadIdx.x; i < 64 * 16; i += blockDim.x) {
+        const int r = i >> 4, q = (i & 15) * 4;
+        cp_async16(CBs + r * LDCB + q, src + static_cast<int64_t>(r) * Q + q, true);
+      }
+    }
+    cp_async_commit();
+  };
+
+  float acc[NT][4];
+  zero_acc(acc);
+  const int r0 = t0 + warp * 16 + (lane >> 2), r1 = r0 + 8;  // chunk-local rows
+  const int lr0 = r0 - t0, lr1 = r1 - t0;                     // rows within the CB tile
+  issue(0);
+  for (int k = 0; k < nstage; ++k) {
+    __syncthreads();  // the other buffer's readers are done; cs_s / dt_s are visible
+    if (k + 1 < nstage) {
+      issue(k + 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
     __syncthreads();
-    load_tile(Xs, LDX, Xg + s0 * ldx, ldx, 64, PT, L - (c * Q + s0));
-    __syncthreads();
+    const unsigned char* buf = smem + (k & 1) * kStage;
+    if (k < nN) {
+      const bf16* Cs = reinterpret_cast<const bf16*>(buf);
+      warp_mma_smem<NT, true>(acc, Cs, LDS, warp * 16, Cs + 64 * LDS, LDS, 64, lane);
+      if (k == nN - 1) {  // the carried state's share decays by exp(cs_t)
+        const float e0 = __expf(cs_s[r0]), e1 = __expf(cs_s[r1]);
 #pragma unroll
-    for (int k = 0; k < 64; k += 16) {
+        for (int j = 0; j < NT; ++j) {
+          acc[j][0] *= e0;
+          acc[j][1] *= e0;
+          acc[j][2] *= e1;
+          acc[j][3] *= e1;
+        }
+      }
+      continue;
+    }
+    // intra-chunk: (CB o decay o dt, causal) (64 x 64) . X_s (64 x PT)
+    const int s0 = (k - nN) * 64;
+    const bf16* Xs = reinterpret_cast<const bf16*>(buf);
+    const float* CBs = reinterpret_cast<const float*>(buf + 64 * LDX * 2);
+    const float cs0 = cs_s[r0], cs1 = cs_s[r1];
+#pragma unroll
+    for (int kk = 0; kk < 64; kk += 16) {
       uint32_t a[4];
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int s = s0 + k + half * 8 + tq * 2;
-        const float2 c0 = *reinterpret_cast<const float2*>(CBp + static_cast<int64_t>(r0) * Q + s);
-        const float2 c1 = *reinterpret_cast<const float2*>(CBp + static_cast<int64_t>(r1) * Q + s);
+        const int sl = kk + half * 8 + tq * 2, s = s0 + sl;
+        const float2 c0 = *reinterpret_cast<const float2*>(CBs + lr0 * LDCB + sl);
+        const float2 c1 = *reinterpret_cast<const float2*>(CBs + lr1 * LDCB + sl);
         const float w0 = dt_s[s], w1 = dt_s[s + 1], q0 = cs_s[s], q1 = cs_s[s + 1];
         a[half * 2 + 0] = pack_bf16(s <= r0 ? c0.x * __expf(cs0 - q0) * w0 : 0.f,
                                     s + 1 <= r0 ? c0.y * __expf(cs0 - q1) * w1 : 0.f);
@@ -86,7 +132,7 @@ __global__ __launch_bounds__(128) void chunk_scan_fwd_kernel(
 #pragma unroll
       for (int j = 0; j < NT; j += 2) {
         uint32_t bb[4];
-        ldb_kn(bb, Xs, LDX, j * 8, k, lane);
+        ldb_kn(bb, Xs, LDX, j * 8, kk, lane);
         mma_bf16(acc[j], a, bb[0], bb[1]);
         mma_bf16(acc[j + 1], a, bb[2], bb[3]);
       }
@@ -116,16 +162,17 @@ void launch_chunk_scan_fwd(const SsdDims& d, const bf16* xBC, const float* D, co
   const int PT = P >= 64 ? 64 : 32;
   dim3 grid(static_cast<unsigned>((d.chunk / 64) * (P / PT)),
             static_cast<unsigned>(nc * d.nheads), static_cast<unsigned>(d.batch));
-  auto args = [&](auto kern) {
-    kern<<<grid, 128, 0, st>>>(xBC, d.conv_dim(), D, dt, cs, CB, states, y,
+  auto args = [&](auto kern, size_t smem) {
+    allow_smem(kern, smem);
+    kern<<<grid, 128, smem, st>>>(xBC, d.conv_dim(), D, dt, cs, CB, states, y,
                                static_cast<int>(d.seqlen), static_cast<int>(d.nheads),
                                static_cast<int>(d.ngroups), P, static_cast<int>(d.dstate), nc,
                                static_cast<int>(d.chunk));
   };
   if (PT == 64)
-    args(chunk_scan_fwd_kernel<8>);
+    args(chunk_scan_fwd_kernel<8>, scan_fwd_smem_bytes<8>());
   else
-    args(chunk_scan_fwd_kernel<4>);
+    args(chunk_scan_fwd_kernel<4>, scan_fwd_smem_bytes<4>());
   check_launch("ssd chunk_scan_fwd");
 }
 

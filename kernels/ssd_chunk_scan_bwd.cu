@@ -18,6 +18,23 @@
 
 namespace ssd::cuda::detail {
 
+// Shared memory of the dx kernel: two stage buffers (cp.async double buffering), each holding
+// one step's tiles: a [64][64 of N] tile of C or B with a [PT][64 of N] tile of S_in or dS_out,
+// or an intra-chunk step's dY tile [64][PT] with its BC tile [64 s][64 t] (fp32); then cs [Q].
+template <int NT>
+constexpr int dx_stage_bytes() {
+  constexpr int PT = NT * 8, LDY = PT + 8, LDS = 72, LDBC = 68;
+  constexpr int state = (64 + PT) * LDS * 2;
+  constexpr int intra = 64 * LDY * 2 + 64 * LDBC * 4;
+  return state > intra ? state : intra;
+}
+template <int NT>
+constexpr int dx_smem_bytes() {
+  return 2 * dx_stage_bytes<NT>() + 256 * 4;
+}
+
+// The block's steps: N/64 of u (C, S_in), N/64 of the state part (B, dS_out), then one per t
+// tile tb = sb.. of the intra-chunk part; step k + 1's tiles are copied while step k computes.
 template <int NT>
 __global__ __launch_bounds__(128) void chunk_scan_bwd_dx_kernel(
     const bf16* __restrict__ xBC, int64_t ldx, const bf16* __restrict__ dy,
@@ -26,11 +43,10 @@ __global__ __launch_bounds__(128) void chunk_scan_bwd_dx_kernel(
     const bf16* __restrict__ dstates, bf16* __restrict__ dxBC, float* __restrict__ ddt_dir,
     float* __restrict__ dcs, float* __restrict__ dcs_last, float* __restrict__ pg_dD, int L,
     int H, int G, int P, int N, int nc, int Q, int64_t nq, int last_len) {
-  constexpr int PT = NT * 8, LDY = PT + 8, LDS = 72;
-  __shared__ __align__(16) bf16 Bs[64 * LDS];   // B_s or C_s tile [64][64 of N]
-  __shared__ __align__(16) bf16 dSs[PT * LDS];  // dS_out or S_in tile [PT][64 of N]
-  __shared__ __align__(16) bf16 dYs[64 * LDY];
-  __shared__ float cs_s[256];
+  constexpr int PT = NT * 8, LDY = PT + 8, LDS = 72, LDBC = 68;
+  constexpr int kStage = dx_stage_bytes<NT>();
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* cs_s = reinterpret_cast<float*>(smem + 2 * kStage);
   const int npb = P / PT;
   const int pb = blockIdx.x % npb, sb = blockIdx.x / npb;
   const int c = blockIdx.y % nc, h = blockIdx.y / nc, b = blockIdx.z;
@@ -45,114 +61,144 @@ __global__ __launch_bounds__(128) void chunk_scan_bwd_dx_kernel(
   const int s0 = sb * 64;
   const int vs = L - (c * Q + s0);
   const int r0 = s0 + warp * 16 + (lane >> 2), r1 = r0 + 8;  // chunk-local rows
+  const int lr0 = r0 - s0, lr1 = r1 - s0;                     // rows within the BC tile
   const bool ok0 = c * Q + r0 < L, ok1 = c * Q + r1 < L;
   const int64_t col0 = static_cast<int64_t>(h) * P + pb * PT + tq * 2;
   const int64_t PN = static_cast<int64_t>(P) * N;
 
-  // ---- u_t = exp(cs_t) dy_t . (S_in C_t), this p-slice ----
-  {
-    float accU[NT][4];
-    zero_acc(accU);
-    const bf16* S = states + ((static_cast<int64_t>(b) * nc + c) * H + h) * PN +
-                    static_cast<int64_t>(pb) * PT * N;
-    const bf16* Cg = xBC + (row0 + s0) * ldx + d_inner + static_cast<int64_t>(G + g) * N;
-    for (int n0 = 0; n0 < N; n0 += 64) {
-      __syncthreads();
-      load_tile(Bs, LDS, Cg + n0, ldx, 64, 64, vs);
-      load_tile(dSs, LDS, S + n0, N, PT, 64, PT);
-      __syncthreads();
-      warp_mma_smem<NT, true>(accU, Bs, LDS, warp * 16, dSs, LDS, 64, lane);
-    }
-    float u0 = 0.f, u1 = 0.f;
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      if (ok0) {
-        const float2 v = ld_bf16x2(dy + (row0 + r0) * d_inner + col0 + j * 8);
-        u0 += v.x * accU[j][0] + v.y * accU[j][1];
-      }
-      if (ok1) {
-        const float2 v = ld_bf16x2(dy + (row0 + r1) * d_inner + col0 + j * 8);
-        u1 += v.x * accU[j][2] + v.y * accU[j][3];
-      }
-    }
-    u0 = quad_sum(u0) * __expf(cs_s[r0]);
-    u1 = quad_sum(u1) * __expf(cs_s[r1]);
-    if (tq == 0) {  // this block's dcs slice: one writer per slot (this thread; -v_s added below)
-      float* o = dcs + (kDcsDX + pb) * nq + cbase;
-      if (ok0) o[r0] = u0;
-      if (ok1) o[r1] = u1;
-    }
-  }
-
-  float acc[NT][4];
-  zero_acc(acc);
-  // ---- B_s (64 x N) . dS_out^T (N x PT), rows scaled by exp(cs_last - cs_s) ----
+  const bf16* S = states + ((static_cast<int64_t>(b) * nc + c) * H + h) * PN +
+                  static_cast<int64_t>(pb) * PT * N;
   const bf16* dS = dstates + ((static_cast<int64_t>(b) * nc + c) * H + h) * PN +
                    static_cast<int64_t>(pb) * PT * N;
+  const bf16* Cg = xBC + (row0 + s0) * ldx + d_inner + static_cast<int64_t>(G + g) * N;
   const bf16* Bg = xBC + (row0 + s0) * ldx + d_inner + static_cast<int64_t>(g) * N;
-  for (int n0 = 0; n0 < N; n0 += 64) {
-    __syncthreads();
-    load_tile(Bs, LDS, Bg + n0, ldx, 64, 64, vs);
-    load_tile(dSs, LDS, dS + n0, N, PT, 64, PT);
-    __syncthreads();
-    warp_mma_smem<NT, true>(acc, Bs, LDS, warp * 16, dSs, LDS, 64, lane);
-  }
-  const float cs0 = cs_s[r0], cs1 = cs_s[r1];
-  {
-    const float cl = cs_s[Q - 1];
-    const float e0 = __expf(cl - cs0), e1 = __expf(cl - cs1);
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      acc[j][0] *= e0;
-      acc[j][1] *= e0;
-      acc[j][2] *= e1;
-      acc[j][3] *= e1;
-    }
-    // v_s = dt_s x_s . acc_s (state part)
-    float v0 = 0.f, v1 = 0.f;
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      if (ok0) {
-        const float2 xv = ld_bf16x2(xBC + (row0 + r0) * ldx + col0 + j * 8);
-        v0 += xv.x * acc[j][0] + xv.y * acc[j][1];
-      }
-      if (ok1) {
-        const float2 xv = ld_bf16x2(xBC + (row0 + r1) * ldx + col0 + j * 8);
-        v1 += xv.x * acc[j][2] + xv.y * acc[j][3];
-      }
-    }
-    v0 = quad_sum(v0);
-    v1 = quad_sum(v1);
-    v0 = ok0 ? v0 * dt[cbase + r0] : 0.f;
-    v1 = ok1 ? v1 * dt[cbase + r1] : 0.f;
-    if (tq == 0) {  // the same thread that stored u_s: u_s - v_s
-      float* o = dcs + (kDcsDX + pb) * nq + cbase;
-      if (ok0) o[r0] += -v0;
-      if (ok1) o[r1] += -v1;
-    }
-    float vsum = tq == 0 ? v0 + v1 : 0.f;
-    vsum = warp_sum(vsum);
-    // this warp's slot [0, NX) of the chunk's dcs_last row
-    if (lane == 0) dcs_last[(cbase / Q) * last_len + blockIdx.x * 4 + warp] = vsum;
-  }
-
-  // ---- sum_{t >= s} (BC o decay, anti-causal) (64 x 64 per t-block) . dY_t (64 x PT) ----
   const float* BCp = BC + ((static_cast<int64_t>(b) * nc + c) * G + g) * Q * Q;
   const bf16* dYg = dy + row0 * d_inner + static_cast<int64_t>(h) * P + pb * PT;
-  for (int tb = sb; tb < nblk; ++tb) {
-    const int t0 = tb * 64;
-    if (c * Q + t0 >= L) break;
+  const int nN = N / 64;
+  // t tiles inside the sequence: tb < tb_end
+  const int tb_end = min(nblk, (L - c * Q + 63) / 64);
+  const int nstage = 2 * nN + max(0, tb_end - sb);
+
+  auto issue = [&](int k) {
+    unsigned char* buf = smem + (k & 1) * kStage;
+    if (k < 2 * nN) {  // [64 x 64 of N] tile of C (u) or B (state part), [PT x 64] of S / dS
+      const int n0 = (k % nN) * 64;
+      const bf16* src = k < nN ? Cg : Bg;
+      const bf16* st = k < nN ? S : dS;
+      bf16* Ts = reinterpret_cast<bf16*>(buf);
+      load_tile_async(Ts, LDS, src + n0, ldx, 64, 64, vs, xBC);  // xBC: a safe address
+      load_tile_async(Ts + 64 * LDS, LDS, st + n0, N, PT, 64, PT, st);
+    } else {  // t tile tb: dY_t [64 x PT], BC[s0.., t0..] [64 x 64] fp32
+      const int t0 = (sb + k - 2 * nN) * 64;
+      bf16* dYs = reinterpret_cast<bf16*>(buf);
+      float* BCs = reinterpret_cast<float*>(buf + 64 * LDY * 2);
+      load_tile_async(dYs, LDY, dYg + t0 * d_inner, d_inner, 64, PT, L - (c * Q + t0), dy);
+      const float* src = BCp + static_cast<int64_t>(s0) * Q + t0;
+      for (int i = threadIdx.x; i < 64 * 16; i += blockDim.x) {
+        const int r = i >> 4, q = (i & 15) * 4;
+        cp_async16(BCs + r * LDBC + q, src + static_cast<int64_t>(r) * Q + q, true);
+      }
+    }
+    cp_async_commit();
+  };
+
+  float acc[NT][4], accU[NT][4];
+  zero_acc(acc);
+  zero_acc(accU);
+  issue(0);
+  for (int k = 0; k < nstage; ++k) {
+    __syncthreads();  // the other buffer's readers are done; cs_s is visible
+    if (k + 1 < nstage) {
+      issue(k + 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
     __syncthreads();
-    load_tile(dYs, LDY, dYg + t0 * d_inner, d_inner, 64, PT, L - (c * Q + t0));
-    __syncthreads();
+    const unsigned char* buf = smem + (k & 1) * kStage;
+    if (k < nN) {
+      // ---- u_t = exp(cs_t) dy_t . (S_in C_t), this p-slice ----
+      const bf16* Ts = reinterpret_cast<const bf16*>(buf);
+      warp_mma_smem<NT, true>(accU, Ts, LDS, warp * 16, Ts + 64 * LDS, LDS, 64, lane);
+      if (k == nN - 1) {
+        float u0 = 0.f, u1 = 0.f;
 #pragma unroll
-    for (int k = 0; k < 64; k += 16) {
+        for (int j = 0; j < NT; ++j) {
+          if (ok0) {
+            const float2 v = ld_bf16x2(dy + (row0 + r0) * d_inner + col0 + j * 8);
+            u0 += v.x * accU[j][0] + v.y * accU[j][1];
+          }
+          if (ok1) {
+            const float2 v = ld_bf16x2(dy + (row0 + r1) * d_inner + col0 + j * 8);
+            u1 += v.x * accU[j][2] + v.y * accU[j][3];
+          }
+        }
+        u0 = quad_sum(u0) * __expf(cs_s[r0]);
+        u1 = quad_sum(u1) * __expf(cs_s[r1]);
+        if (tq == 0) {  // this block's dcs slice: one writer per slot (-v_s added below)
+          float* o = dcs + (kDcsDX + pb) * nq + cbase;
+          if (ok0) o[r0] = u0;
+          if (ok1) o[r1] = u1;
+        }
+      }
+      continue;
+    }
+    if (k < 2 * nN) {
+      // ---- B_s (64 x N) . dS_out^T (N x PT), rows scaled by exp(cs_last - cs_s) ----
+      const bf16* Ts = reinterpret_cast<const bf16*>(buf);
+      warp_mma_smem<NT, true>(acc, Ts, LDS, warp * 16, Ts + 64 * LDS, LDS, 64, lane);
+      if (k == 2 * nN - 1) {
+        const float cl = cs_s[Q - 1];
+        const float e0 = __expf(cl - cs_s[r0]), e1 = __expf(cl - cs_s[r1]);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          acc[j][0] *= e0;
+          acc[j][1] *= e0;
+          acc[j][2] *= e1;
+          acc[j][3] *= e1;
+        }
+        // v_s = dt_s x_s . acc_s (state part)
+        float v0 = 0.f, v1 = 0.f;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          if (ok0) {
+            const float2 xv = ld_bf16x2(xBC + (row0 + r0) * ldx + col0 + j * 8);
+            v0 += xv.x * acc[j][0] + xv.y * acc[j][1];
+          }
+          if (ok1) {
+            const float2 xv = ld_bf16x2(xBC + (row0 + r1) * ldx + col0 + j * 8);
+            v1 += xv.x * acc[j][2] + xv.y * acc[j][3];
+          }
+        }
+        v0 = quad_sum(v0);
+        v1 = quad_sum(v1);
+        v0 = ok0 ? v0 * dt[cbase + r0] : 0.f;
+        v1 = ok1 ? v1 * dt[cbase + r1] : 0.f;
+        if (tq == 0) {  // the same thread that stored u_s: u_s - v_s
+          float* o = dcs + (kDcsDX + pb) * nq + cbase;
+          if (ok0) o[r0] += -v0;
+          if (ok1) o[r1] += -v1;
+        }
+        float vsum = tq == 0 ? v0 + v1 : 0.f;
+        vsum = warp_sum(vsum);
+        // this warp's slot [0, NX) of the chunk's dcs_last row
+        if (lane == 0) dcs_last[(cbase / Q) * last_len + blockIdx.x * 4 + warp] = vsum;
+      }
+      continue;
+    }
+    // ---- sum_{t >= s} (BC o decay, anti-causal) (64 x 64 of this t tile) . dY_t (64 x PT) ----
+    const int t0 = (sb + k - 2 * nN) * 64;
+    const bf16* dYs = reinterpret_cast<const bf16*>(buf);
+    const float* BCs = reinterpret_cast<const float*>(buf + 64 * LDY * 2);
+    const float cs0 = cs_s[r0], cs1 = cs_s[r1];
+#pragma unroll
+    for (int kk = 0; kk < 64; kk += 16) {
       uint32_t a[4];
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int t = t0 + k + half * 8 + tq * 2;
-        const float2 w0 = *reinterpret_cast<const float2*>(BCp + static_cast<int64_t>(r0) * Q + t);
-        const float2 w1 = *reinterpret_cast<const float2*>(BCp + static_cast<int64_t>(r1) * Q + t);
+        const int tl = kk + half * 8 + tq * 2, t = t0 + tl;
+        const float2 w0 = *reinterpret_cast<const float2*>(BCs + lr0 * LDBC + tl);
+        const float2 w1 = *reinterpret_cast<const float2*>(BCs + lr1 * LDBC + tl);
         const float q0 = cs_s[t], q1 = cs_s[t + 1];
         a[half * 2 + 0] = pack_bf16(t >= r0 ? w0.x * __expf(q0 - cs0) : 0.f,
                                     t + 1 >= r0 ? w0.y * __expf(q1 - cs0) : 0.f);
@@ -162,7 +208,7 @@ __global__ __launch_bounds__(128) void chunk_scan_bwd_dx_kernel(
 #pragma unroll
       for (int j = 0; j < NT; j += 2) {
         uint32_t bb[4];
-        ldb_kn(bb, dYs, LDY, j * 8, k, lane);
+        ldb_kn(bb, dYs, LDY, j * 8, kk, lane);
         mma_bf16(acc[j], a, bb[0], bb[1]);
         mma_bf16(acc[j + 1], a, bb[2], bb[3]);
       }
@@ -357,17 +403,18 @@ void launch_chunk_scan_bwd_dx(const SsdDims& d, const bf16* xBC, const bf16* dy,
   // grid.x = dx_blocks(d) (= (Q/64) * (P/PT)), 4 warps each: the partial-sum layouts rely on it
   dim3 grid(static_cast<unsigned>(dx_blocks(d)), static_cast<unsigned>(nc * d.nheads),
             static_cast<unsigned>(d.batch));
-  auto go = [&](auto kern) {
-    kern<<<grid, 128, 0, st>>>(xBC, d.conv_dim(), dy, D, dt, cs, BC, states, dstates, dxBC,
+  auto go = [&](auto kern, size_t smem) {
+    allow_smem(kern, smem);
+    kern<<<grid, 128, smem, st>>>(xBC, d.conv_dim(), dy, D, dt, cs, BC, states, dstates, dxBC,
                                ddt_dir, dcs, dcs_last, pg_dD, static_cast<int>(d.seqlen),
                                static_cast<int>(d.nheads), static_cast<int>(d.ngroups), P,
                                static_cast<int>(d.dstate), nc, static_cast<int>(d.chunk),
                                q_slice(d), dcs_last_len(d));
   };
   if (PT == 64)
-    go(chunk_scan_bwd_dx_kernel<8>);
+    go(chunk_scan_bwd_dx_kernel<8>, dx_smem_bytes<8>());
   else
-    go(chunk_scan_bwd_dx_kernel<4>);
+    go(chunk_scan_bwd_dx_kernel<4>, dx_smem_bytes<4>());
   check_launch("ssd chunk_scan_bwd_dx");
 }
 

@@ -86,14 +86,19 @@ size_t ssd_workspace_bytes(const SsdDims& d) {
   return detail::carve_workspace(d, nullptr, true, &w, ssd_variant() == 2);
 }
 
+size_t ssd_saved_bytes(const SsdDims& d) {
+  detail::SsdWorkspace w;  // the forward's pieces alone
+  return detail::carve_workspace(d, nullptr, false, &w);
+}
+
 void ssd_fwd(const SsdDims& d, const bf16* xBC, const bf16* dt, int64_t ld_dt,
              const float* dt_bias, const float* A_log, const float* D,
              const float* initial_state, bf16* y, float* final_state, void* workspace,
-             cudaStream_t stream) {
+             void* saved, cudaStream_t stream) {
   using namespace detail;
   check_dims(d);
   SsdWorkspace w;
-  carve_workspace(d, workspace, false, &w);
+  carve_workspace(d, workspace, false, &w, false, saved);
   const int nc = static_cast<int>(d.nchunks());
   const int64_t d_inner = d.d_inner(), GN = d.ngroups * d.dstate;
   mark("start", stream);
@@ -104,8 +109,9 @@ void ssd_fwd(const SsdDims& d, const bf16* xBC, const bf16* dt, int64_t ld_dt,
   launch_chunk_state(d, xBC, d.conv_dim(), xBC, d_inner, w.dt, w.cs, 0, w.states, nc + 1, 1,
                      stream);
   mark("chunk_state", stream);
-  launch_state_passing(d, w.states, w.states_bf, false, w.cs, initial_state, final_state,
-                       stream);
+  // Kept for the backward: the fp32 entering states too (the backward's state gradients use them).
+  launch_state_passing(d, w.states, w.states_bf, saved != nullptr, w.cs, initial_state,
+                       final_state, stream);
   mark("state_passing", stream);
   launch_chunk_scan_fwd(d, xBC, D, w.dt, w.cs, w.CB, w.states_bf, y, stream);
   mark("chunk_scan", stream);
@@ -115,28 +121,32 @@ void ssd_bwd(const SsdDims& d, const bf16* xBC, const bf16* dt, int64_t ld_dt,
              const float* dt_bias, const float* A_log, const float* D,
              const float* initial_state, const bf16* dy, const float* dfinal_state, bf16* dxBC,
              bf16* ddt, int64_t ld_ddt, float* d_dt_bias, float* dA_log, float* dD,
-             float* d_initial_state, void* workspace, cudaStream_t stream) {
+             float* d_initial_state, void* workspace, const void* saved, cudaStream_t stream) {
   using namespace detail;
   check_dims(d);
   const bool v2 = ssd_variant() == 2;
   SsdWorkspace w;
-  carve_workspace(d, workspace, true, &w, v2);
+  // The saved pieces are only read here.
+  carve_workspace(d, workspace, true, &w, v2, const_cast<void*>(saved));
   const int nc = static_cast<int>(d.nchunks());
   const int64_t d_inner = d.d_inner(), GN = d.ngroups * d.dstate;
   mark("start", stream);
   // ddt_dir, dcs, dcs_last: slots no kernel writes (rows past seqlen) must read as 0
   cudaMemsetAsync(w.ddt_dir, 0, w.zero_bytes, stream);
-  // recompute the forward's states
-  launch_chunk_cumsum(d, dt, ld_dt, dt_bias, A_log, w.dt, w.cs, stream);
-  mark("chunk_cumsum", stream);
-  launch_chunk_bmm(d, xBC, d_inner + GN, d_inner, true, w.CB, stream);
+  if (!saved) {  // recompute the forward's intermediates
+    launch_chunk_cumsum(d, dt, ld_dt, dt_bias, A_log, w.dt, w.cs, stream);
+    mark("chunk_cumsum", stream);
+    launch_chunk_bmm(d, xBC, d_inner + GN, d_inner, true, w.CB, stream);
+  }
   launch_chunk_bmm(d, xBC, d_inner, d_inner + GN, false, w.BC, stream);
-  mark("chunk_bmm(CB,BC)", stream);
-  launch_chunk_state(d, xBC, d.conv_dim(), xBC, d_inner, w.dt, w.cs, 0, w.states, nc + 1, 1,
-                     stream);
-  mark("chunk_state", stream);
-  launch_state_passing(d, w.states, w.states_bf, true, w.cs, initial_state, nullptr, stream);
-  mark("state_passing", stream);
+  mark(saved ? "chunk_bmm(BC)" : "chunk_bmm(CB,BC)", stream);
+  if (!saved) {
+    launch_chunk_state(d, xBC, d.conv_dim(), xBC, d_inner, w.dt, w.cs, 0, w.states, nc + 1, 1,
+                       stream);
+    mark("chunk_state", stream);
+    launch_state_passing(d, w.states, w.states_bf, true, w.cs, initial_state, nullptr, stream);
+    mark("state_passing", stream);
+  }
   // state gradients
   launch_chunk_state(d, dy, d_inner, xBC, d_inner + GN, w.dt, w.cs, 1, w.dstates, nc, 0,
                      stream);

@@ -39,13 +39,6 @@
 
 namespace ssd::cuda {
 
-// Optional hook: when set, ssd_fwd / ssd_bwd call mark(step) after launching each step, so a
-// profiler can record a cudaEvent there. Not thread-safe; for benchmarks.
-struct SsdProfiler {
-  virtual ~SsdProfiler() = default;
-  virtual void mark(const char* step, cudaStream_t stream) = 0;
-};
-void ssd_set_profiler(SsdProfiler* p);  // nullptr disables
 
 namespace detail {
 
@@ -128,22 +121,30 @@ inline int dbdc_v2_splits(const SsdDims& d) {
 
 // Carves `base` (may be null to only count) into the pieces; returns the bytes used.
 // v2: also the pieces of variant 2 (after everything else; variant 1's layout is unchanged).
+// saved: where the forward's intermediates (dt, cs, CB, states, states_bf: the pieces
+// ssd_fwd leaves for ssd_bwd, ssd_saved_bytes of them) live instead of at the start of base.
 inline size_t carve_workspace(const SsdDims& d, void* base, bool bwd, SsdWorkspace* w,
-                              bool v2 = false) {
+                              bool v2 = false, void* saved = nullptr) {
   const size_t B = d.batch, H = d.nheads, nc = d.nchunks(), Q = d.chunk, G = d.ngroups,
                P = d.headdim, N = d.dstate;
-  size_t off = 0;
+  size_t off = 0, soff = 0;
   char* p = static_cast<char*>(base);
   auto take = [&](size_t nfloat) -> float* {
     float* r = p ? reinterpret_cast<float*>(p + off) : nullptr;
     off += (nfloat * sizeof(float) + 255) & ~size_t(255);
     return r;
   };
-  w->dt = take(B * H * nc * Q);
-  w->cs = take(B * H * nc * Q);
-  w->CB = take(B * nc * G * Q * Q);
-  w->states = take(B * (nc + 1) * H * P * N);
-  w->states_bf = reinterpret_cast<bf16*>(take((B * nc * H * P * N + 1) / 2));
+  auto take_fwd = [&](size_t nfloat) -> float* {
+    if (!saved) return take(nfloat);
+    float* r = reinterpret_cast<float*>(static_cast<char*>(saved) + soff);
+    soff += (nfloat * sizeof(float) + 255) & ~size_t(255);
+    return r;
+  };
+  w->dt = take_fwd(B * H * nc * Q);
+  w->cs = take_fwd(B * H * nc * Q);
+  w->CB = take_fwd(B * nc * G * Q * Q);
+  w->states = take_fwd(B * (nc + 1) * H * P * N);
+  w->states_bf = reinterpret_cast<bf16*>(take_fwd((B * nc * H * P * N + 1) / 2));
   if (bwd) {
     w->BC = take(B * nc * G * Q * Q);
     w->dstates = take(B * nc * H * P * N);
@@ -355,6 +356,18 @@ __device__ __forceinline__ void scale_a_rows(uint32_t (&a)[4], float f0, float f
   }
 }
 
+// Multiplies the columns (the k index) of an A fragment by w: w[0..15] are the weights of the
+// fragment's 16 columns.
+__device__ __forceinline__ void scale_a_cols(uint32_t (&a)[4], const float* w, int lane) {
+  const int k = (lane & 3) * 2;
+  const float w0 = w[k], w1 = w[k + 1], w8 = w[k + 8], w9 = w[k + 9];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 v = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&a[i]));
+    a[i] = i < 2 ? pack_bf16(v.x * w0, v.y * w1) : pack_bf16(v.x * w8, v.y * w9);
+  }
+}
+
 template <int NT>
 __device__ __forceinline__ void zero_acc(float (&acc)[NT][4]) {
 #pragma unroll
@@ -410,6 +423,32 @@ __device__ __forceinline__ void load_tile_f32(bf16* s, int lds, const float* g, 
   }
 }
 
+// ---- cp.async (asynchronous global -> shared copies, sm_80+) ----
+__device__ __forceinline__ void cp_async16(void* s, const void* g, bool ok) {
+  const uint32_t sa = static_cast<uint32_t>(__cvta_generic_to_shared(s));
+  const int n = ok ? 16 : 0;  // src-size 0: nothing is read, the 16 bytes are zero-filled
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(g), "r"(n)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// load_tile with cp.async: rows >= valid are zero-filled (their source address is `safe`).
+__device__ __forceinline__ void load_tile_async(bf16* s, int lds, const bf16* g, int64_t ldg,
+                                                int rows, int cols, int valid,
+                                                const bf16* safe) {
+  const int cv = cols >> 3;
+  for (int i = threadIdx.x; i < rows * cv; i += blockDim.x) {
+    const int r = i / cv, c = (i - r * cv) << 3;
+    const bool ok = r < valid;
+    cp_async16(s + r * lds + c, ok ? g + r * ldg + c : safe, ok);
+  }
+}
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);

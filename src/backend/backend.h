@@ -42,6 +42,9 @@ struct SsdInputs {
   Tensor A_log;           // [nheads], A = -exp(A_log)
   Tensor D;               // [nheads]
   const Tensor* initial_state = nullptr;
+  // Optional: ssd_saved_bytes of device memory (any dtype) that ssd_fwd fills with its
+  // intermediates and ssd_bwd, given the same inputs, reads instead of recomputing them.
+  Tensor* saved = nullptr;
 };
 
 // Gradients of the SSD op. dxBC and ddt are overwritten; dt_bias/A_log/D grads accumulate.
@@ -93,6 +96,8 @@ class Backend {
   };
   virtual void set_profiling(bool) {}
   virtual std::vector<OpTime> profile_take() { return {}; }
+  // Bytes of SsdInputs::saved this backend uses at these sizes (0: it keeps nothing).
+  virtual int64_t ssd_saved_bytes(const SsdDims&) const { return 0; }
   // "" when this backend can run the SSD op at these sizes, else why not (naming config keys).
   virtual std::string ssd_unsupported(const SsdDims&) const { return ""; }
 

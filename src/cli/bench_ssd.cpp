@@ -33,6 +33,7 @@ struct Flags {
           chunk = 256;
   int iters = 20, warmup = 5;
   int variant = 0;  // 0: as configured (SSD_KERNEL_VARIANT, default 2)
+  bool saved = true;  // the forward keeps its intermediates for the backward (as training does)
 };
 
 bool parse(int argc, char** argv, Flags& f) {
@@ -42,10 +43,16 @@ bool parse(int argc, char** argv, Flags& f) {
       std::printf(
           "usage: ssdtrain bench ssd [--batch N] [--seqlen N] [--heads N] [--headdim N]\n"
           "                          [--groups N] [--dstate N] [--chunk N] [--iters N]\n"
-          "                          [--warmup N] [--variant 1|2]\n"
+          "                          [--warmup N] [--variant 1|2] [--recompute]\n"
           "defaults: 8 2048 48 64 1 128 256, 20 iterations after 5 warm-up runs;\n"
-          "--variant: SSD kernel variant (default: SSD_KERNEL_VARIANT, else 2)\n");
+          "--variant: SSD kernel variant (default: SSD_KERNEL_VARIANT, else 2)\n"
+          "--recompute: the backward recomputes the forward's intermediates (default: the\n"
+          "             forward saves them, as in training)\n");
       return false;
+    }
+    if (a == "--recompute") {
+      f.saved = false;
+      continue;
     }
     if (i + 1 >= argc) {
       std::fprintf(stderr, "bench ssd: %s needs a value\n", a.c_str());
@@ -226,16 +233,22 @@ int run_bench_ssd(int argc, char** argv) {
   void* ws = nullptr;
   const size_t wsb = cuda::ssd_workspace_bytes(d);
   BENCH_CUDA(cudaMalloc(&ws, wsb));
-  std::printf("workspace %.1f MiB\n", wsb / 1048576.0);
+  void* saved = nullptr;
+  const size_t savedb = cuda::ssd_saved_bytes(d);
+  if (f.saved) BENCH_CUDA(cudaMalloc(&saved, savedb));
+  std::printf("workspace %.1f MiB; %s\n", wsb / 1048576.0,
+              f.saved ? ("forward intermediates saved for the backward: " +
+                         std::to_string(savedb >> 20) + " MiB").c_str()
+                      : "the backward recomputes the forward's intermediates");
 
   cudaStream_t st;
   BENCH_CUDA(cudaStreamCreate(&st));
   auto fwd = [&] {
-    cuda::ssd_fwd(d, xBC, dt, H, g_bias, g_alog, g_D, g_init, y, g_fs, ws, st);
+    cuda::ssd_fwd(d, xBC, dt, H, g_bias, g_alog, g_D, g_init, y, g_fs, ws, saved, st);
   };
   auto bwd = [&] {
     cuda::ssd_bwd(d, xBC, dt, H, g_bias, g_alog, g_D, g_init, dy, nullptr, dxBC, ddt, H,
-                  g_dbias, g_dalog, g_dD, g_dinit, ws, st);
+                  g_dbias, g_dalog, g_dD, g_dinit, ws, saved, st);
   };
   cudaEvent_t e0, e1;
   BENCH_CUDA(cudaEventCreate(&e0));
@@ -295,7 +308,7 @@ int run_bench_ssd(int argc, char** argv) {
   cudaEventDestroy(e1);
   cudaStreamDestroy(st);
   for (void* p : std::initializer_list<void*>{xBC, dt, dy, g_bias, g_alog, g_D, g_init, g_fs,
-                                              g_dinit, g_dbias, g_dalog, g_dD, y, dxBC, ddt, ws})
+                                              g_dinit, g_dbias, g_dalog, g_dD, y, dxBC, ddt, ws, saved})
     cudaFree(p);
   return 0;
 }

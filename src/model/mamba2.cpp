@@ -52,6 +52,8 @@ Mamba2LM::Mamba2LM(const ModelConfig& cfg, Backend& be, int64_t batch, int64_t s
     a.y = be_.alloc({T_, Di}, cmp);
     a.grstd = be_.alloc({T_, cfg_.ngroups}, acc);
     a.ynorm = be_.alloc({T_, Di}, cmp);
+    if (const int64_t sb = be_.ssd_saved_bytes(ssd_dims()); sb > 0)
+      a.ssd_saved = be_.alloc({(sb + 3) / 4}, DType::F32);
     acts_.push_back(std::move(a));
   }
   res_f_ = be_.alloc({T_, D}, acc);
@@ -157,7 +159,7 @@ SsdDims Mamba2LM::ssd_dims() const {
   return d;
 }
 
-SsdInputs Mamba2LM::ssd_inputs(int i, const LayerActs& a) const {
+SsdInputs Mamba2LM::ssd_inputs(int i, LayerActs& a) {
   const auto& p = lp_[i];
   SsdInputs in;
   in.xBC = a.xBC;
@@ -165,6 +167,7 @@ SsdInputs Mamba2LM::ssd_inputs(int i, const LayerActs& a) const {
   in.dt_bias = params_[p.dt_bias];
   in.A_log = params_[p.A_log];
   in.D = params_[p.D];
+  if (a.ssd_saved.defined()) in.saved = &a.ssd_saved;
   return in;
 }
 

@@ -62,6 +62,7 @@ class Mamba2LM {
     Tensor y;         // SSD output [T, d_inner]
     Tensor grstd;     // [T, ngroups] of the gated norm
     Tensor ynorm;     // gated norm output [T, d_inner]
+    Tensor ssd_saved; // the SSD forward's intermediates for its backward (backend-defined)
   };
   // Index of a parameter in the table for layer i (or -1 for the global ones).
   struct LayerParams {
@@ -77,7 +78,7 @@ class Mamba2LM {
   Tensor& input(int i) { return recompute_ && i < cfg_.n_layer ? x_in_[i] : x_; }
   const Tensor& w(int idx) const { return compute_[idx]; }
   SsdDims ssd_dims() const;
-  SsdInputs ssd_inputs(int layer, const LayerActs& a) const;
+  SsdInputs ssd_inputs(int layer, LayerActs& a);
 
   ModelConfig cfg_;
   Backend& be_;

@@ -125,9 +125,11 @@ void run_ssd_determinism(const SsdCase& c, int variant) {
   DevBuf<float> g_bias(H), g_Alog(H), g_D(H), g_init(SN), g_dfinal(SN), g_dbias(H), g_dAlog(H),
       g_dD(H), g_dinit(SN);
   const size_t wsb = ssd::cuda::ssd_workspace_bytes(d);
-  DevBuf<unsigned char> g_ws(wsb);
+  const size_t savedb = ssd::cuda::ssd_saved_bytes(d);
+  DevBuf<unsigned char> g_ws(wsb), g_saved(savedb);
+  DevBuf<uint16_t> g_y(T * DI);
   ASSERT_TRUE(g_xBC.p && g_dt.p && g_dy.p && g_dxBC.p && g_ddt.p && g_init.p && g_dfinal.p &&
-              g_dinit.p && g_ws.p)
+              g_dinit.p && g_ws.p && g_saved.p && g_y.p)
       << "cudaMalloc failed";
   g_xBC.up(xBC_b);
   g_dt.up(dt_b);
@@ -141,8 +143,15 @@ void run_ssd_determinism(const SsdCase& c, int variant) {
   auto B = [](DevBuf<uint16_t>& b) { return reinterpret_cast<bf16*>(b.p); };
 
   // One backward into zeroed outputs (or accumulators starting at acc0); ws_fill: the byte
-  // the workspace is filled with first (its previous contents must not matter).
-  auto run = [&](int ws_fill, const std::vector<float>* acc0, SsdOut& o) {
+  // the workspace is filled with first (its previous contents must not matter). saved: a
+  // forward leaves its intermediates in a separate buffer first, and the backward reads them
+  // (instead of recomputing them).
+  auto run = [&](int ws_fill, const std::vector<float>* acc0, SsdOut& o, bool saved = false) {
+    if (saved) {
+      CUDA_OK(cudaMemset(g_saved.p, 0xff, savedb));
+      ssd::cuda::ssd_fwd(d, B(g_xBC), B(g_dt), ld_dt, g_bias.p, g_Alog.p, g_D.p, g_init.p,
+                         B(g_y), nullptr, g_ws.p, g_saved.p, nullptr);
+    }
     CUDA_OK(cudaMemset(g_ws.p, ws_fill, wsb));
     CUDA_OK(cudaMemset(g_dxBC.p, 0, g_dxBC.n * sizeof(uint16_t)));
     CUDA_OK(cudaMemset(g_ddt.p, 0, g_ddt.n * sizeof(uint16_t)));
@@ -158,7 +167,7 @@ void run_ssd_determinism(const SsdCase& c, int variant) {
     }
     ssd::cuda::ssd_bwd(d, B(g_xBC), B(g_dt), ld_dt, g_bias.p, g_Alog.p, g_D.p, g_init.p, B(g_dy),
                        g_dfinal.p, B(g_dxBC), B(g_ddt), ld_ddt, g_dbias.p, g_dAlog.p, g_dD.p,
-                       g_dinit.p, g_ws.p, nullptr);
+                       g_dinit.p, g_ws.p, saved ? g_saved.p : nullptr, nullptr);
     CUDA_OK(cudaDeviceSynchronize());
     o.dxBC = g_dxBC.down();
     o.ddt = g_ddt.down();
@@ -183,6 +192,12 @@ void run_ssd_determinism(const SsdCase& c, int variant) {
   run(0xff, nullptr, r3);
   if (::testing::Test::HasFatalFailure()) return;
   expect_same_outputs(r1, r3, " (0xff-filled workspace)");
+
+  // The forward's saved intermediates are the ones the backward would recompute, bit for bit.
+  SsdOut r5;
+  run(0xff, nullptr, r5, true);
+  if (::testing::Test::HasFatalFailure()) return;
+  expect_same_outputs(r1, r5, " (intermediates saved by the forward)");
 
   // Accumulation: from acc0 the parameter gradients are exactly acc0 + (the zero-start result)
   // (the kernel adds one fixed-order per-head sum to the output: one fp32 addition).

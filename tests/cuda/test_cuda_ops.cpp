@@ -196,31 +196,41 @@ TEST_F(CudaOps, Convert) {
 // ------------------------------------------------------------------------------- layers
 
 TEST_F(CudaOps, Embedding) {
-  const int64_t V = 37, D = 300, T = 203;
-  std::vector<int32_t> tok(T);
-  for (int64_t t = 0; t < T; ++t) tok[t] = static_cast<int32_t>((t * 13 + 5) % V);
-  for (int64_t t = 0; t < 40; ++t) tok[t * 5] = 3;  // a frequent token
-  const Vf w = round_bf16(randn(V * D, 1));
-  const Vf dout = randn(T * D, 2);
-  const Vf dw0 = randn(V * D, 3);
-  for (bool dout_compute : {false, true}) {
-    both(dout_compute ? "embedding bf16 dout" : "embedding f32 dout", kTolBf16,
-         [&](Backend& be) -> Outs {
-           Tensor tk = put_i32(be, tok, {T});
-           Tensor wt = putc(be, w, {V, D});
-           Tensor out = be.alloc({T, D}, be.compute_dtype());
-           be.embedding_fwd(tk, wt, out);
-           Tensor g = dout_compute ? putc(be, round_bf16(dout), {T, D}) : puta(be, dout, {T, D});
-           Tensor dw = puta(be, dw0, {V, D});
-           be.embedding_bwd(tk, g, dw);
-           be.embedding_bwd(tk, g, dw);  // accumulates
-           return {{"out", get(be, out)}, {"dweight", get(be, dw)}};
-         });
+  // Small: a frequent token among many; large: one token fills most rows (a run of sorted
+  // positions far longer than any block or segment of the backward's reduction).
+  struct Case { int64_t V, D, T; int every; };
+  for (Case c : {Case{37, 300, 203, 5}, Case{50, 768, 5000, 2}}) {
+    const int64_t V = c.V, D = c.D, T = c.T;
+    std::vector<int32_t> tok(T);
+    for (int64_t t = 0; t < T; ++t) tok[t] = static_cast<int32_t>((t * 13 + 5) % V);
+    for (int64_t t = 0; t < T; t += c.every) tok[t] = 3;  // a frequent token
+    if (T > 1000)
+      for (int64_t t = 1; t < T; t += 4) tok[t] = 3;
+    const Vf w = round_bf16(randn(V * D, 1));
+    const Vf dout = randn(T * D, 2);
+    const Vf dw0 = randn(V * D, 3);
+    for (bool dout_compute : {false, true}) {
+      const std::string name = std::string(dout_compute ? "embedding bf16 dout" : "embedding f32 dout") +
+                               " T" + std::to_string(T);
+      both(name.c_str(), kTolBf16, [&](Backend& be) -> Outs {
+        Tensor tk = put_i32(be, tok, {T});
+        Tensor wt = putc(be, w, {V, D});
+        Tensor out = be.alloc({T, D}, be.compute_dtype());
+        be.embedding_fwd(tk, wt, out);
+        Tensor g = dout_compute ? putc(be, round_bf16(dout), {T, D}) : puta(be, dout, {T, D});
+        Tensor dw = puta(be, dw0, {V, D});
+        be.embedding_bwd(tk, g, dw);
+        be.embedding_bwd(tk, g, dw);  // accumulates
+        return {{"out", get(be, out)}, {"dweight", get(be, dw)}};
+      });
+    }
   }
 }
 
 TEST_F(CudaOps, AddRmsNorm) {
-  const int64_t T = 77, D = 1100;
+  // Widths that the kernels vectorise (multiples of 256, up to the 2.7B model's 2560) and one
+  // that they do not (1100).
+  for (auto [T, D] : {std::pair<int64_t, int64_t>{77, 1100}, {130, 768}, {9, 2560}}) {
   const double eps = 1e-5;
   const Vf x = round_bf16(randn(T * D, 10));
   const Vf res = randn(T * D, 11, 2.0);
@@ -231,7 +241,9 @@ TEST_F(CudaOps, AddRmsNorm) {
   const Vf dw0 = randn(D, 15);
   for (int variant = 0; variant < 2; ++variant) {
     const bool with_res = variant == 0;
-    both(with_res ? "add_rmsnorm" : "add_rmsnorm first layer", kTolBf16,
+    const std::string name = std::string(with_res ? "add_rmsnorm" : "add_rmsnorm first layer") +
+                             " D" + std::to_string(D);
+    both(name.c_str(), kTolBf16,
          [&](Backend& be) -> Outs {
            Tensor xt = putc(be, x, {T, D});
            Tensor rin = puta(be, res, {T, D});
@@ -249,6 +261,7 @@ TEST_F(CudaOps, AddRmsNorm) {
                    {"rstd", get(be, rstd)},         {"d_residual", get(be, dres)},
                    {"dweight", get(be, dw)}};
          });
+  }
   }
 }
 
@@ -284,9 +297,13 @@ TEST_F(CudaOps, Conv1dSilu) {
   // Sequences shorter and longer than the kernels' 64-token tiles; widths 2..4 (compiled for
   // each width) and 5 (the generic runtime-width kernels).
   for (Case cs :
-       {Case{3, 50, 70, 4}, Case{2, 130, 200, 3}, Case{1, 64, 130, 2}, Case{2, 70, 40, 5}}) {
+       {Case{3, 50, 70, 4}, Case{2, 130, 200, 3}, Case{1, 64, 130, 2}, Case{2, 70, 40, 5},
+        Case{2, 300, 1792, 4}, Case{1, 257, 264, 4}}) {
     const int64_t B = cs.B, L = cs.L, C = cs.C, K = cs.K, T = B * L;
-    const int64_t ld_in = C + 30, off_in = 20, ld_din = C + 20, off_din = 7;
+    // Column slices 16-byte aligned (as in the model) when C allows it, else not.
+    const bool al = C % 8 == 0;
+    const int64_t ld_in = C + (al ? 40 : 30), off_in = al ? 16 : 20;
+    const int64_t ld_din = C + (al ? 24 : 20), off_din = al ? 8 : 7;
     const Vf in = round_bf16(randn(T * ld_in, 30));
     const Vf w = randn(C * K, 31, 0.5);
     const Vf b = randn(C, 32, 0.3);
@@ -314,7 +331,15 @@ TEST_F(CudaOps, Conv1dSilu) {
 }
 
 TEST_F(CudaOps, GatedRmsNorm) {
-  const int64_t T = 70, D = 96, ld_z = 301, off_z = 5, ld_dz = 250, off_dz = 3;
+  // Small widths, and the widths the kernels vectorise (multiples of 256 up to 5120 = the 2.7B
+  // model's d_inner, whole-row and per-group).
+  // z and dz are column slices: 16-byte aligned as in the model (vector loads) or not.
+  struct Case { int64_t T, D; std::vector<int64_t> groups; bool aligned; };
+  for (const Case& c : {Case{70, 96, {32, 96}, false}, Case{33, 1536, {256, 768, 1536}, true},
+                        Case{5, 5120, {5120, 1280}, true}, Case{12, 512, {512}, false}}) {
+  const int64_t T = c.T, D = c.D;
+  const int64_t ld_z = 3 * D + (c.aligned ? 16 : 13), off_z = c.aligned ? 8 : 5;
+  const int64_t ld_dz = 2 * D + (c.aligned ? 64 : 58), off_dz = c.aligned ? 16 : 3;
   const double eps = 1e-5;
   const Vf y = round_bf16(randn(T * D, 40));
   const Vf z = round_bf16(randn(T * ld_z, 41, 1.5));
@@ -323,8 +348,8 @@ TEST_F(CudaOps, GatedRmsNorm) {
   const Vf dout = round_bf16(randn(T * D, 43));
   const Vf dz0 = round_bf16(randn(T * ld_dz, 44));
   const Vf dw0 = randn(D, 45);
-  for (int64_t group : {int64_t(32), D}) {
-    const std::string name = "gated_rmsnorm group " + std::to_string(group);
+  for (int64_t group : c.groups) {
+    const std::string name = "gated_rmsnorm D" + std::to_string(D) + " group " + std::to_string(group);
     both(name.c_str(), kTolBf16, [&](Backend& be) -> Outs {
       Tensor yt = putc(be, y, {T, D}), zt = putc(be, z, {T, ld_z});
       Tensor w = puta(be, wt, {D});
@@ -343,6 +368,7 @@ TEST_F(CudaOps, GatedRmsNorm) {
               {"dz (whole buffer)", get(be, dzbuf)},
               {"dweight", get(be, dw)}};
     });
+  }
   }
 }
 

@@ -163,12 +163,17 @@ TEST_P(CudaSsd, MatchesCpuReference) {
     CUDA_OK(cudaMemset(g_dinit.p, 0xff, SN * sizeof(float)));
     auto B = [](DevBuf<bf>& b) { return reinterpret_cast<ssd::cuda::bf16*>(b.p); };
 
+    // Variant 2 (the default) runs with the forward's intermediates saved for the backward,
+    // as training does; variant 1 recomputes them.
+    DevBuf<unsigned char> g_saved(variant == 2 ? ssd::cuda::ssd_saved_bytes(d) : 1);
+    void* saved = variant == 2 ? g_saved.p : nullptr;
+    if (saved) CUDA_OK(cudaMemset(saved, 0xff, ssd::cuda::ssd_saved_bytes(d)));
     ssd::cuda::ssd_fwd(d, B(g_xBC), B(g_dt), ld_dt, g_bias.p, g_Alog.p, g_D.p,
-                       cs.init ? g_init.p : nullptr, B(g_y), g_fs.p, g_ws.p, nullptr);
+                       cs.init ? g_init.p : nullptr, B(g_y), g_fs.p, g_ws.p, saved, nullptr);
     ssd::cuda::ssd_bwd(d, B(g_xBC), B(g_dt), ld_dt, g_bias.p, g_Alog.p, g_D.p,
                        cs.init ? g_init.p : nullptr, B(g_dy), cs.dfinal ? g_dfinal.p : nullptr,
                        B(g_dxBC), B(g_ddt), ld_ddt, g_dbias.p, g_dAlog.p, g_dD.p, g_dinit.p,
-                       g_ws.p, nullptr);
+                       g_ws.p, saved, nullptr);
     CUDA_OK(cudaDeviceSynchronize());
 
     const auto y = g_y.down();

@@ -192,6 +192,9 @@ class CudaBackend final : public Backend {
 
   Device device() const override { return Device::CUDA; }
   int64_t peak_memory_bytes() const override { return static_cast<int64_t>(alloc_->peak()); }
+  int64_t ssd_saved_bytes(const SsdDims& d) const override {
+    return static_cast<int64_t>(cuda::ssd_saved_bytes(d));
+  }
   std::string ssd_unsupported(const SsdDims& d) const override {
     return cuda::ssd_unsupported_reason(d);
   }
@@ -410,7 +413,7 @@ class CudaBackend final : public Backend {
 
   void ssd_fwd(const SsdDims& d, const SsdInputs& in, Tensor& y, Tensor* final_state) override {
     const char* op = "ssd_fwd";
-    auto prof = profile(op);
+    SsdSteps prof(this, op);
     check_ssd(op, d, in);
     need(op, "y", y, DType::BF16, {d.tokens(), d.d_inner()});
     const Shape st{d.batch, d.nheads, d.headdim, d.dstate};
@@ -419,13 +422,14 @@ class CudaBackend final : public Backend {
     auto ws = scratch(cuda::ssd_workspace_bytes(d));
     cuda::ssd_fwd(d, p<bf16>(in.xBC), slice_ptr<bf16>(in.dt), in.dt.ld(), p<float>(in.dt_bias),
                   p<float>(in.A_log), p<float>(in.D), p<float>(in.initial_state), p<bf16>(y),
-                  p<float>(final_state), ws.get(), stream_);
+                  p<float>(final_state), ws.get(), in.saved ? in.saved->data : nullptr,
+                  stream_);
   }
 
   void ssd_bwd(const SsdDims& d, const SsdInputs& in, const Tensor& dy,
                const Tensor* dfinal_state, SsdGrads& g) override {
     const char* op = "ssd_bwd";
-    auto prof = profile(op);
+    SsdSteps prof(this, op);
     check_ssd(op, d, in);
     const Shape st{d.batch, d.nheads, d.headdim, d.dstate};
     need(op, "dy", dy, DType::BF16, {d.tokens(), d.d_inner()});
@@ -442,7 +446,8 @@ class CudaBackend final : public Backend {
                   p<float>(in.A_log), p<float>(in.D), p<float>(in.initial_state), p<bf16>(dy),
                   p<float>(dfinal_state), p<bf16>(g.dxBC), slice_ptr<bf16>(g.ddt), g.ddt.ld(),
                   p<float>(g.d_dt_bias), p<float>(g.dA_log), p<float>(g.dD),
-                  p<float>(g.d_initial_state), ws.get(), stream_);
+                  p<float>(g.d_initial_state), ws.get(), in.saved ? in.saved->data : nullptr,
+                  stream_);
   }
 
   void gated_rmsnorm_fwd(const Tensor& y, const ColSlice& z, const Tensor& weight,
@@ -486,7 +491,6 @@ class CudaBackend final : public Backend {
   void lm_head_ce(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
                   double grad_scale, Tensor& stats, Tensor* dhidden, Tensor* dweight) override {
     const char* op = "lm_head_ce";
-    auto prof = profile(op);
     need_2d(op, "hidden", hidden, {DType::BF16});
     need_2d(op, "weight", weight, {DType::BF16});
     const int64_t T = hidden.size(0), Dm = hidden.size(1), V = weight.size(0);
@@ -514,17 +518,27 @@ class CudaBackend final : public Backend {
     const int32_t* tg = p<int32_t>(targets);
     for (int64_t r0 = 0; r0 < T; r0 += tb) {
       const int64_t rows = std::min(tb, T - r0);
-      gemm_->nt(rows, V, Dm, H + r0 * Dm, Dm, W, Dm, L, DType::F32, V, 1.f, 0.f);
-      cuda::ce_block(L, rows, V, tg + r0, static_cast<float>(grad_scale), p<double>(stats),
-                     grad, ce_ws.get(), stream_);
+      {
+        auto prof = profile("lm_head_ce: logits gemm");
+        gemm_->nt(rows, V, Dm, H + r0 * Dm, Dm, W, Dm, L, DType::F32, V, 1.f, 0.f);
+      }
+      {
+        auto prof = profile("lm_head_ce: softmax");
+        cuda::ce_block(L, rows, V, tg + r0, static_cast<float>(grad_scale), p<double>(stats),
+                       grad, ce_ws.get(), stream_);
+      }
       if (!grad) continue;
       const bf16* dl = reinterpret_cast<const bf16*>(L);  // bf16 [rows, V], row stride 2V
-      if (dhidden)
+      if (dhidden) {
+        auto prof = profile("lm_head_ce: dhidden gemm");
         gemm_->nn(rows, Dm, V, dl, 2 * V, W, Dm, p<bf16>(dhidden) + r0 * Dm, DType::BF16, Dm,
                   1.f, 0.f);
-      if (dweight)
+      }
+      if (dweight) {
+        auto prof = profile("lm_head_ce: dweight gemm");
         gemm_->tn(V, Dm, rows, dl, 2 * V, H + r0 * Dm, Dm, dweight->data, DType::F32, Dm, 1.f,
                   1.f);
+      }
     }
   }
 
@@ -623,6 +637,35 @@ class CudaBackend final : public Backend {
     size_t idx_ = 0;
   };
 
+  // While profiling, the SSD op's own steps (the marks of kernels/ssd.h's SsdProfiler hook)
+  // are recorded as "<op>: <step>" spans instead of one span for the whole op.
+  class SsdSteps : public cuda::SsdProfiler {
+   public:
+    SsdSteps(CudaBackend* be, const char* op) : be_(be->profiling_ ? be : nullptr), op_(op) {
+      if (be_) cuda::ssd_set_profiler(this);
+    }
+    SsdSteps(const SsdSteps&) = delete;
+    SsdSteps& operator=(const SsdSteps&) = delete;
+    ~SsdSteps() override {
+      if (!be_) return;
+      cuda::ssd_set_profiler(nullptr);
+      if (open_) be_->free_events_.push_back(open_);
+    }
+    void mark(const char* step, cudaStream_t st) override {
+      cudaEvent_t end = be_->event();
+      cudaEventRecord(end, st);
+      if (open_) be_->spans_.push_back({std::string(op_) + ": " + step, open_, end});
+      else be_->free_events_.push_back(end);
+      open_ = be_->event();
+      cudaEventRecord(open_, st);
+    }
+
+   private:
+    CudaBackend* be_;
+    const char* op_;
+    cudaEvent_t open_ = nullptr;
+  };
+
   ProfileScope profile(const char* op) {
     if (!profiling_) return {};
     return {this, op};
@@ -679,6 +722,12 @@ class CudaBackend final : public Backend {
     if (in.initial_state)
       need(op, "initial_state", *in.initial_state, DType::F32,
            {d.batch, d.nheads, d.headdim, d.dstate});
+    if (in.saved) {
+      on_device(op, "saved", *in.saved);
+      if (in.saved->nbytes() < cuda::ssd_saved_bytes(d))
+        fail("cuda ", op, ": saved holds ", in.saved->nbytes(), " bytes, these sizes need ",
+             cuda::ssd_saved_bytes(d));
+    }
   }
 
   // Device scratch from the cache, returned to it when the last reference goes (stream order
