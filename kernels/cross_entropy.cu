@@ -10,7 +10,8 @@
 namespace ssd::cuda {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 1024;  // ce_block_k: one row at a time per block
+constexpr int kReduceThreads = 256;  // ce_stats_reduce_k
 constexpr int kPerThread = 8;  // elements per thread per in-place chunk
 
 struct MaxSum {
@@ -29,11 +30,16 @@ __device__ __forceinline__ MaxSum combine(MaxSum a, MaxSum b) {
   return r;
 }
 
+// One block per SM walks rows (persistent): the rows in flight at once (one per block, ~200 KB
+// each at a 50K vocab) fit in L2, so the second pass over a row (the gradient) reads it from
+// L2 instead of DRAM.
 __global__ void __launch_bounds__(kThreads)
-    ce_block_k(float* __restrict__ logits, int64_t vocab, const int32_t* __restrict__ targets,
-               float grad_scale, double* __restrict__ row_stats, bool write_grad) {
+    ce_block_k(float* __restrict__ logits, int64_t rows, int64_t vocab,
+               const int32_t* __restrict__ targets, float grad_scale,
+               double* __restrict__ row_stats, bool write_grad) {
   __shared__ MaxSum sh[32];
-  const int64_t row = blockIdx.x;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+  __syncthreads();  // sh of the previous row is consumed
   float* L = logits + row * vocab;
   const int32_t tgt = targets[row];
   const bool counted = tgt >= 0 && tgt < vocab;
@@ -76,7 +82,7 @@ __global__ void __launch_bounds__(kThreads)
     o[1] = n;
     o[2] = hit;
   }
-  if (!write_grad) return;
+  if (!write_grad) continue;
 
   // In place: bf16 element j of the row lives inside fp32 element j/2 <= j, so once a chunk's
   // fp32 values are all in registers, writing that chunk's bf16 values clobbers nothing unread.
@@ -101,17 +107,18 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
   }
+  }
 }
 
 // stats[k] += sum over rows of row_stats[row][k], k < 3: one block; thread t sums rows t,
-// t + kThreads, ... in order, then a fixed shared-memory tree. Same order on every run.
-__global__ void __launch_bounds__(kThreads)
+// t + kReduceThreads, ... in order, then a fixed shared-memory tree. Same order on every run.
+__global__ void __launch_bounds__(kReduceThreads)
     ce_stats_reduce_k(const double* __restrict__ row_stats, int64_t rows,
                       double* __restrict__ stats) {
-  __shared__ double sh[3][kThreads];
+  __shared__ double sh[3][kReduceThreads];
   const int t = threadIdx.x;
   double s0 = 0.0, s1 = 0.0, s2 = 0.0;
-  for (int64_t r = t; r < rows; r += kThreads) {
+  for (int64_t r = t; r < rows; r += kReduceThreads) {
     s0 += row_stats[3 * r];
     s1 += row_stats[3 * r + 1];
     s2 += row_stats[3 * r + 2];
@@ -120,7 +127,7 @@ __global__ void __launch_bounds__(kThreads)
   sh[1][t] = s1;
   sh[2][t] = s2;
   __syncthreads();
-  for (int o = kThreads / 2; o > 0; o >>= 1) {
+  for (int o = kReduceThreads / 2; o > 0; o >>= 1) {
     if (t < o) {
       sh[0][t] += sh[0][t + o];
       sh[1][t] += sh[1][t + o];
@@ -146,11 +153,18 @@ void ce_block(float* logits, int64_t rows, int64_t vocab, const int32_t* targets
   if (rows <= 0) return;
   if (rows > INT32_MAX) fail("cuda lm_head_ce: too many rows in one block");
   double* row_stats = static_cast<double*>(ws);
-  ce_block_k<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(logits, vocab, targets,
-                                                                   grad_scale, row_stats,
-                                                                   write_grad);
+  static int sms = [] {
+    int dev = 0, n = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+      n = 132;
+    return n;
+  }();
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(rows, sms));
+  ce_block_k<<<grid, kThreads, 0, stream>>>(logits, rows, vocab, targets, grad_scale, row_stats,
+                                            write_grad);
   check_launch("ce_block");
-  ce_stats_reduce_k<<<1, kThreads, 0, stream>>>(row_stats, rows, stats);
+  ce_stats_reduce_k<<<1, kReduceThreads, 0, stream>>>(row_stats, rows, stats);
   check_launch("ce_stats_reduce");
 }
 
