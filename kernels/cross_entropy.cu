@@ -12,7 +12,13 @@ namespace {
 
 constexpr int kThreads = 1024;  // ce_block_k: one row at a time per block
 constexpr int kReduceThreads = 256;  // ce_stats_reduce_k
-constexpr int kPerThread = 8;  // elements per thread per in-place chunk
+constexpr int kPerThread = 8;  // elements per thread per in-place chunk (scalar path)
+constexpr int kVec = 2;        // float4 loads per thread per step (vector path)
+
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
 
 struct MaxSum {
   float m;    // running max
@@ -38,15 +44,16 @@ __global__ void __launch_bounds__(kThreads)
                const int32_t* __restrict__ targets, float grad_scale,
                double* __restrict__ row_stats, bool write_grad) {
   __shared__ MaxSum sh[32];
+  const bool vec4 = (vocab & 3) == 0;  // rows 16-byte aligned (the buffer is)
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
   __syncthreads();  // sh of the previous row is consumed
   float* L = logits + row * vocab;
   const int32_t tgt = targets[row];
   const bool counted = tgt >= 0 && tgt < vocab;
 
+  // Each thread visits its elements in increasing index order (ties keep the first index).
   MaxSum a{-INFINITY, 0.f, INT64_MAX};
-  for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
-    const float x = L[j];
+  auto visit = [&a](float x, int64_t j) {
     if (x > a.m) {
       a.s = (a.m == -INFINITY ? 0.f : a.s * __expf(a.m - x)) + 1.f;
       a.m = x;
@@ -54,6 +61,30 @@ __global__ void __launch_bounds__(kThreads)
     } else {
       a.s += __expf(x - a.m);
     }
+  };
+  if (vec4) {  // 16-byte loads, kVec of them in flight per thread
+    const float4* L4 = reinterpret_cast<const float4*>(L);
+    const int64_t n4 = vocab >> 2;
+    for (int64_t base = threadIdx.x; base < n4; base += kVec * blockDim.x) {
+      float4 v[kVec];
+#pragma unroll
+      for (int u = 0; u < kVec; ++u) {
+        const int64_t q = base + u * blockDim.x;
+        if (q < n4) v[u] = L4[q];
+      }
+#pragma unroll
+      for (int u = 0; u < kVec; ++u) {
+        const int64_t q = base + u * blockDim.x;
+        if (q < n4) {
+          visit(v[u].x, 4 * q);
+          visit(v[u].y, 4 * q + 1);
+          visit(v[u].z, 4 * q + 2);
+          visit(v[u].w, 4 * q + 3);
+        }
+      }
+    }
+  } else {
+    for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) visit(L[j], j);
   }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
@@ -87,6 +118,38 @@ __global__ void __launch_bounds__(kThreads)
   // In place: bf16 element j of the row lives inside fp32 element j/2 <= j, so once a chunk's
   // fp32 values are all in registers, writing that chunk's bf16 values clobbers nothing unread.
   bf16* G = reinterpret_cast<bf16*>(L);
+  if (vec4) {  // the same with float4 loads and 4-element bf16 stores (bytes [8q, 8q+8) of the
+               // row lie before the fp32 element 4q they replace, and before any later chunk)
+    const float4* L4 = reinterpret_cast<const float4*>(L);
+    const int64_t n4 = vocab >> 2;
+    const int64_t chunk4 = static_cast<int64_t>(blockDim.x) * kVec;
+    for (int64_t base = 0; base < n4; base += chunk4) {
+      float4 v[kVec];
+#pragma unroll
+      for (int u = 0; u < kVec; ++u) {
+        const int64_t q = base + u * blockDim.x + threadIdx.x;
+        if (q < n4) v[u] = L4[q];
+      }
+      __syncthreads();
+#pragma unroll
+      for (int u = 0; u < kVec; ++u) {
+        const int64_t q = base + u * blockDim.x + threadIdx.x;
+        if (q >= n4) continue;
+        const float x[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
+        float d[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          d[e] = counted ? grad_scale * (__expf(x[e] - lse) - (4 * q + e == tgt ? 1.f : 0.f))
+                         : 0.f;
+        uint2 pk;
+        pk.x = pack2(d[0], d[1]);
+        pk.y = pack2(d[2], d[3]);
+        *reinterpret_cast<uint2*>(G + 4 * q) = pk;
+      }
+      __syncthreads();
+    }
+    continue;
+  }
   const int64_t chunk = static_cast<int64_t>(blockDim.x) * kPerThread;
   for (int64_t base = 0; base < vocab; base += chunk) {
     float v[kPerThread];

@@ -37,11 +37,16 @@ __device__ __forceinline__ void load_f32_async(float* s, const float* g, int n) 
   for (int i = threadIdx.x * 4; i < n; i += blockDim.x * 4) cp_async16(s + i, g + i, true);
 }
 
-// Shared memory: fixed part Bj, Ci [64][N+8], Ws [64][72] (bf16), red_row [2][64],
+// Column slices of the kernel's warps (see the kernel) and its block size.
+constexpr int kColSlices = 4;
+constexpr int kDbdcThreads = 4 * kColSlices * 32;
+
+// Shared memory: fixed part Bj, Ci [64][N+8], Ws [64][72] (bf16), red_row [kColSlices][64],
 // red_col [4][64] (fp32); then nbuf buffers of Xs, dYs [64][P+8], Ss, dSs [P][N+8] (bf16),
 // cs_s, dt_s [Q] (fp32).
 size_t dbdc_fixed_bytes(const SsdDims& d) {
-  return (2 * 64 * (d.dstate + 8) + 64 * 72) * sizeof(bf16) + 6 * 64 * sizeof(float);
+  return (2 * 64 * (d.dstate + 8) + 64 * 72) * sizeof(bf16) +
+         (kColSlices + 4) * 64 * sizeof(float);
 }
 size_t dbdc_buf_bytes(const SsdDims& d) {
   return (2 * 64 * (d.headdim + 8) + 2 * d.headdim * (d.dstate + 8)) * sizeof(bf16) +
@@ -67,25 +72,30 @@ int dbdc_nbuf(const SsdDims& d) {
 
 }  // namespace
 
-// 8 warps: warp w owns rows 16*(w%4).. of the block's t tile (dC) and s tile (dB), and of
-// them the column half w/4 of N; of each 64x64 M tile it computes rows 16*(w%4).., the 32
-// columns 32*(w/4).., and shares them (bf16) via Ws.
+// 16 warps (4 row slices x kColSlices column slices): warp w owns rows 16*(w%4).. of the
+// block's t tile (dC) and s tile (dB), and of them the column slice w/4 of N (N/4 columns);
+// of each 64x64 M tile it computes rows 16*(w%4).., the 16 columns 16*(w/4).., and shares
+// them (bf16) via Ws. (16 warps rather than 8: the kernel is latency bound, and the smaller
+// accumulators keep two warps' worth of registers in one.)
 template <int NN>
-__global__ __launch_bounds__(256, 1) void chunk_bwd_dbdc_v2_kernel(
+__global__ __launch_bounds__(kDbdcThreads, 1) void chunk_bwd_dbdc_v2_kernel(
     const bf16* __restrict__ xBC, int64_t ldx, const bf16* __restrict__ dy,
     const float* __restrict__ dt, const float* __restrict__ cs, const float* __restrict__ CB,
     const bf16* __restrict__ states, const bf16* __restrict__ dstates,
     float* __restrict__ dBp, float* __restrict__ dCp, float* __restrict__ dcs2, int L, int H,
     int G, int P, int nc, int Q, int nsplit, int hps, int nbuf, int64_t nq) {
-  constexpr int N = NN * 8, LDN = N + 8, NH = NN / 2, LDW = 72;
+  constexpr int N = NN * 8, LDN = N + 8, LDW = 72;
+  constexpr int NH = NN / kColSlices;        // n8 tiles of N per warp (dC, dB accumulators)
+  constexpr int MT = 64 / 8 / kColSlices;    // n8 tiles of the M tile's 64 columns per warp
+  static_assert(NH % 2 == 0 && MT % 2 == 0, "tiles are loaded in pairs");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int LDP = P + 8;
   const int nblk = Q / 64;
   bf16* Bj = reinterpret_cast<bf16*>(smem_raw);
   bf16* Ci = Bj + 64 * LDN;
   bf16* Ws = Ci + 64 * LDN;
-  float* red_row = reinterpret_cast<float*>(Ws + 64 * LDW);  // [2][64]
-  float* red_col = red_row + 128;                              // [4][64]
+  float* red_row = reinterpret_cast<float*>(Ws + 64 * LDW);  // [kColSlices][64]
+  float* red_col = red_row + kColSlices * 64;                  // [4][64]
   unsigned char* buf0 = reinterpret_cast<unsigned char*>(red_col + 256);
   const size_t buf_bytes = static_cast<size_t>(2 * 64 * LDP + 2 * P * LDN) * sizeof(bf16) +
                            2 * static_cast<size_t>(Q) * sizeof(float);
@@ -111,7 +121,7 @@ __global__ __launch_bounds__(256, 1) void chunk_bwd_dbdc_v2_kernel(
   const int nh = h_end - h_begin;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tq = lane & 3;
   const int wr = warp & 3, wc = warp >> 2;
-  const int ncol0 = wc * (N / 2), scol0 = wc * 32;
+  const int ncol0 = wc * (N / kColSlices), scol0 = wc * (64 / kColSlices);
   const int64_t d_inner = static_cast<int64_t>(H) * P;
   const int64_t row0 = static_cast<int64_t>(b) * L + static_cast<int64_t>(c) * Q;
   const int i0 = ti * 64, j0 = tj * 64;
@@ -122,11 +132,11 @@ __global__ __launch_bounds__(256, 1) void chunk_bwd_dbdc_v2_kernel(
   const int64_t PN = static_cast<int64_t>(P) * N;
 
   // the CB values of this thread's M elements (fp32, head-independent)
-  float cbv[4][4];
+  float cbv[MT][4];
   {
     const float* CBp = CB + ((static_cast<int64_t>(b) * nc + c) * G + g) * Q * Q;
 #pragma unroll
-    for (int jj = 0; jj < 4; ++jj) {
+    for (int jj = 0; jj < MT; ++jj) {
       const int s = j0 + scol0 + jj * 8 + tq * 2;
       const float2 a = *reinterpret_cast<const float2*>(CBp + static_cast<int64_t>(t0) * Q + s);
       const float2 e = *reinterpret_cast<const float2*>(CBp + static_cast<int64_t>(t1) * Q + s);
@@ -190,23 +200,23 @@ __global__ __launch_bounds__(256, 1) void chunk_bwd_dbdc_v2_kernel(
     const float* dt_s = cs_s + Q;
     const float ct0 = cs_s[t0], ct1 = cs_s[t1];
 
-    // M tile: dY_i . X_j^T, this warp's rows and 32 s columns, then decay, dt, causal mask
-    float W[4][4];
+    // M tile: dY_i . X_j^T, this warp's rows and s columns, then decay, dt, causal mask
+    float W[MT][4];
     zero_acc(W);
     for (int k = 0; k < P; k += 16) {
       uint32_t a[4];
       lda_mk(a, dYs, LDP, wr * 16, k, lane);
 #pragma unroll
-      for (int jj = 0; jj < 4; jj += 2) {
+      for (int jj = 0; jj < MT; jj += 2) {
         uint32_t bq[4];
         ldb_nk(bq, Xs, LDP, scol0 + jj * 8, k, lane);
         mma_bf16(W[jj], a, bq[0], bq[1]);
         mma_bf16(W[jj + 1], a, bq[2], bq[3]);
       }
     }
-    float dr0 = 0.f, dr1 = 0.f, cc[4][2];
+    float dr0 = 0.f, dr1 = 0.f, cc[MT][2];
 #pragma unroll
-    for (int jj = 0; jj < 4; ++jj) {
+    for (int jj = 0; jj < MT; ++jj) {
       const int sl = scol0 + jj * 8 + tq * 2, s = j0 + sl;
       const float q0 = cs_s[s], q1 = cs_s[s + 1], w0 = dt_s[s], w1 = dt_s[s + 1];
       W[jj][0] = s <= t0 ? W[jj][0] * __expf(ct0 - q0) * w0 : 0.f;
@@ -222,7 +232,7 @@ __global__ __launch_bounds__(256, 1) void chunk_bwd_dbdc_v2_kernel(
       *reinterpret_cast<uint32_t*>(Ws + lr0 * LDW + sl) = pack_bf16(W[jj][0], W[jj][1]);
       *reinterpret_cast<uint32_t*>(Ws + (lr0 + 8) * LDW + sl) = pack_bf16(W[jj][2], W[jj][3]);
     }
-    // dcs partials: row sums over this warp's 32 columns, column sums over its 16 rows
+    // dcs partials: row sums over this warp's columns, column sums over its 16 rows
     dr0 = quad_sum(dr0);
     dr1 = quad_sum(dr1);
     if (tq == 0) {
@@ -230,7 +240,7 @@ __global__ __launch_bounds__(256, 1) void chunk_bwd_dbdc_v2_kernel(
       red_row[wc * 64 + lr0 + 8] = dr1;
     }
 #pragma unroll
-    for (int jj = 0; jj < 4; ++jj)
+    for (int jj = 0; jj < MT; ++jj)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         float v = cc[jj][e];
@@ -278,7 +288,10 @@ __global__ __launch_bounds__(256, 1) void chunk_bwd_dbdc_v2_kernel(
       const int tid = threadIdx.x;
       if (tid < 64) {
         const int t = i0 + tid;
-        if (c * Q + t < L) dcs2[tj * nq + cbase + t] = red_row[tid] + red_row[64 + tid];
+        float v = red_row[tid];
+#pragma unroll
+        for (int q = 1; q < kColSlices; ++q) v += red_row[q * 64 + tid];
+        if (c * Q + t < L) dcs2[tj * nq + cbase + t] = v;
       } else if (tid < 128) {
         const int sl = tid - 64, s = j0 + sl;
         if (c * Q + s < L)
@@ -358,7 +371,7 @@ void launch_chunk_bwd_dbdc_v2(const SsdDims& d, const bf16* xBC, const bf16* dy,
             static_cast<unsigned>(nc * d.ngroups), static_cast<unsigned>(d.batch));
   auto go = [&](auto kern) {
     allow_smem(kern, smem);
-    kern<<<grid, 256, smem, st>>>(xBC, d.conv_dim(), dy, dt, cs, CB, states_bf, dstates_bf,
+    kern<<<grid, kDbdcThreads, smem, st>>>(xBC, d.conv_dim(), dy, dt, cs, CB, states_bf, dstates_bf,
                                   dBp_v2, dCp_v2, dcs_v2, static_cast<int>(d.seqlen),
                                   static_cast<int>(d.nheads), static_cast<int>(d.ngroups), P, nc,
                                   Q, nsplit, hps, nbuf, q_slice(d));

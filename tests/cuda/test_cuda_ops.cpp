@@ -375,7 +375,9 @@ TEST_F(CudaOps, GatedRmsNorm) {
 // LM head + cross-entropy: vocab not a multiple of anything, ignored targets (including a
 // whole block of them), token counts not multiples of the block size (SSD_CUDA_CE_BLOCK_TOKENS).
 TEST_F(CudaOps, LmHeadCrossEntropy) {
-  const int64_t T = 150, Dm = 64, V = 1003;
+  // V = 1003: the scalar softmax path; V = 1000 (a multiple of 4): the float4 path.
+  for (const int64_t V : {int64_t(1003), int64_t(1000)}) {
+  const int64_t T = 150, Dm = 64;
   std::vector<int32_t> tg(T);
   for (int64_t t = 0; t < T; ++t) tg[t] = static_cast<int32_t>((t * 389 + 11) % V);
   for (int64_t t = 0; t < T; t += 5) tg[t] = -1;
@@ -415,8 +417,8 @@ TEST_F(CudaOps, LmHeadCrossEntropy) {
         }
         return o;
       };
-      const std::string name = std::string("lm_head_ce block ") + (*block ? block : "auto") +
-                               (train ? " train" : " eval");
+      const std::string name = "lm_head_ce V" + std::to_string(V) + " block " +
+                               (*block ? block : "auto") + (train ? " train" : " eval");
       Outs g = run(*gpu, stats_g);
       Outs c = run(*cpu, stats_c);
       compare(name.c_str(), g, c, kTolBf16);
@@ -427,6 +429,7 @@ TEST_F(CudaOps, LmHeadCrossEntropy) {
       std::printf("    [%s] stats gpu {%.6f, %g, %g} cpu {%.6f, %g, %g}\n", name.c_str(),
                   stats_g[0], stats_g[1], stats_g[2], stats_c[0], stats_c[1], stats_c[2]);
     }
+  }
   }
 }
 
