@@ -58,19 +58,10 @@ __device__ __forceinline__ Bf16Vec<V> load_vec(const bf16* p) {
 // Asynchronous copy of one thread's V columns of a row into shared memory (16 bytes: L2 only).
 template <int V>
 __device__ __forceinline__ void cp_async_vec(Bf16Vec<V>* dst, const bf16* src) {
-  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
   if constexpr (V == 8)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
+    cp_async16(dst, src);
   else
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(d), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-// Waits until at most N of this thread's groups are pending: its older copies are visible to it.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+    cp_async8(dst, src);
 }
 
 // bf16 -> f32 is exact: the bf16 bits are the high half of the float.
@@ -96,13 +87,6 @@ __device__ __forceinline__ void store_vec(bf16* p, const float (&f)[V]) {
     *reinterpret_cast<uint4*>(p) = make_uint4(u[0], u[1], u[2], u[3]);
   else
     *reinterpret_cast<uint2*>(p) = make_uint2(u[0], u[1]);
-}
-
-// sigmoidf_ with an approximate reciprocal (MUFU.RCP) instead of an IEEE division, which costs
-// several instructions per element in kernels that should be bound by memory. Relative error
-// ~1e-7; a huge exp(-x) gives 0.
-__device__ __forceinline__ float fast_sigmoid(float x) {
-  return __fdividef(1.f, 1.f + __expf(-x));
 }
 
 // This thread's taps wk[k][j] = w[(c+j)*K + k] and biases. The block's slice of w and bias is
@@ -217,7 +201,7 @@ __global__ void __launch_bounds__(kVecThreads, kFwdMinBlocks)
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const float a = conv_pre(wk, b, win, x[j], j);
-      o[j] = a * fast_sigmoid(a);
+      o[j] = a * sigmoid_fast(a);
     }
     store_vec(dst + i * ld_out, o);
     shift_in<K, V>(win, x);
@@ -295,7 +279,7 @@ __global__ void __launch_bounds__(kVecThreads, kBwdMinBlocks)
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         const float a = conv_pre(wk, b, win, x[j], j);
-        const float s = fast_sigmoid(a);
+        const float s = sigmoid_fast(a);
         g[j] = g[j] * s * (1.f + a * (1.f - s));  // dout * silu'(a)
       }
       if (i < R) {  // own row (past ntok: g = 0)

@@ -23,60 +23,6 @@ constexpr int kVec = 8;               // columns per thread: 16 bytes of bf16
 constexpr int kVecMaxThreads = 1024;  // blocks of dim / kVec threads: dim <= 8192
 constexpr int kBwdStages = 3;         // rows of loads in flight per thread in the backward
 
-__device__ __forceinline__ uint4 ldg16(const bf16* p) {
-  return __ldg(reinterpret_cast<const uint4*>(p));
-}
-__device__ __forceinline__ void st16(bf16* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
-
-// bf16 -> f32 is exact: a bf16 is the high half of a float.
-__device__ __forceinline__ void unpack8(uint4 u, float (&v)[kVec]) {
-  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    v[2 * i] = __uint_as_float(w[i] << 16);
-    v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-  }
-}
-// Round to nearest even (as from_f<bf16>); the lower column goes in the low half.
-__device__ __forceinline__ uint4 pack8(const float (&v)[kVec]) {
-  uint32_t w[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
-    memcpy(&w[i], &h, 4);
-  }
-  return make_uint4(w[0], w[1], w[2], w[3]);
-}
-__device__ __forceinline__ void load_w8(const float* p, float (&v)[kVec]) {
-  const float4 a = __ldg(reinterpret_cast<const float4*>(p));
-  const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
-  v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-}
-
-// Asynchronous global -> shared copies (cp.async): loads in flight that hold no registers.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-// Wait until at most n of this thread's committed groups are still in flight.
-template <int n>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(n) : "memory");
-}
-
-// sigmoidf_ with an approximate reciprocal (MUFU.RCP, within 2 ulp): the IEEE division's
-// slow-path call makes the backward spill registers. Used by both vector kernels.
-__device__ __forceinline__ float sigmoid_fast(float x) {
-  return __fdividef(1.f, 1.f + __expf(-x));
-}
-
 // Sum of v over the threads of one group, returned to each of them. A group is
 // warps_per_group consecutive whole warps (group % 256 == 0): shuffle within each warp, then
 // the group's first lanes read its warp partials from sh and shuffle again. Fixed order, so
@@ -103,7 +49,7 @@ __global__ void __launch_bounds__(kVecMaxThreads)
   float yv[kVec], zv[kVec], wv[kVec], g[kVec];
   unpack8(ldg16(y + row * dim + c), yv);
   unpack8(ldg16(z + row * ld_z + c), zv);
-  load_w8(w + c, wv);
+  ldg_f8(w + c, wv);
   float ss = 0.f;
 #pragma unroll
   for (int j = 0; j < kVec; ++j) {
@@ -116,7 +62,7 @@ __global__ void __launch_bounds__(kVecMaxThreads)
   float o[kVec];
 #pragma unroll
   for (int j = 0; j < kVec; ++j) o[j] = g[j] * rs * wv[j];
-  st16(out + row * dim + c, pack8(o));
+  *reinterpret_cast<uint4*>(out + row * dim + c) = pack8(o);
 }
 
 // Shared memory of the backward: kBwdStages row slots of (dout, y, z) per thread, 16 bytes
@@ -165,7 +111,7 @@ __global__ void __launch_bounds__(kVecMaxThreads)
   for (int k = 0; k < kBwdStages; ++k) issue(blockIdx.x + k * stride, k);
 
   float wv[kVec], acc[kVec];
-  load_w8(w + c, wv);
+  ldg_f8(w + c, wv);
 #pragma unroll
   for (int j = 0; j < kVec; ++j) acc[j] = 0.f;
   int buf = 0, k = 0;
@@ -205,8 +151,8 @@ __global__ void __launch_bounds__(kVecMaxThreads)
         dyv[j] = dg * silu;
         dzv[j] = dg * yv[j] * sg[j] * (1.f + zv[j] * (1.f - sg[j]));  // dg * y * silu'(z)
       }
-      st16(dy + row * dim + c, pack8(dyv));
-      st16(dz + row * ld_dz + c, pack8(dzv));
+      *reinterpret_cast<uint4*>(dy + row * dim + c) = pack8(dyv);
+      *reinterpret_cast<uint4*>(dz + row * ld_dz + c) = pack8(dzv);
     }
     // The slot's values are consumed (the stores above depend on them): refill it.
     issue(row + kBwdStages * stride, k);

@@ -25,36 +25,8 @@ constexpr int kVec = 8;               // columns per thread: 16 bytes of bf16, 3
 constexpr int kVecMaxThreads = 1024;  // blocks of dim / kVec threads: dim <= 8192
 constexpr int kBwdStages = 2;         // rows of loads in flight per thread in the backward
 
-__device__ __forceinline__ uint4 ldg16(const bf16* p) {
-  return __ldg(reinterpret_cast<const uint4*>(p));
-}
-
-// bf16 -> f32 is exact: a bf16 is the high half of a float.
-__device__ __forceinline__ void unpack8(uint4 u, float (&v)[kVec]) {
-  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    v[2 * i] = __uint_as_float(w[i] << 16);
-    v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-  }
-}
-// Round to nearest even (as from_f<bf16>); the lower column goes in the low half.
-__device__ __forceinline__ uint4 pack8(const float (&v)[kVec]) {
-  uint32_t w[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
-    memcpy(&w[i], &h, 4);
-  }
-  return make_uint4(w[0], w[1], w[2], w[3]);
-}
 __device__ __forceinline__ void split8(float4 a, float4 b, float (&v)[kVec]) {
   v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-}
-// Eight f32 from memory that this kernel does not write (read-only cache path).
-__device__ __forceinline__ void ldg_f8(const float* p, float (&v)[kVec]) {
-  split8(__ldg(reinterpret_cast<const float4*>(p)), __ldg(reinterpret_cast<const float4*>(p) + 1),
-         v);
 }
 // Eight f32 through the ordinary path: p may alias an output of the same kernel.
 __device__ __forceinline__ void ld_f8(const float* p, float (&v)[kVec]) {
@@ -63,24 +35,6 @@ __device__ __forceinline__ void ld_f8(const float* p, float (&v)[kVec]) {
 __device__ __forceinline__ void st_f8(float* p, const float (&v)[kVec]) {
   reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
   reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
-}
-
-// Asynchronous global -> shared copies (cp.async): loads in flight that hold no registers.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-// Wait until at most n of this thread's committed groups are still in flight.
-template <int n>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(n) : "memory");
 }
 
 // Sum of v over the block (whole warps), returned to every thread, in a fixed order. One
