@@ -12,11 +12,18 @@ Mamba2LM::Mamba2LM(const ModelConfig& cfg, Backend& be, int64_t batch, int64_t s
   if (std::string why = be_.ssd_unsupported(ssd_dims()); !why.empty())
     fail("the ", be_.name(), " backend cannot run this model: ", why);
   const DType acc = be_.accum_dtype(), cmp = be_.compute_dtype();
+  std::vector<int64_t> grad_off;
+  int64_t grad_total = 0;
+  for (const auto& s : table_) {
+    grad_off.push_back(grad_total);
+    grad_total += (shape_numel(s.shape) + 63) / 64 * 64;  // 64-element (256-byte) aligned
+  }
+  grad_flat_ = be_.alloc({grad_total}, acc);
+  be_.zero(grad_flat_);
   for (size_t i = 0; i < table_.size(); ++i) {
     const auto& s = table_[i];
     params_.push_back(be_.alloc(s.shape, acc));
-    grads_.push_back(be_.alloc(s.shape, acc));
-    be_.zero(grads_.back());
+    grads_.push_back(grad_flat_.rows(grad_off[i], shape_numel(s.shape)).view(s.shape));
     // GEMM weights get a compute-dtype copy when the dtypes differ; otherwise they alias.
     compute_.push_back(s.gemm_weight && cmp != acc ? be_.alloc(s.shape, cmp) : params_.back());
   }
@@ -131,9 +138,7 @@ void Mamba2LM::refresh_compute_weights() {
     if (compute_[i].data != params_[i].data) be_.convert(params_[i], compute_[i]);
 }
 
-void Mamba2LM::zero_grads() {
-  for (auto& g : grads_) be_.zero(g);
-}
+void Mamba2LM::zero_grads() { be_.zero(grad_flat_); }
 
 Tensor Mamba2LM::new_stats() {
   Tensor s = be_.alloc({3}, DType::F64);

@@ -27,6 +27,9 @@ class Mamba2LM {
   // Master parameters and gradients (accum dtype), in table order.
   std::vector<Tensor>& params() { return params_; }
   std::vector<Tensor>& grads() { return grads_; }
+  // All of grads() in one buffer (views into it, each 64-element aligned; the gaps stay 0):
+  // one zeroing, one all-reduce.
+  Tensor& grad_buffer() { return grad_flat_; }
 
   // Initialises every parameter from the table's rules (seeded; independent of backend).
   void init(uint64_t seed);
@@ -85,6 +88,7 @@ class Mamba2LM {
   int64_t batch_, seqlen_, T_;
   std::vector<ParamSpec> table_;
   std::vector<Tensor> params_, grads_, compute_;
+  Tensor grad_flat_;
   std::vector<LayerParams> lp_;
   int emb_ = 0, norm_f_ = 0;
 

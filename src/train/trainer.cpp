@@ -261,7 +261,7 @@ TrainResult Trainer::run() {
     be_->zero(stats_);
     for (int64_t a = 0; a < A; ++a)
       model_.forward_backward(tok.data() + a * B * L, tgt.data() + a * B * L, grad_scale, stats_);
-    for (auto& g : model_.grads()) grid_.allreduce_sum(*be_, g);
+    grid_.allreduce_sum(*be_, model_.grad_buffer());  // every gradient, one call
     auto st = model_.read_stats(stats_);
     grid_.allreduce_sum(st.data(), 3);
     const double loss = st[0] / std::max(1.0, st[1]);
