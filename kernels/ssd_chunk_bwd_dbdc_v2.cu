@@ -42,19 +42,23 @@ constexpr int kColSlices = 4;
 constexpr int kDbdcThreads = 4 * kColSlices * 32;
 
 // Shared memory: fixed part Bj, Ci [64][N+8], Ws [64][72] (bf16), red_row [kColSlices][64],
-// red_col [4][64] (fp32); then nbuf buffers of Xs, dYs [64][P+8], Ss, dSs [P][N+8] (bf16),
-// cs_s, dt_s [Q] (fp32).
+// red_col [4][64] (fp32); then a ring of per-head buffers, each Xs, dYs [64][P+8] (bf16),
+// cs_s, dt_s [Q] (fp32) and, for the diagonal tile pairs only, Ss, dSs [P][N+8] (bf16).
+// Off-diagonal blocks (most of them) need no state tiles, so their ring is deeper: up to
+// kMaxRing heads in flight, which the kernel needs (it is bound by load latency, not bandwidth).
+constexpr int kMaxRingDiag = 3, kMaxRing = 8;
 size_t dbdc_fixed_bytes(const SsdDims& d) {
   return (2 * 64 * (d.dstate + 8) + 64 * 72) * sizeof(bf16) +
          (kColSlices + 4) * 64 * sizeof(float);
 }
-size_t dbdc_buf_bytes(const SsdDims& d) {
-  return (2 * 64 * (d.headdim + 8) + 2 * d.headdim * (d.dstate + 8)) * sizeof(bf16) +
-         2 * d.chunk * sizeof(float);
+size_t dbdc_buf_bytes(const SsdDims& d, bool diag) {
+  return 2 * 64 * (d.headdim + 8) * sizeof(bf16) + 2 * d.chunk * sizeof(float) +
+         (diag ? 2 * d.headdim * (d.dstate + 8) * sizeof(bf16) : 0);
 }
-size_t dbdc_smem(const SsdDims& d, int nbuf) {
-  return dbdc_fixed_bytes(d) + static_cast<size_t>(nbuf) * dbdc_buf_bytes(d);
-}
+struct DbdcRing {
+  int diag = 0, off = 0;  // ring depths (heads in flight) of diagonal / off-diagonal blocks
+  size_t smem = 0;        // dynamic shared memory of the launch
+};
 int max_smem_optin() {
   int dev = 0, v = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
@@ -62,13 +66,33 @@ int max_smem_optin() {
     return 48 * 1024;
   return v;
 }
-// 2 (double buffered), 1, or 0 (does not fit: variant 1's kernels run).
-int dbdc_nbuf(const SsdDims& d) {
-  const size_t lim = static_cast<size_t>(max_smem_optin());
-  if (dbdc_smem(d, 2) <= lim) return 2;
-  if (dbdc_smem(d, 1) <= lim) return 1;
-  return 0;
+// The deepest rings that fit (depth 0 for the diagonal: nothing fits, variant 1's kernels run).
+DbdcRing dbdc_ring(const SsdDims& d) {
+  DbdcRing r;
+  const size_t lim = static_cast<size_t>(max_smem_optin()), fixed = dbdc_fixed_bytes(d);
+  if (fixed >= lim) return r;
+  const size_t room = lim - fixed;
+  r.diag = static_cast<int>(std::min<size_t>(kMaxRingDiag, room / dbdc_buf_bytes(d, true)));
+  if (r.diag == 0) return r;
+  r.off = static_cast<int>(std::min<size_t>(kMaxRing, room / dbdc_buf_bytes(d, false)));
+  r.smem = fixed + std::max(r.diag * dbdc_buf_bytes(d, true), r.off * dbdc_buf_bytes(d, false));
+  return r;
 }
+
+// cp.async.wait_group with a run-time count (the instruction takes an immediate).
+__device__ __forceinline__ void cp_async_wait_n(int n) {
+  switch (n) {
+    case 0: cp_async_wait<0>(); break;
+    case 1: cp_async_wait<1>(); break;
+    case 2: cp_async_wait<2>(); break;
+    case 3: cp_async_wait<3>(); break;
+    case 4: cp_async_wait<4>(); break;
+    case 5: cp_async_wait<5>(); break;
+    case 6: cp_async_wait<6>(); break;
+    default: cp_async_wait<7>(); break;
+  }
+}
+static_assert(kMaxRing <= 8, "cp_async_wait_n covers 0..7 groups in flight");
 
 }  // namespace
 
@@ -83,7 +107,8 @@ __global__ __launch_bounds__(kDbdcThreads, 1) void chunk_bwd_dbdc_v2_kernel(
     const float* __restrict__ dt, const float* __restrict__ cs, const float* __restrict__ CB,
     const bf16* __restrict__ states, const bf16* __restrict__ dstates,
     float* __restrict__ dBp, float* __restrict__ dCp, float* __restrict__ dcs2, int L, int H,
-    int G, int P, int nc, int Q, int nsplit, int hps, int nbuf, int64_t nq) {
+    int G, int P, int nc, int Q, int nsplit, int hps, int ring_diag, int ring_off,
+    int64_t nq) {
   constexpr int N = NN * 8, LDN = N + 8, LDW = 72;
   constexpr int NH = NN / kColSlices;        // n8 tiles of N per warp (dC, dB accumulators)
   constexpr int MT = 64 / 8 / kColSlices;    // n8 tiles of the M tile's 64 columns per warp
@@ -97,8 +122,6 @@ __global__ __launch_bounds__(kDbdcThreads, 1) void chunk_bwd_dbdc_v2_kernel(
   float* red_row = reinterpret_cast<float*>(Ws + 64 * LDW);  // [kColSlices][64]
   float* red_col = red_row + kColSlices * 64;                  // [4][64]
   unsigned char* buf0 = reinterpret_cast<unsigned char*>(red_col + 256);
-  const size_t buf_bytes = static_cast<size_t>(2 * 64 * LDP + 2 * P * LDN) * sizeof(bf16) +
-                           2 * static_cast<size_t>(Q) * sizeof(float);
 
   // tile pair: the nblk diagonal pairs first (they carry the state terms), then (i > j)
   const int hs = blockIdx.x % nsplit, pidx = blockIdx.x / nsplit;
@@ -115,6 +138,10 @@ __global__ __launch_bounds__(kDbdcThreads, 1) void chunk_bwd_dbdc_v2_kernel(
     tj = q;
   }
   const bool diag = ti == tj;
+  const int ring = diag ? ring_diag : ring_off;  // heads whose loads are in flight
+  const size_t buf_bytes = static_cast<size_t>(2 * 64 * LDP) * sizeof(bf16) +
+                           2 * static_cast<size_t>(Q) * sizeof(float) +
+                           (diag ? static_cast<size_t>(2 * P * LDN) * sizeof(bf16) : 0);
   const int c = blockIdx.y % nc, g = blockIdx.y / nc, b = blockIdx.z;
   const int hpg = H / G;
   const int h_begin = g * hpg + hs * hps, h_end = min(g * hpg + hpg, h_begin + hps);
@@ -153,15 +180,21 @@ __global__ __launch_bounds__(kDbdcThreads, 1) void chunk_bwd_dbdc_v2_kernel(
   load_tile_async(Ci, LDN, xBC + (row0 + i0) * ldx + d_inner + static_cast<int64_t>(G + g) * N,
                   ldx, 64, N, vi, xBC);
 
+  // Loads of head hl into its ring slot, as one cp.async group; past the last head an empty
+  // group, so that every iteration commits exactly one and the wait count stays ring - 1.
   auto issue = [&](int hl) {
+    if (hl >= nh) {
+      cp_async_commit();
+      return;
+    }
     const int h = h_begin + hl;
-    unsigned char* bb = buf0 + static_cast<size_t>(hl % nbuf) * buf_bytes;
+    unsigned char* bb = buf0 + static_cast<size_t>(hl % ring) * buf_bytes;
     bf16* Xs = reinterpret_cast<bf16*>(bb);
     bf16* dYs = Xs + 64 * LDP;
-    bf16* Ss = dYs + 64 * LDP;
-    bf16* dSs = Ss + P * LDN;
-    float* cs_s = reinterpret_cast<float*>(dSs + P * LDN);
+    float* cs_s = reinterpret_cast<float*>(dYs + 64 * LDP);
     float* dt_s = cs_s + Q;
+    bf16* Ss = reinterpret_cast<bf16*>(dt_s + Q);
+    bf16* dSs = Ss + P * LDN;
     load_tile_async(Xs, LDP, xBC + (row0 + j0) * ldx + static_cast<int64_t>(h) * P, ldx, 64, P,
                     vj, xBC);
     load_tile_async(dYs, LDP, dy + (row0 + i0) * d_inner + static_cast<int64_t>(h) * P, d_inner,
@@ -180,24 +213,21 @@ __global__ __launch_bounds__(kDbdcThreads, 1) void chunk_bwd_dbdc_v2_kernel(
   float accC[NH][4], accB[NH][4];
   zero_acc(accC);
   zero_acc(accB);
-  if (nh > 0) issue(0);
+  for (int k = 0; k + 1 < ring; ++k) issue(k);
   for (int hl = 0; hl < nh; ++hl) {
     const int h = h_begin + hl;
-    // buffer (hl+1) % 2 was last read in iteration hl-1, which ended with __syncthreads()
-    if (nbuf == 2 && hl + 1 < nh) {
-      issue(hl + 1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
-    unsigned char* bb = buf0 + static_cast<size_t>(hl % nbuf) * buf_bytes;
+    // slot (hl + ring - 1) % ring was last read in iteration hl - 1, which ended with
+    // __syncthreads(); with a ring of 1 this is head hl's own load (no prefetch)
+    issue(hl + ring - 1);
+    cp_async_wait_n(ring - 1);  // head hl's group has landed (for this thread)
+    __syncthreads();            // ... and for every thread
+    unsigned char* bb = buf0 + static_cast<size_t>(hl % ring) * buf_bytes;
     const bf16* Xs = reinterpret_cast<const bf16*>(bb);
     const bf16* dYs = Xs + 64 * LDP;
-    const bf16* Ss = dYs + 64 * LDP;
-    const bf16* dSs = Ss + P * LDN;
-    const float* cs_s = reinterpret_cast<const float*>(dSs + P * LDN);
+    const float* cs_s = reinterpret_cast<const float*>(dYs + 64 * LDP);
     const float* dt_s = cs_s + Q;
+    const bf16* Ss = reinterpret_cast<const bf16*>(dt_s + Q);
+    const bf16* dSs = Ss + P * LDN;
     const float ct0 = cs_s[t0], ct1 = cs_s[t1];
 
     // M tile: dY_i . X_j^T, this warp's rows and s columns, then decay, dt, causal mask
@@ -326,7 +356,6 @@ __global__ __launch_bounds__(kDbdcThreads, 1) void chunk_bwd_dbdc_v2_kernel(
       }
     }
     __syncthreads();  // everyone done with this buffer, Ws and red_*
-    if (nbuf == 1 && hl + 1 < nh) issue(hl + 1);
   }
 
   // this (head slice, pair)'s dC rows of tile i -> slot j, dB rows of tile j -> slot i
@@ -355,7 +384,7 @@ __global__ __launch_bounds__(kDbdcThreads, 1) void chunk_bwd_dbdc_v2_kernel(
   }
 }
 
-bool chunk_bwd_dbdc_v2_supported(const SsdDims& d) { return dbdc_nbuf(d) > 0; }
+bool chunk_bwd_dbdc_v2_supported(const SsdDims& d) { return dbdc_ring(d).diag > 0; }
 
 void launch_chunk_bwd_dbdc_v2(const SsdDims& d, const bf16* xBC, const bf16* dy,
                               const float* dt, const float* cs, const float* CB,
@@ -365,8 +394,8 @@ void launch_chunk_bwd_dbdc_v2(const SsdDims& d, const bf16* xBC, const bf16* dy,
   const int Q = static_cast<int>(d.chunk), nc = static_cast<int>(d.nchunks());
   const int nsplit = dbdc_v2_splits(d), hpg = static_cast<int>(d.nheads / d.ngroups);
   const int hps = (hpg + nsplit - 1) / nsplit;
-  const int nbuf = dbdc_nbuf(d);
-  const size_t smem = dbdc_smem(d, nbuf);
+  const DbdcRing ring = dbdc_ring(d);
+  const size_t smem = ring.smem;
   dim3 grid(static_cast<unsigned>(dbdc_v2_pairs(d) * nsplit),
             static_cast<unsigned>(nc * d.ngroups), static_cast<unsigned>(d.batch));
   auto go = [&](auto kern) {
@@ -374,7 +403,7 @@ void launch_chunk_bwd_dbdc_v2(const SsdDims& d, const bf16* xBC, const bf16* dy,
     kern<<<grid, kDbdcThreads, smem, st>>>(xBC, d.conv_dim(), dy, dt, cs, CB, states_bf, dstates_bf,
                                   dBp_v2, dCp_v2, dcs_v2, static_cast<int>(d.seqlen),
                                   static_cast<int>(d.nheads), static_cast<int>(d.ngroups), P, nc,
-                                  Q, nsplit, hps, nbuf, q_slice(d));
+                                  Q, nsplit, hps, ring.diag, ring.off, q_slice(d));
   };
   if (N == 64)
     go(chunk_bwd_dbdc_v2_kernel<8>);
