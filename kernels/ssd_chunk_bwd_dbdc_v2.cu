@@ -249,10 +249,16 @@ __global__ __launch_bounds__(kDbdcThreads, 1) void chunk_bwd_dbdc_v2_kernel(
     for (int jj = 0; jj < MT; ++jj) {
       const int sl = scol0 + jj * 8 + tq * 2, s = j0 + sl;
       const float q0 = cs_s[s], q1 = cs_s[s + 1], w0 = dt_s[s], w1 = dt_s[s + 1];
-      W[jj][0] = s <= t0 ? W[jj][0] * __expf(ct0 - q0) * w0 : 0.f;
-      W[jj][1] = s + 1 <= t0 ? W[jj][1] * __expf(ct0 - q1) * w1 : 0.f;
-      W[jj][2] = s <= t1 ? W[jj][2] * __expf(ct1 - q0) * w0 : 0.f;
-      W[jj][3] = s + 1 <= t1 ? W[jj][3] * __expf(ct1 - q1) * w1 : 0.f;
+      W[jj][0] *= __expf(ct0 - q0) * w0;
+      W[jj][1] *= __expf(ct0 - q1) * w1;
+      W[jj][2] *= __expf(ct1 - q0) * w0;
+      W[jj][3] *= __expf(ct1 - q1) * w1;
+      if (diag) {  // causal mask s <= t: only the diagonal tile pairs straddle it
+        W[jj][0] = s <= t0 ? W[jj][0] : 0.f;
+        W[jj][1] = s + 1 <= t0 ? W[jj][1] : 0.f;
+        W[jj][2] = s <= t1 ? W[jj][2] : 0.f;
+        W[jj][3] = s + 1 <= t1 ? W[jj][3] : 0.f;
+      }
       const float p00 = W[jj][0] * cbv[jj][0], p01 = W[jj][1] * cbv[jj][1];
       const float p10 = W[jj][2] * cbv[jj][2], p11 = W[jj][3] * cbv[jj][3];
       dr0 += p00 + p01;

@@ -6,6 +6,8 @@
 // batch); both products on bf16 tensor cores, the masked/decayed CB tile built in registers
 // straight into A fragments. The tiles of each step are copied with cp.async into one of two
 // shared buffers while the previous step is multiplied.
+#include <type_traits>
+
 #include "ssd_common.cuh"
 
 namespace ssd::cuda::detail {
@@ -36,7 +38,7 @@ __global__ __launch_bounds__(128) void chunk_scan_fwd_kernel(
   constexpr int PT = NT * 8, LDX = PT + 8, LDS = 72, LDCB = 68;  // LDCB: 4 blocks / SM fit
   constexpr int kStage = scan_fwd_stage_bytes<NT>();
   extern __shared__ __align__(16) unsigned char smem[];
-  float* cs_s = reinterpret_cast<float*>(smem + 2 * kStage);
+  float* cs_s = reinterpret_cast<float*>(smem + 2 * kStage);  // cs * log2(e)
   float* dt_s = cs_s + 256;
   const int npb = P / PT;
   const int pb = blockIdx.x % npb, tb = blockIdx.x / npb;
@@ -47,7 +49,7 @@ __global__ __launch_bounds__(128) void chunk_scan_fwd_kernel(
 
   const int64_t cbase = ((static_cast<int64_t>(b) * H + h) * nc + c) * Q;
   for (int t = threadIdx.x; t < Q; t += blockDim.x) {
-    cs_s[t] = cs[cbase + t];
+    cs_s[t] = cs[cbase + t] * kLog2e;
     dt_s[t] = dt[cbase + t];
   }
   const int64_t row0 = static_cast<int64_t>(b) * L + static_cast<int64_t>(c) * Q;
@@ -99,7 +101,7 @@ __global__ __launch_bounds__(128) void chunk_scan_fwd_kernel(
       const bf16* Cs = reinterpret_cast<const bf16*>(buf);
       warp_mma_smem<NT, true>(acc, Cs, LDS, warp * 16, Cs + 64 * LDS, LDS, 64, lane);
       if (k == nN - 1) {  // the carried state's share decays by exp(cs_t)
-        const float e0 = __expf(cs_s[r0]), e1 = __expf(cs_s[r1]);
+        const float e0 = exp2_approx(cs_s[r0]), e1 = exp2_approx(cs_s[r1]);
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
           acc[j][0] *= e0;
@@ -115,28 +117,41 @@ __global__ __launch_bounds__(128) void chunk_scan_fwd_kernel(
     const bf16* Xs = reinterpret_cast<const bf16*>(buf);
     const float* CBs = reinterpret_cast<const float*>(buf + 64 * LDX * 2);
     const float cs0 = cs_s[r0], cs1 = cs_s[r1];
+    // Only the diagonal block (sb == tb) needs the causal mask s <= t.
+    auto intra = [&](auto masked) {
 #pragma unroll
-    for (int kk = 0; kk < 64; kk += 16) {
-      uint32_t a[4];
+      for (int kk = 0; kk < 64; kk += 16) {
+        uint32_t a[4];
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int sl = kk + half * 8 + tq * 2, s = s0 + sl;
-        const float2 c0 = *reinterpret_cast<const float2*>(CBs + lr0 * LDCB + sl);
-        const float2 c1 = *reinterpret_cast<const float2*>(CBs + lr1 * LDCB + sl);
-        const float w0 = dt_s[s], w1 = dt_s[s + 1], q0 = cs_s[s], q1 = cs_s[s + 1];
-        a[half * 2 + 0] = pack_bf16(s <= r0 ? c0.x * __expf(cs0 - q0) * w0 : 0.f,
-                                    s + 1 <= r0 ? c0.y * __expf(cs0 - q1) * w1 : 0.f);
-        a[half * 2 + 1] = pack_bf16(s <= r1 ? c1.x * __expf(cs1 - q0) * w0 : 0.f,
-                                    s + 1 <= r1 ? c1.y * __expf(cs1 - q1) * w1 : 0.f);
+        for (int half = 0; half < 2; ++half) {
+          const int sl = kk + half * 8 + tq * 2, s = s0 + sl;
+          const float2 c0 = *reinterpret_cast<const float2*>(CBs + lr0 * LDCB + sl);
+          const float2 c1 = *reinterpret_cast<const float2*>(CBs + lr1 * LDCB + sl);
+          const float w0 = dt_s[s], w1 = dt_s[s + 1], q0 = cs_s[s], q1 = cs_s[s + 1];
+          float v00 = c0.x * exp2_approx(cs0 - q0) * w0, v01 = c0.y * exp2_approx(cs0 - q1) * w1;
+          float v10 = c1.x * exp2_approx(cs1 - q0) * w0, v11 = c1.y * exp2_approx(cs1 - q1) * w1;
+          if constexpr (decltype(masked)::value) {
+            v00 = s <= r0 ? v00 : 0.f;
+            v01 = s + 1 <= r0 ? v01 : 0.f;
+            v10 = s <= r1 ? v10 : 0.f;
+            v11 = s + 1 <= r1 ? v11 : 0.f;
+          }
+          a[half * 2 + 0] = pack_bf16(v00, v01);
+          a[half * 2 + 1] = pack_bf16(v10, v11);
+        }
+#pragma unroll
+        for (int j = 0; j < NT; j += 2) {
+          uint32_t bb[4];
+          ldb_kn(bb, Xs, LDX, j * 8, kk, lane);
+          mma_bf16(acc[j], a, bb[0], bb[1]);
+          mma_bf16(acc[j + 1], a, bb[2], bb[3]);
+        }
       }
-#pragma unroll
-      for (int j = 0; j < NT; j += 2) {
-        uint32_t bb[4];
-        ldb_kn(bb, Xs, LDX, j * 8, kk, lane);
-        mma_bf16(acc[j], a, bb[0], bb[1]);
-        mma_bf16(acc[j + 1], a, bb[2], bb[3]);
-      }
-    }
+    };
+    if (s0 < t0)
+      intra(std::false_type{});
+    else
+      intra(std::true_type{});
   }
 
   // y = acc + D x

@@ -14,6 +14,8 @@
 //   dC_t = sum_h [ exp(cs_t) dy_t S_in + sum_{s <= t} W[t][s] B_s ],
 //   W[t][s] = (dy_t . x_s) exp(cs_t - cs_s) dt_s,   dcs_t += sum_s W[t][s] CB[t][s]  (fp32;
 //   each column-half warp's share stored to its own dcs slice kDcsDC + w/4, no atomics).
+#include <type_traits>
+
 #include "ssd_common.cuh"
 
 namespace ssd::cuda::detail {
@@ -56,7 +58,7 @@ __global__ __launch_bounds__(128) void chunk_scan_bwd_dx_kernel(
   const int nblk = Q / 64;
 
   const int64_t cbase = ((static_cast<int64_t>(b) * H + h) * nc + c) * Q;
-  for (int t = threadIdx.x; t < Q; t += blockDim.x) cs_s[t] = cs[cbase + t];
+  for (int t = threadIdx.x; t < Q; t += blockDim.x) cs_s[t] = cs[cbase + t] * kLog2e;
   const int64_t row0 = static_cast<int64_t>(b) * L + static_cast<int64_t>(c) * Q;
   const int s0 = sb * 64;
   const int vs = L - (c * Q + s0);
@@ -133,8 +135,8 @@ __global__ __launch_bounds__(128) void chunk_scan_bwd_dx_kernel(
             u1 += v.x * accU[j][2] + v.y * accU[j][3];
           }
         }
-        u0 = quad_sum(u0) * __expf(cs_s[r0]);
-        u1 = quad_sum(u1) * __expf(cs_s[r1]);
+        u0 = quad_sum(u0) * exp2_approx(cs_s[r0]);
+        u1 = quad_sum(u1) * exp2_approx(cs_s[r1]);
         if (tq == 0) {  // this block's dcs slice: one writer per slot (-v_s added below)
           float* o = dcs + (kDcsDX + pb) * nq + cbase;
           if (ok0) o[r0] = u0;
@@ -149,7 +151,7 @@ __global__ __launch_bounds__(128) void chunk_scan_bwd_dx_kernel(
       warp_mma_smem<NT, true>(acc, Ts, LDS, warp * 16, Ts + 64 * LDS, LDS, 64, lane);
       if (k == 2 * nN - 1) {
         const float cl = cs_s[Q - 1];
-        const float e0 = __expf(cl - cs_s[r0]), e1 = __expf(cl - cs_s[r1]);
+        const float e0 = exp2_approx(cl - cs_s[r0]), e1 = exp2_approx(cl - cs_s[r1]);
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
           acc[j][0] *= e0;
@@ -191,28 +193,41 @@ __global__ __launch_bounds__(128) void chunk_scan_bwd_dx_kernel(
     const bf16* dYs = reinterpret_cast<const bf16*>(buf);
     const float* BCs = reinterpret_cast<const float*>(buf + 64 * LDY * 2);
     const float cs0 = cs_s[r0], cs1 = cs_s[r1];
+    // Only the diagonal tile (tb == sb) needs the anti-causal mask t >= s.
+    auto intra = [&](auto masked) {
 #pragma unroll
-    for (int kk = 0; kk < 64; kk += 16) {
-      uint32_t a[4];
+      for (int kk = 0; kk < 64; kk += 16) {
+        uint32_t a[4];
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int tl = kk + half * 8 + tq * 2, t = t0 + tl;
-        const float2 w0 = *reinterpret_cast<const float2*>(BCs + lr0 * LDBC + tl);
-        const float2 w1 = *reinterpret_cast<const float2*>(BCs + lr1 * LDBC + tl);
-        const float q0 = cs_s[t], q1 = cs_s[t + 1];
-        a[half * 2 + 0] = pack_bf16(t >= r0 ? w0.x * __expf(q0 - cs0) : 0.f,
-                                    t + 1 >= r0 ? w0.y * __expf(q1 - cs0) : 0.f);
-        a[half * 2 + 1] = pack_bf16(t >= r1 ? w1.x * __expf(q0 - cs1) : 0.f,
-                                    t + 1 >= r1 ? w1.y * __expf(q1 - cs1) : 0.f);
+        for (int half = 0; half < 2; ++half) {
+          const int tl = kk + half * 8 + tq * 2, t = t0 + tl;
+          const float2 w0 = *reinterpret_cast<const float2*>(BCs + lr0 * LDBC + tl);
+          const float2 w1 = *reinterpret_cast<const float2*>(BCs + lr1 * LDBC + tl);
+          const float q0 = cs_s[t], q1 = cs_s[t + 1];
+          float v00 = w0.x * exp2_approx(q0 - cs0), v01 = w0.y * exp2_approx(q1 - cs0);
+          float v10 = w1.x * exp2_approx(q0 - cs1), v11 = w1.y * exp2_approx(q1 - cs1);
+          if constexpr (decltype(masked)::value) {
+            v00 = t >= r0 ? v00 : 0.f;
+            v01 = t + 1 >= r0 ? v01 : 0.f;
+            v10 = t >= r1 ? v10 : 0.f;
+            v11 = t + 1 >= r1 ? v11 : 0.f;
+          }
+          a[half * 2 + 0] = pack_bf16(v00, v01);
+          a[half * 2 + 1] = pack_bf16(v10, v11);
+        }
+#pragma unroll
+        for (int j = 0; j < NT; j += 2) {
+          uint32_t bb[4];
+          ldb_kn(bb, dYs, LDY, j * 8, kk, lane);
+          mma_bf16(acc[j], a, bb[0], bb[1]);
+          mma_bf16(acc[j + 1], a, bb[2], bb[3]);
+        }
       }
-#pragma unroll
-      for (int j = 0; j < NT; j += 2) {
-        uint32_t bb[4];
-        ldb_kn(bb, dYs, LDY, j * 8, kk, lane);
-        mma_bf16(acc[j], a, bb[0], bb[1]);
-        mma_bf16(acc[j + 1], a, bb[2], bb[3]);
-      }
-    }
+    };
+    if (t0 > s0)
+      intra(std::false_type{});
+    else
+      intra(std::true_type{});
   }
 
   // ---- epilogue ----

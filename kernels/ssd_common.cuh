@@ -358,6 +358,16 @@ __device__ __forceinline__ void scale_a_rows(uint32_t (&a)[4], float f0, float f
   }
 }
 
+// 2^x on the special-function unit (what __expf(x) computes as 2^(x log2 e)). Kernels that
+// take many exponentials of differences keep their decays pre-multiplied by kLog2e, so each
+// exp(a - b) is one subtraction and one ex2.
+constexpr float kLog2e = 1.4426950408889634f;
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Multiplies the columns (the k index) of an A fragment by w: w[0..15] are the weights of the
 // fragment's 16 columns.
 __device__ __forceinline__ void scale_a_cols(uint32_t (&a)[4], const float* w, int lane) {
