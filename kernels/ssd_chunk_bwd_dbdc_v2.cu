@@ -101,19 +101,22 @@ static_assert(kMaxRing <= 8, "cp_async_wait_n covers 0..7 groups in flight");
 // of each 64x64 M tile it computes rows 16*(w%4).., the 16 columns 16*(w/4).., and shares
 // them (bf16) via Ws. (16 warps rather than 8: the kernel is latency bound, and the smaller
 // accumulators keep two warps' worth of registers in one.)
-template <int NN>
+// PC: the head dimension at compile time (64, the common case: its tile loads and k loops are
+// then fixed-size, without per-head index division), or 0 for P_rt at run time.
+template <int NN, int PC>
 __global__ __launch_bounds__(kDbdcThreads, 1) void chunk_bwd_dbdc_v2_kernel(
     const bf16* __restrict__ xBC, int64_t ldx, const bf16* __restrict__ dy,
     const float* __restrict__ dt, const float* __restrict__ cs, const float* __restrict__ CB,
     const bf16* __restrict__ states, const bf16* __restrict__ dstates,
     float* __restrict__ dBp, float* __restrict__ dCp, float* __restrict__ dcs2, int L, int H,
-    int G, int P, int nc, int Q, int nsplit, int hps, int ring_diag, int ring_off,
+    int G, int P_rt, int nc, int Q, int nsplit, int hps, int ring_diag, int ring_off,
     int64_t nq) {
   constexpr int N = NN * 8, LDN = N + 8, LDW = 72;
   constexpr int NH = NN / kColSlices;        // n8 tiles of N per warp (dC, dB accumulators)
   constexpr int MT = 64 / 8 / kColSlices;    // n8 tiles of the M tile's 64 columns per warp
   static_assert(NH % 2 == 0 && MT % 2 == 0, "tiles are loaded in pairs");
   extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int P = PC > 0 ? PC : P_rt;
   const int LDP = P + 8;
   const int nblk = Q / 64;
   bf16* Bj = reinterpret_cast<bf16*>(smem_raw);
@@ -182,13 +185,13 @@ __global__ __launch_bounds__(kDbdcThreads, 1) void chunk_bwd_dbdc_v2_kernel(
 
   // Loads of head hl into its ring slot, as one cp.async group; past the last head an empty
   // group, so that every iteration commits exactly one and the wait count stays ring - 1.
-  auto issue = [&](int hl) {
+  auto issue = [&](int hl, int slot) {
     if (hl >= nh) {
       cp_async_commit();
       return;
     }
     const int h = h_begin + hl;
-    unsigned char* bb = buf0 + static_cast<size_t>(hl % ring) * buf_bytes;
+    unsigned char* bb = buf0 + static_cast<size_t>(slot) * buf_bytes;
     bf16* Xs = reinterpret_cast<bf16*>(bb);
     bf16* dYs = Xs + 64 * LDP;
     float* cs_s = reinterpret_cast<float*>(dYs + 64 * LDP);
@@ -213,15 +216,20 @@ __global__ __launch_bounds__(kDbdcThreads, 1) void chunk_bwd_dbdc_v2_kernel(
   float accC[NH][4], accB[NH][4];
   zero_acc(accC);
   zero_acc(accB);
-  for (int k = 0; k + 1 < ring; ++k) issue(k);
+  for (int k = 0; k + 1 < ring; ++k) issue(k, k);
+  // ring slots of the head being computed and of the head being issued (= (hl + ring - 1) %
+  // ring), advanced without a division
+  int use_slot = 0, issue_slot = ring - 1;
   for (int hl = 0; hl < nh; ++hl) {
     const int h = h_begin + hl;
-    // slot (hl + ring - 1) % ring was last read in iteration hl - 1, which ended with
-    // __syncthreads(); with a ring of 1 this is head hl's own load (no prefetch)
-    issue(hl + ring - 1);
+    // issue_slot was last read in iteration hl - 1, which ended with __syncthreads(); with a
+    // ring of 1 this is head hl's own load (no prefetch)
+    issue(hl + ring - 1, issue_slot);
+    issue_slot = issue_slot + 1 == ring ? 0 : issue_slot + 1;
     cp_async_wait_n(ring - 1);  // head hl's group has landed (for this thread)
     __syncthreads();            // ... and for every thread
-    unsigned char* bb = buf0 + static_cast<size_t>(hl % ring) * buf_bytes;
+    unsigned char* bb = buf0 + static_cast<size_t>(use_slot) * buf_bytes;
+    use_slot = use_slot + 1 == ring ? 0 : use_slot + 1;
     const bf16* Xs = reinterpret_cast<const bf16*>(bb);
     const bf16* dYs = Xs + 64 * LDP;
     const float* cs_s = reinterpret_cast<const float*>(dYs + 64 * LDP);
@@ -406,15 +414,19 @@ void launch_chunk_bwd_dbdc_v2(const SsdDims& d, const bf16* xBC, const bf16* dy,
             static_cast<unsigned>(nc * d.ngroups), static_cast<unsigned>(d.batch));
   auto go = [&](auto kern) {
     allow_smem(kern, smem);
-    kern<<<grid, kDbdcThreads, smem, st>>>(xBC, d.conv_dim(), dy, dt, cs, CB, states_bf, dstates_bf,
-                                  dBp_v2, dCp_v2, dcs_v2, static_cast<int>(d.seqlen),
-                                  static_cast<int>(d.nheads), static_cast<int>(d.ngroups), P, nc,
-                                  Q, nsplit, hps, ring.diag, ring.off, q_slice(d));
+    kern<<<grid, kDbdcThreads, smem, st>>>(
+        xBC, d.conv_dim(), dy, dt, cs, CB, states_bf, dstates_bf, dBp_v2, dCp_v2, dcs_v2,
+        static_cast<int>(d.seqlen), static_cast<int>(d.nheads), static_cast<int>(d.ngroups), P,
+        nc, Q, nsplit, hps, ring.diag, ring.off, q_slice(d));
   };
-  if (N == 64)
-    go(chunk_bwd_dbdc_v2_kernel<8>);
+  if (N == 64 && P == 64)
+    go(chunk_bwd_dbdc_v2_kernel<8, 64>);
+  else if (N == 64)
+    go(chunk_bwd_dbdc_v2_kernel<8, 0>);
+  else if (P == 64)
+    go(chunk_bwd_dbdc_v2_kernel<16, 64>);
   else
-    go(chunk_bwd_dbdc_v2_kernel<16>);
+    go(chunk_bwd_dbdc_v2_kernel<16, 0>);
   check_launch("ssd chunk_bwd_dbdc_v2");
 }
 
