@@ -74,10 +74,7 @@ __global__ __launch_bounds__(128) void chunk_scan_fwd_kernel(
       float* CBs = reinterpret_cast<float*>(buf + 64 * LDX * 2);
       load_tile_async(Xs, LDX, Xg + s0 * ldx, ldx, 64, PT, L - (c * Q + s0), xBC);
       const float* src = CBp + static_cast<int64_t>(t0) * Q + s0;
-      for (int i = threadIdx.x; i < 64 * 16; i += blockDim.x) {
-        const int r = i >> 4, q = (i & 15) * 4;
-        cp_async16(CBs + r * LDCB + q, src + static_cast<int64_t>(r) * Q + q, true);
-      }
+      load_tile64_f32_async(CBs, LDCB, src, Q);
     }
     cp_async_commit();
   };

@@ -96,10 +96,7 @@ __global__ __launch_bounds__(128) void chunk_scan_bwd_dx_kernel(
       float* BCs = reinterpret_cast<float*>(buf + 64 * LDY * 2);
       load_tile_async(dYs, LDY, dYg + t0 * d_inner, d_inner, 64, PT, L - (c * Q + t0), dy);
       const float* src = BCp + static_cast<int64_t>(s0) * Q + t0;
-      for (int i = threadIdx.x; i < 64 * 16; i += blockDim.x) {
-        const int r = i >> 4, q = (i & 15) * 4;
-        cp_async16(BCs + r * LDBC + q, src + static_cast<int64_t>(r) * Q + q, true);
-      }
+      load_tile64_f32_async(BCs, LDBC, src, Q);
     }
     cp_async_commit();
   };
@@ -107,6 +104,25 @@ __global__ __launch_bounds__(128) void chunk_scan_bwd_dx_kernel(
   float acc[NT][4], accU[NT][4];
   zero_acc(acc);
   zero_acc(accU);
+  // d0, d1 = (row r0, row r1 of M over this thread's columns) . (rows of the accumulator a),
+  // summed over the quad: the rows' dot products with this p-slice (0 past seqlen).
+  auto rows_dot = [&](const bf16* M, int64_t ldm, const float (&a)[NT][4], float& d0,
+                      float& d1) {
+    d0 = d1 = 0.f;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      if (ok0) {
+        const float2 v = ld_bf16x2(M + (row0 + r0) * ldm + col0 + j * 8);
+        d0 += v.x * a[j][0] + v.y * a[j][1];
+      }
+      if (ok1) {
+        const float2 v = ld_bf16x2(M + (row0 + r1) * ldm + col0 + j * 8);
+        d1 += v.x * a[j][2] + v.y * a[j][3];
+      }
+    }
+    d0 = quad_sum(d0);
+    d1 = quad_sum(d1);
+  };
   issue(0);
   for (int k = 0; k < nstage; ++k) {
     __syncthreads();  // the other buffer's readers are done; cs_s is visible
@@ -123,20 +139,10 @@ __global__ __launch_bounds__(128) void chunk_scan_bwd_dx_kernel(
       const bf16* Ts = reinterpret_cast<const bf16*>(buf);
       warp_mma_smem<NT, true>(accU, Ts, LDS, warp * 16, Ts + 64 * LDS, LDS, 64, lane);
       if (k == nN - 1) {
-        float u0 = 0.f, u1 = 0.f;
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          if (ok0) {
-            const float2 v = ld_bf16x2(dy + (row0 + r0) * d_inner + col0 + j * 8);
-            u0 += v.x * accU[j][0] + v.y * accU[j][1];
-          }
-          if (ok1) {
-            const float2 v = ld_bf16x2(dy + (row0 + r1) * d_inner + col0 + j * 8);
-            u1 += v.x * accU[j][2] + v.y * accU[j][3];
-          }
-        }
-        u0 = quad_sum(u0) * exp2_approx(cs_s[r0]);
-        u1 = quad_sum(u1) * exp2_approx(cs_s[r1]);
+        float u0, u1;
+        rows_dot(dy, d_inner, accU, u0, u1);
+        u0 *= exp2_approx(cs_s[r0]);
+        u1 *= exp2_approx(cs_s[r1]);
         if (tq == 0) {  // this block's dcs slice: one writer per slot (-v_s added below)
           float* o = dcs + (kDcsDX + pb) * nq + cbase;
           if (ok0) o[r0] = u0;
@@ -160,20 +166,8 @@ __global__ __launch_bounds__(128) void chunk_scan_bwd_dx_kernel(
           acc[j][3] *= e1;
         }
         // v_s = dt_s x_s . acc_s (state part)
-        float v0 = 0.f, v1 = 0.f;
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          if (ok0) {
-            const float2 xv = ld_bf16x2(xBC + (row0 + r0) * ldx + col0 + j * 8);
-            v0 += xv.x * acc[j][0] + xv.y * acc[j][1];
-          }
-          if (ok1) {
-            const float2 xv = ld_bf16x2(xBC + (row0 + r1) * ldx + col0 + j * 8);
-            v1 += xv.x * acc[j][2] + xv.y * acc[j][3];
-          }
-        }
-        v0 = quad_sum(v0);
-        v1 = quad_sum(v1);
+        float v0, v1;
+        rows_dot(xBC, ldx, acc, v0, v1);
         v0 = ok0 ? v0 * dt[cbase + r0] : 0.f;
         v1 = ok1 ? v1 * dt[cbase + r1] : 0.f;
         if (tq == 0) {  // the same thread that stored u_s: u_s - v_s

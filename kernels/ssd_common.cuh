@@ -442,6 +442,15 @@ __device__ __forceinline__ void cp_async16(void* s, const void* g, bool ok) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(g), "r"(n)
                : "memory");
 }
+// A 64 x 64 fp32 tile (rows of a [.., ldg] matrix, 16-byte aligned) with cp.async into shared
+// memory of row stride lds.
+__device__ __forceinline__ void load_tile64_f32_async(float* s, int lds, const float* g,
+                                                      int64_t ldg) {
+  for (int i = threadIdx.x; i < 64 * 16; i += blockDim.x) {
+    const int r = i >> 4, q = (i & 15) * 4;
+    cp_async16(s + r * lds + q, g + r * ldg + q, true);
+  }
+}
 // load_tile with cp.async: rows >= valid are zero-filled (their source address is `safe`).
 __device__ __forceinline__ void load_tile_async(bf16* s, int lds, const bf16* g, int64_t ldg,
                                                 int rows, int cols, int valid,

@@ -1,12 +1,17 @@
 // Host-side helpers shared by the CUDA tests: the tests' own bf16 rounding (independent of the
-// library's) and a small owning device buffer. Include only where SSD_HAVE_CUDA is defined.
+// library's), a small owning device buffer, and the random inputs of the SSD tests. Include
+// only where SSD_HAVE_CUDA is defined.
 #pragma once
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "backend/backend.h"
+#include "testutil.h"
 
 #define CUDA_OK(x)                                                       \
   do {                                                                   \
@@ -56,5 +61,33 @@ struct DevBuf {
     return h;
   }
 };
+
+// Random inputs of one SSD call, as the CUDA SSD tests draw them: xBC ~ N(0, 1), raw dt
+// ~ N(0, 0.25) with row stride ld_dt, dt_bias = softplus^-1 of U[0.001, 0.1], A = -U[1, 16]
+// (stored as A_log), D ~ N(0, 1), initial state, dy and dfinal ~ N(0, 1). The inputs the
+// kernels read in bf16 (xBC, dt, dy) are rounded in place; *_b hold their bf16 bits.
+struct SsdTestInputs {
+  std::vector<float> xBC, dt_raw, dt_bias, A_log, D, init, dy, dfinal;
+  std::vector<uint16_t> xBC_b, dt_b, dy_b;
+};
+inline SsdTestInputs make_ssd_inputs(const ssd::SsdDims& d, int64_t ld_dt, uint64_t seed) {
+  const int64_t T = d.tokens(), H = d.nheads;
+  const int64_t SN = d.batch * H * d.headdim * d.dstate;
+  SsdTestInputs in;
+  in.xBC = randn<float>(T * d.conv_dim(), seed + 1);
+  in.dt_raw = randn<float>(T * ld_dt, seed + 2, 0.5);
+  in.dt_bias = uniform<float>(H, seed + 3, 0.001, 0.1);
+  for (auto& v : in.dt_bias) v = std::log(std::expm1(v));
+  in.A_log = uniform<float>(H, seed + 4, 1.0, 16.0);
+  for (auto& v : in.A_log) v = std::log(v);
+  in.D = randn<float>(H, seed + 5);
+  in.init = randn<float>(SN, seed + 6);
+  in.dy = randn<float>(T * d.d_inner(), seed + 7);
+  in.dfinal = randn<float>(SN, seed + 8);
+  in.xBC_b = round_bf16(in.xBC);
+  in.dt_b = round_bf16(in.dt_raw);
+  in.dy_b = round_bf16(in.dy);
+  return in;
+}
 
 }  // namespace ssdtest

@@ -106,19 +106,10 @@ void run_ssd_determinism(const SsdCase& c, int variant) {
   const int64_t SN = d.batch * H * d.headdim * d.dstate;
   const uint64_t seed = 777 + static_cast<uint64_t>(c.headdim + c.chunk);
 
-  auto xBC = ssdtest::randn<float>(T * CD, seed + 1);
-  auto dt_raw = ssdtest::randn<float>(T * ld_dt, seed + 2, 0.5);
-  auto dt_bias = ssdtest::uniform<float>(H, seed + 3, 0.001, 0.1);
-  for (auto& v : dt_bias) v = std::log(std::expm1(v));
-  auto A_log = ssdtest::uniform<float>(H, seed + 4, 1.0, 16.0);
-  for (auto& v : A_log) v = std::log(v);
-  const auto D = ssdtest::randn<float>(H, seed + 5);
-  const auto init = ssdtest::randn<float>(SN, seed + 6);
-  auto dy = ssdtest::randn<float>(T * DI, seed + 7);
-  const auto dfinal = ssdtest::randn<float>(SN, seed + 8);
-  const auto xBC_b = round_bf16(xBC);
-  const auto dt_b = round_bf16(dt_raw);
-  const auto dy_b = round_bf16(dy);
+  const SsdTestInputs in = make_ssd_inputs(d, ld_dt, seed);
+  const auto &xBC = in.xBC, &dt_raw = in.dt_raw, &dt_bias = in.dt_bias, &A_log = in.A_log;
+  const auto &D = in.D, &init = in.init, &dy = in.dy, &dfinal = in.dfinal;
+  const auto &xBC_b = in.xBC_b, &dt_b = in.dt_b, &dy_b = in.dy_b;
 
   DevBuf<uint16_t> g_xBC(T * CD), g_dt(T * ld_dt), g_dy(T * DI), g_dxBC(T * CD),
       g_ddt(T * ld_ddt);

@@ -97,19 +97,10 @@ TEST_P(CudaSsd, MatchesCpuReference) {
   const uint64_t seed = 1234 + 17 * static_cast<uint64_t>(cs.seqlen + cs.nheads + cs.chunk);
 
   // inputs (rounded to bf16 where the kernels read bf16)
-  auto xBC = ssdtest::randn<float>(T * CD, seed + 1);
-  auto dt_raw = ssdtest::randn<float>(T * ld_dt, seed + 2, 0.5);
-  auto dt_bias = ssdtest::uniform<float>(H, seed + 3, 0.001, 0.1);
-  for (auto& v : dt_bias) v = std::log(std::expm1(v));
-  auto A_log = ssdtest::uniform<float>(H, seed + 4, 1.0, 16.0);
-  for (auto& v : A_log) v = std::log(v);
-  auto D = ssdtest::randn<float>(H, seed + 5);
-  auto init = ssdtest::randn<float>(SN, seed + 6);
-  auto dy = ssdtest::randn<float>(T * DI, seed + 7);
-  auto dfinal = ssdtest::randn<float>(SN, seed + 8);
-  const auto xBC_b = round_bf16(xBC);
-  const auto dt_b = round_bf16(dt_raw);
-  const auto dy_b = round_bf16(dy);
+  const SsdTestInputs in = make_ssd_inputs(d, ld_dt, seed);
+  const auto &xBC = in.xBC, &dt_raw = in.dt_raw, &dt_bias = in.dt_bias, &A_log = in.A_log;
+  const auto &D = in.D, &init = in.init, &dy = in.dy, &dfinal = in.dfinal;
+  const auto &xBC_b = in.xBC_b, &dt_b = in.dt_b, &dy_b = in.dy_b;
   const float* init_h = cs.init ? init.data() : nullptr;
   const float* dfinal_h = cs.dfinal ? dfinal.data() : nullptr;
   // accumulating outputs start from these values on both sides
