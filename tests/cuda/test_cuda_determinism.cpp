@@ -332,6 +332,28 @@ TEST(CudaDeterminism, WorkspaceLayoutHost) {
       }
       EXPECT_GE(off(w2.dcs_v2), total);
     }
+    // With a separate buffer for the forward's intermediates: dt, cs, CB, states, states_bf
+    // there, at the same offsets as in the plain layout (ssd_saved_bytes of them), everything
+    // else in the workspace, below the plain layout's size, in order and without overlap.
+    {
+      char* saved = reinterpret_cast<char*>(uintptr_t(3) << 40);
+      SsdWorkspace ws;
+      const size_t total_s = carve_workspace(d, base, true, &ws, true, saved);
+      const size_t saved_bytes = ssd::cuda::ssd_saved_bytes(d);
+      auto soff = [&](const void* p) {
+        return static_cast<size_t>(static_cast<const char*>(p) - saved);
+      };
+      const std::vector<std::pair<const void*, const void*>> fwd = {
+          {ws.dt, w.dt}, {ws.cs, w.cs}, {ws.CB, w.CB}, {ws.states, w.states},
+          {ws.states_bf, w.states_bf}};
+      for (const auto& [in_saved, plain] : fwd) EXPECT_EQ(soff(in_saved), off(plain));
+      EXPECT_EQ(saved_bytes, off(w.BC)) << "the forward's pieces are the plain layout's prefix";
+      EXPECT_LE(soff(ws.states_bf) + B * nc * H * P * N * 2, saved_bytes);
+      EXPECT_EQ(off(ws.BC), 0u) << "the workspace starts with the backward's own pieces";
+      EXPECT_EQ(off(ws.dcs), off(w.dcs) - off(w.BC));
+      SsdWorkspace wp;
+      EXPECT_EQ(total_s, carve_workspace(d, base, true, &wp, true) - saved_bytes);
+    }
     std::printf("    [layout b%zu L%zu h%zu p%zu g%zu n%zu q%zu] workspace %.2f MiB, zeroed %.3f MiB, "
                 "dcs slices %d, dcs_last row %d\n",
                 B, L, H, P, G, N, Q, total / 1048576.0, w.zero_bytes / 1048576.0, dcs_slices(d),
