@@ -230,7 +230,9 @@ TEST_F(CudaOps, Embedding) {
 TEST_F(CudaOps, AddRmsNorm) {
   // Widths that the kernels vectorise (multiples of 256, up to the 2.7B model's 2560) and one
   // that they do not (1100).
-  for (auto [T, D] : {std::pair<int64_t, int64_t>{77, 1100}, {130, 768}, {9, 2560}}) {
+  // 2100 rows: more than the backward's 1024 blocks, so blocks walk several rows.
+  for (auto [T, D] :
+       {std::pair<int64_t, int64_t>{77, 1100}, {130, 768}, {9, 2560}, {2100, 768}}) {
   const double eps = 1e-5;
   const Vf x = round_bf16(randn(T * D, 10));
   const Vf res = randn(T * D, 11, 2.0);
@@ -335,8 +337,10 @@ TEST_F(CudaOps, GatedRmsNorm) {
   // model's d_inner, whole-row and per-group).
   // z and dz are column slices: 16-byte aligned as in the model (vector loads) or not.
   struct Case { int64_t T, D; std::vector<int64_t> groups; bool aligned; };
+  // 2100 rows: more than the backward's 1024 blocks, so blocks walk several rows.
   for (const Case& c : {Case{70, 96, {32, 96}, false}, Case{33, 1536, {256, 768, 1536}, true},
-                        Case{5, 5120, {5120, 1280}, true}, Case{12, 512, {512}, false}}) {
+                        Case{5, 5120, {5120, 1280}, true}, Case{12, 512, {512}, false},
+                        Case{2100, 1536, {1536, 768}, true}}) {
   const int64_t T = c.T, D = c.D;
   const int64_t ld_z = 3 * D + (c.aligned ? 16 : 13), off_z = c.aligned ? 8 : 5;
   const int64_t ld_dz = 2 * D + (c.aligned ? 64 : 58), off_dz = c.aligned ? 16 : 3;
