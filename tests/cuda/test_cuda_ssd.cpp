@@ -221,7 +221,11 @@ INSTANTIATE_TEST_SUITE_P(
         // long-ish sequence: many chunks
         Case{1, 1000, 2, 64, 1, 128, 128, true, true, 0},
         // headdim 128, dstate 128, chunk 64, 2 groups
-        Case{1, 260, 4, 128, 2, 128, 64, false, true, 0}),
+        Case{1, 260, 4, 128, 2, 128, 64, false, true, 0},
+        // enough chunks (53) that the dB/dC kernel gives each block all 12 heads of the group:
+        // its load rings (8 heads deep off the diagonal, 3 on it) wrap around; partial last
+        // chunk
+        Case{1, 13500, 12, 64, 1, 128, 256, true, true, 0}),
     [](const ::testing::TestParamInfo<Case>& i) { return case_name(i.param); });
 
 #else  // !SSD_HAVE_CUDA
