@@ -44,7 +44,7 @@ for m in 130m 370m 780m 1.3b 2.7b; do
   step "bench train $m (per-op table in $OUT/bench_train_$m.log)"
   "$bin" bench train --config configs/mamba2-$m.yaml --steps "${BENCH_STEPS:-5}" --breakdown \
     > "$OUT/bench_train_$m.log" 2>&1
-  grep -E "^(bench train|step median)" "$OUT/bench_train_$m.log"
+  grep -E "^(bench train|step median|mean loss)" "$OUT/bench_train_$m.log"
 done
 cat "$OUT/bench_train_130m.log"
 step "bench train 1.3b with activation recomputation (train.recompute=layers)"

@@ -295,6 +295,11 @@ int bench_train(const std::vector<std::string>& in) {
   if (int64_t peak = be->peak_memory_bytes(); peak > 0)
     std::printf(" | peak tensor memory %.1f GiB", peak / 1073741824.0);
   std::printf("\n");
+  // A timing of broken arithmetic is worthless: the loss of the steps must be finite.
+  const auto st = model.read_stats(stats);
+  const double mean_loss = st[0] / std::max(1.0, st[1]);
+  std::printf("mean loss of the steps %.4f (same batch every step)\n", mean_loss);
+  if (!std::isfinite(mean_loss)) fail("bench train: the loss is not finite (", mean_loss, ")");
   if (breakdown) print_breakdown(*be, steps, med, one_step);
   return 0;
 }

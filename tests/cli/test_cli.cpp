@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -209,6 +210,27 @@ TEST_F(Cli, CudaDeviceWithoutGpu) {
   EXPECT_NE(r.err.find("train.device"), std::string::npos) << r;
   EXPECT_FALSE(fs::exists(run_dir())) << r;
   EXPECT_FALSE(fs::exists(work_ / "runs")) << r;
+}
+
+// ---------------------------------------------------------------- ssdtrain bench
+
+TEST_F(Cli, BenchTrainTimesStepsAndChecksTheLoss) {
+  // On the CPU backend (the default config on a machine without a GPU, forced here so the test
+  // means the same everywhere): timing line, a finite mean loss, no per-op table on the CPU.
+  Result r = run({"bench", "train", "--steps", "2", "--breakdown", "--set", "train.device=cpu",
+                  "--set", "train.micro_batch=2"});
+  ASSERT_EQ(r.rc, 0) << r;
+  EXPECT_NE(r.out.find("step median"), std::string::npos) << r;
+  const size_t at = r.out.find("mean loss of the steps ");
+  ASSERT_NE(at, std::string::npos) << r;
+  const double loss = std::atof(r.out.c_str() + at + std::strlen("mean loss of the steps "));
+  EXPECT_TRUE(std::isfinite(loss) && loss > 0) << r;
+  EXPECT_NE(r.out.find("no per-op breakdown"), std::string::npos) << r;
+  EXPECT_FALSE(fs::exists(work_ / "runs")) << "bench must not create a run directory";
+
+  r = run({"bench", "train", "--steps", "two"});
+  EXPECT_NE(r.rc, 0) << r;
+  EXPECT_NE(r.err.find("--steps"), std::string::npos) << r;
 }
 
 // ---------------------------------------------------------------- ssdtrain config
