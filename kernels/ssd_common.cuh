@@ -339,15 +339,6 @@ __device__ __forceinline__ void warp_mma_smem(float (&acc)[NT][4], const bf16* A
   }
 }
 
-// Accumulator columns [16*kk, 16*kk+16) of a 16-row tile as an A fragment (bf16).
-template <int NT>
-__device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&acc)[NT][4], int kk) {
-  a[0] = pack_bf16(acc[2 * kk][0], acc[2 * kk][1]);
-  a[1] = pack_bf16(acc[2 * kk][2], acc[2 * kk][3]);
-  a[2] = pack_bf16(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
-  a[3] = pack_bf16(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
-}
-
 // Multiplies rows lane/4 (a[0], a[2]) and lane/4+8 (a[1], a[3]) of an A fragment by f0, f1.
 __device__ __forceinline__ void scale_a_rows(uint32_t (&a)[4], float f0, float f1) {
 #pragma unroll
@@ -398,43 +389,6 @@ __device__ __forceinline__ void load_tile(bf16* s, int lds, const bf16* g, int64
     *reinterpret_cast<uint4*>(s + r * lds + c) = v;
   }
 }
-// Same, each row r multiplied by w[r] (fp32) before rounding to bf16.
-__device__ __forceinline__ void load_tile_scaled(bf16* s, int lds, const bf16* g, int64_t ldg,
-                                                 int rows, int cols, int valid, const float* w) {
-  const int cv = cols >> 3;
-  for (int i = threadIdx.x; i < rows * cv; i += blockDim.x) {
-    const int r = i / cv, c = (i - r * cv) << 3;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (r < valid) {
-      v = *reinterpret_cast<const uint4*>(g + r * ldg + c);
-      const float wr = w[r];
-      uint32_t* u = reinterpret_cast<uint32_t*>(&v);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        float2 f = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&u[q]));
-        u[q] = pack_bf16(f.x * wr, f.y * wr);
-      }
-    }
-    *reinterpret_cast<uint4*>(s + r * lds + c) = v;
-  }
-}
-// fp32 global tile (rows x cols, cols % 8 == 0, 16-byte aligned rows) -> bf16 shared tile.
-__device__ __forceinline__ void load_tile_f32(bf16* s, int lds, const float* g, int64_t ldg,
-                                              int rows, int cols) {
-  const int cv = cols >> 3;
-  for (int i = threadIdx.x; i < rows * cv; i += blockDim.x) {
-    const int r = i / cv, c = (i - r * cv) << 3;
-    const float4 a = *reinterpret_cast<const float4*>(g + r * ldg + c);
-    const float4 b = *reinterpret_cast<const float4*>(g + r * ldg + c + 4);
-    uint4 v;
-    v.x = pack_bf16(a.x, a.y);
-    v.y = pack_bf16(a.z, a.w);
-    v.z = pack_bf16(b.x, b.y);
-    v.w = pack_bf16(b.z, b.w);
-    *reinterpret_cast<uint4*>(s + r * lds + c) = v;
-  }
-}
-
 // ---- cp.async (asynchronous global -> shared copies, sm_80+) ----
 __device__ __forceinline__ void cp_async16(void* s, const void* g, bool ok) {
   const uint32_t sa = static_cast<uint32_t>(__cvta_generic_to_shared(s));
@@ -462,6 +416,7 @@ __device__ __forceinline__ void load_tile_async(bf16* s, int lds, const bf16* g,
     cp_async16(s + r * lds + c, ok ? g + r * ldg + c : safe, ok);
   }
 }
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
