@@ -90,4 +90,28 @@ inline SsdTestInputs make_ssd_inputs(const ssd::SsdDims& d, int64_t ld_dt, uint6
   return in;
 }
 
+// Those inputs uploaded to the device (bf16 bits where the kernels read bf16); ok() is false
+// when an allocation failed.
+struct SsdDevInputs {
+  DevBuf<uint16_t> xBC, dt, dy;
+  DevBuf<float> dt_bias, A_log, D, init, dfinal;
+  explicit SsdDevInputs(const SsdTestInputs& in)
+      : xBC(in.xBC_b.size()), dt(in.dt_b.size()), dy(in.dy_b.size()),
+        dt_bias(in.dt_bias.size()), A_log(in.A_log.size()), D(in.D.size()),
+        init(in.init.size()), dfinal(in.dfinal.size()) {
+    if (!ok()) return;
+    xBC.up(in.xBC_b);
+    dt.up(in.dt_b);
+    dy.up(in.dy_b);
+    dt_bias.up(in.dt_bias);
+    A_log.up(in.A_log);
+    D.up(in.D);
+    init.up(in.init);
+    dfinal.up(in.dfinal);
+  }
+  bool ok() const {
+    return xBC.p && dt.p && dy.p && dt_bias.p && A_log.p && D.p && init.p && dfinal.p;
+  }
+};
+
 }  // namespace ssdtest

@@ -109,27 +109,19 @@ void run_ssd_determinism(const SsdCase& c, int variant) {
   const SsdTestInputs in = make_ssd_inputs(d, ld_dt, seed);
   const auto &xBC = in.xBC, &dt_raw = in.dt_raw, &dt_bias = in.dt_bias, &A_log = in.A_log;
   const auto &D = in.D, &init = in.init, &dy = in.dy, &dfinal = in.dfinal;
-  const auto &xBC_b = in.xBC_b, &dt_b = in.dt_b, &dy_b = in.dy_b;
 
-  DevBuf<uint16_t> g_xBC(T * CD), g_dt(T * ld_dt), g_dy(T * DI), g_dxBC(T * CD),
-      g_ddt(T * ld_ddt);
-  DevBuf<float> g_bias(H), g_Alog(H), g_D(H), g_init(SN), g_dfinal(SN), g_dbias(H), g_dAlog(H),
-      g_dD(H), g_dinit(SN);
+  SsdDevInputs gin(in);
+  auto &g_xBC = gin.xBC, &g_dt = gin.dt, &g_dy = gin.dy;
+  auto &g_bias = gin.dt_bias, &g_Alog = gin.A_log, &g_D = gin.D, &g_init = gin.init,
+       &g_dfinal = gin.dfinal;
+  DevBuf<uint16_t> g_dxBC(T * CD), g_ddt(T * ld_ddt);
+  DevBuf<float> g_dbias(H), g_dAlog(H), g_dD(H), g_dinit(SN);
   const size_t wsb = ssd::cuda::ssd_workspace_bytes(d);
   const size_t savedb = ssd::cuda::ssd_saved_bytes(d);
   DevBuf<unsigned char> g_ws(wsb), g_saved(savedb);
   DevBuf<uint16_t> g_y(T * DI);
-  ASSERT_TRUE(g_xBC.p && g_dt.p && g_dy.p && g_dxBC.p && g_ddt.p && g_init.p && g_dfinal.p &&
-              g_dinit.p && g_ws.p && g_saved.p && g_y.p)
+  ASSERT_TRUE(gin.ok() && g_dxBC.p && g_ddt.p && g_dinit.p && g_ws.p && g_saved.p && g_y.p)
       << "cudaMalloc failed";
-  g_xBC.up(xBC_b);
-  g_dt.up(dt_b);
-  g_dy.up(dy_b);
-  g_bias.up(dt_bias);
-  g_Alog.up(A_log);
-  g_D.up(D);
-  g_init.up(init);
-  g_dfinal.up(dfinal);
   using ssd::cuda::bf16;
   auto B = [](DevBuf<uint16_t>& b) { return reinterpret_cast<bf16*>(b.p); };
 

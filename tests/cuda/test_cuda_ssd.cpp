@@ -100,7 +100,6 @@ TEST_P(CudaSsd, MatchesCpuReference) {
   const SsdTestInputs in = make_ssd_inputs(d, ld_dt, seed);
   const auto &xBC = in.xBC, &dt_raw = in.dt_raw, &dt_bias = in.dt_bias, &A_log = in.A_log;
   const auto &D = in.D, &init = in.init, &dy = in.dy, &dfinal = in.dfinal;
-  const auto &xBC_b = in.xBC_b, &dt_b = in.dt_b, &dy_b = in.dy_b;
   const float* init_h = cs.init ? init.data() : nullptr;
   const float* dfinal_h = cs.dfinal ? dfinal.data() : nullptr;
   // accumulating outputs start from these values on both sides
@@ -128,21 +127,15 @@ TEST_P(CudaSsd, MatchesCpuReference) {
     ssd::cuda::ssd_set_variant(variant);  // before sizing the workspace
     // GPU
     using bf = uint16_t;
-    DevBuf<bf> g_xBC(T * CD), g_dt(T * ld_dt), g_y(T * DI), g_dy(T * DI), g_dxBC(T * CD),
-        g_ddt(T * ld_ddt);
-    DevBuf<float> g_bias(H), g_Alog(H), g_D(H), g_init(SN), g_fs(SN), g_dfinal(SN), g_dbias(H),
-        g_dAlog(H), g_dD(H), g_dinit(SN);
+    SsdDevInputs gin(in);
+    auto &g_xBC = gin.xBC, &g_dt = gin.dt, &g_dy = gin.dy;
+    auto &g_bias = gin.dt_bias, &g_Alog = gin.A_log, &g_D = gin.D, &g_init = gin.init,
+         &g_dfinal = gin.dfinal;
+    DevBuf<bf> g_y(T * DI), g_dxBC(T * CD), g_ddt(T * ld_ddt);
+    DevBuf<float> g_fs(SN), g_dbias(H), g_dAlog(H), g_dD(H), g_dinit(SN);
     const size_t wsb = ssd::cuda::ssd_workspace_bytes(d);
     DevBuf<unsigned char> g_ws(wsb);
-    ASSERT_TRUE(g_xBC.p && g_ws.p && g_dxBC.p && g_dinit.p) << "cudaMalloc failed";
-    g_xBC.up(xBC_b);
-    g_dt.up(dt_b);
-    g_dy.up(dy_b);
-    g_bias.up(dt_bias);
-    g_Alog.up(A_log);
-    g_D.up(D);
-    g_init.up(init);
-    g_dfinal.up(dfinal);
+    ASSERT_TRUE(gin.ok() && g_ws.p && g_dxBC.p && g_dinit.p) << "cudaMalloc failed";
     g_dbias.up(acc0);
     g_dAlog.up(acc0);
     g_dD.up(acc0);
