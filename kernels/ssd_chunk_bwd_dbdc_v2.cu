@@ -338,34 +338,13 @@ __global__ __launch_bounds__(kDbdcThreads, 1) void chunk_bwd_dbdc_v2_kernel(
 
     if (diag) {
       // dC_i += diag(exp(cs_t)) dY_i (64 x P) . S_in (P x N)
-      const float e0 = __expf(ct0), e1 = __expf(ct1);
-      for (int k = 0; k < P; k += 16) {
-        uint32_t a[4];
-        lda_mk(a, dYs, LDP, wr * 16, k, lane);
-        scale_a_rows(a, e0, e1);
-#pragma unroll
-        for (int jj = 0; jj < NH; jj += 2) {
-          uint32_t bq[4];
-          ldb_kn(bq, Ss, LDN, ncol0 + jj * 8, k, lane);
-          mma_bf16(accC[jj], a, bq[0], bq[1]);
-          mma_bf16(accC[jj + 1], a, bq[2], bq[3]);
-        }
-      }
+      warp_mma_smem<NH, false, false, true>(accC, dYs, LDP, wr * 16, Ss + ncol0, LDN, P, lane,
+                                            __expf(ct0), __expf(ct1));
       // dB_j += diag(exp(cs_last - cs_s) dt_s) X_j (64 x P) . dS_out (P x N)
       const float cl = cs_s[Q - 1];
       const float f0 = __expf(cl - cs_s[s0]) * dt_s[s0], f1 = __expf(cl - cs_s[s1]) * dt_s[s1];
-      for (int k = 0; k < P; k += 16) {
-        uint32_t a[4];
-        lda_mk(a, Xs, LDP, wr * 16, k, lane);
-        scale_a_rows(a, f0, f1);
-#pragma unroll
-        for (int jj = 0; jj < NH; jj += 2) {
-          uint32_t bq[4];
-          ldb_kn(bq, dSs, LDN, ncol0 + jj * 8, k, lane);
-          mma_bf16(accB[jj], a, bq[0], bq[1]);
-          mma_bf16(accB[jj + 1], a, bq[2], bq[3]);
-        }
-      }
+      warp_mma_smem<NH, false, false, true>(accB, Xs, LDP, wr * 16, dSs + ncol0, LDN, P, lane,
+                                            f0, f1);
     }
     if (ring == 1) __syncthreads();  // the only slot is refilled at the next head's start
   }
@@ -382,31 +361,9 @@ __global__ __launch_bounds__(kDbdcThreads, 1) void chunk_bwd_dbdc_v2_kernel(
   }
   __syncthreads();
   // dC_i += M (64 t x 64 s) . B_j (64 s x this warp's N/kColSlices columns)
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
-    uint32_t a[4];
-    lda_mk(a, Ws, LDW, wr * 16, kk * 16, lane);
-#pragma unroll
-    for (int jj = 0; jj < NH; jj += 2) {
-      uint32_t bq[4];
-      ldb_kn(bq, Bj, LDN, ncol0 + jj * 8, kk * 16, lane);
-      mma_bf16(accC[jj], a, bq[0], bq[1]);
-      mma_bf16(accC[jj + 1], a, bq[2], bq[3]);
-    }
-  }
+  warp_mma_smem<NH, false>(accC, Ws, LDW, wr * 16, Bj + ncol0, LDN, 64, lane);
   // dB_j += M^T (64 s x 64 t) . C_i (64 t x this warp's N/kColSlices columns)
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
-    uint32_t a[4];
-    lda_km(a, Ws, LDW, wr * 16, kk * 16, lane);
-#pragma unroll
-    for (int jj = 0; jj < NH; jj += 2) {
-      uint32_t bq[4];
-      ldb_kn(bq, Ci, LDN, ncol0 + jj * 8, kk * 16, lane);
-      mma_bf16(accB[jj], a, bq[0], bq[1]);
-      mma_bf16(accB[jj + 1], a, bq[2], bq[3]);
-    }
-  }
+  warp_mma_smem<NH, false, true>(accB, Ws, LDW, wr * 16, Ci + ncol0, LDN, 64, lane);
 
   // this (head slice, pair)'s dC rows of tile i -> slot j, dB rows of tile j -> slot i
   const int64_t GN = static_cast<int64_t>(G) * N;

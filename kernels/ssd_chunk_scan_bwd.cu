@@ -314,19 +314,8 @@ __global__ __launch_bounds__(256) void chunk_scan_bwd_dC_kernel(
       const float cs0 = cs_s[r0], cs1 = cs_s[r1];
       {
         // carried state: diag(exp(cs_t)) dY_t (64 x P) . S_in (P x N)
-        const float e0 = __expf(cs0), e1 = __expf(cs1);
-        for (int k = 0; k < P; k += 16) {
-          uint32_t a[4];
-          lda_mk(a, dYs, LDP, wr * 16, k, lane);
-          scale_a_rows(a, e0, e1);
-#pragma unroll
-          for (int j = 0; j < NH; j += 2) {
-            uint32_t bb[4];
-            ldb_kn(bb, Ss, LDN, ncol0 + j * 8, k, lane);
-            mma_bf16(accT[j], a, bb[0], bb[1]);
-            mma_bf16(accT[j + 1], a, bb[2], bb[3]);
-          }
-        }
+        warp_mma_smem<NH, false, false, true>(accT, dYs, LDP, wr * 16, Ss + ncol0, LDN, P, lane,
+                                              __expf(cs0), __expf(cs1));
       }
       float dc0 = 0.f, dc1 = 0.f;
       for (int sb = 0; sb <= tb; ++sb) {
@@ -367,18 +356,7 @@ __global__ __launch_bounds__(256) void chunk_scan_bwd_dC_kernel(
         }
         __syncthreads();
         // accT += W (64 t x 64 s) . B_s (64 s x this warp's N/2 columns)
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-          uint32_t a[4];
-          lda_mk(a, Ws, LDW, wr * 16, kk * 16, lane);
-#pragma unroll
-          for (int j = 0; j < NH; j += 2) {
-            uint32_t bb[4];
-            ldb_kn(bb, Bs, LDN, ncol0 + j * 8, kk * 16, lane);
-            mma_bf16(accT[j], a, bb[0], bb[1]);
-            mma_bf16(accT[j + 1], a, bb[2], bb[3]);
-          }
-        }
+        warp_mma_smem<NH, false>(accT, Ws, LDW, wr * 16, Bs + ncol0, LDN, 64, lane);
       }
       dc0 = quad_sum(dc0);
       dc1 = quad_sum(dc1);

@@ -69,19 +69,8 @@ __global__ __launch_bounds__(256) void chunk_state_bwd_dB_kernel(
       {
         // chunk-state part: diag(exp(cs_last - cs_s) dt_s) X_s (64 x P) . dS_out (P x N)
         const float cl = cs_s[Q - 1];
-        const float f0 = __expf(cl - cs0) * dt0, f1 = __expf(cl - cs1) * dt1;
-        for (int k = 0; k < P; k += 16) {
-          uint32_t a[4];
-          lda_mk(a, Xs, LDP, wr * 16, k, lane);
-          scale_a_rows(a, f0, f1);
-#pragma unroll
-          for (int j = 0; j < NH; j += 2) {
-            uint32_t bb[4];
-            ldb_kn(bb, dSs, LDN, ncol0 + j * 8, k, lane);
-            mma_bf16(accT[j], a, bb[0], bb[1]);
-            mma_bf16(accT[j + 1], a, bb[2], bb[3]);
-          }
-        }
+        warp_mma_smem<NH, false, false, true>(accT, Xs, LDP, wr * 16, dSs + ncol0, LDN, P, lane,
+                                              __expf(cl - cs0) * dt0, __expf(cl - cs1) * dt1);
       }
       float dc0 = 0.f, dc1 = 0.f;
       for (int tb = sb; tb < nblk; ++tb) {
@@ -124,18 +113,7 @@ __global__ __launch_bounds__(256) void chunk_state_bwd_dB_kernel(
         }
         __syncthreads();
         // accT += Wt (64 x 64 t) . C_t (64 t x this warp's N/2 columns)
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-          uint32_t a[4];
-          lda_mk(a, Ws, LDW, wr * 16, kk * 16, lane);
-#pragma unroll
-          for (int j = 0; j < NH; j += 2) {
-            uint32_t bb[4];
-            ldb_kn(bb, Cs, LDN, ncol0 + j * 8, kk * 16, lane);
-            mma_bf16(accT[j], a, bb[0], bb[1]);
-            mma_bf16(accT[j + 1], a, bb[2], bb[3]);
-          }
-        }
+        warp_mma_smem<NH, false>(accT, Ws, LDW, wr * 16, Cs + ncol0, LDN, 64, lane);
       }
       dc0 = quad_sum(dc0);
       dc1 = quad_sum(dc1);

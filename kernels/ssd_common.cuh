@@ -318,14 +318,30 @@ __device__ __forceinline__ void ldb_kn(uint32_t (&b)[4], const bf16* s, int ld, 
   ldsm_x4_t(b, s + (k0 + (lane & 7) + (((lane >> 3) & 1) << 3)) * ld + n0 + ((lane >> 4) << 3));
 }
 
-// acc[NT][4] (16 rows x NT*8 cols) += A(16 x K from smem [m][k]) * B(K x NT*8), K = 16*ksteps.
-// B stored [n][k] (kNK) or [k][n].
-template <int NT, bool kNK>
+// Multiplies rows lane/4 (a[0], a[2]) and lane/4+8 (a[1], a[3]) of an A fragment by f0, f1.
+__device__ __forceinline__ void scale_a_rows(uint32_t (&a)[4], float f0, float f1) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 v = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&a[i]));
+    const float f = (i & 1) ? f1 : f0;
+    a[i] = pack_bf16(v.x * f, v.y * f);
+  }
+}
+
+// acc[NT][4] (16 rows x NT*8 cols) += A(16 x K) * B(K x NT*8), K = 16*ksteps. A in shared
+// memory stored [m][k], or [k][m] with kTransA; B stored [n][k] (kNK) or [k][n]. With kScale,
+// the A rows lane/4 and lane/4+8 are first multiplied by f0 and f1 (scale_a_rows).
+template <int NT, bool kNK, bool kTransA = false, bool kScale = false>
 __device__ __forceinline__ void warp_mma_smem(float (&acc)[NT][4], const bf16* As, int lda,
-                                              int m0, const bf16* Bs, int ldb, int K, int lane) {
+                                              int m0, const bf16* Bs, int ldb, int K, int lane,
+                                              float f0 = 1.f, float f1 = 1.f) {
   for (int k = 0; k < K; k += 16) {
     uint32_t a[4];
-    lda_mk(a, As, lda, m0, k, lane);
+    if constexpr (kTransA)
+      lda_km(a, As, lda, m0, k, lane);
+    else
+      lda_mk(a, As, lda, m0, k, lane);
+    if constexpr (kScale) scale_a_rows(a, f0, f1);
 #pragma unroll
     for (int j = 0; j < NT; j += 2) {
       uint32_t b[4];
@@ -336,16 +352,6 @@ __device__ __forceinline__ void warp_mma_smem(float (&acc)[NT][4], const bf16* A
       mma_bf16(acc[j], a, b[0], b[1]);
       mma_bf16(acc[j + 1], a, b[2], b[3]);
     }
-  }
-}
-
-// Multiplies rows lane/4 (a[0], a[2]) and lane/4+8 (a[1], a[3]) of an A fragment by f0, f1.
-__device__ __forceinline__ void scale_a_rows(uint32_t (&a)[4], float f0, float f1) {
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    float2 v = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&a[i]));
-    const float f = (i & 1) ? f1 : f0;
-    a[i] = pack_bf16(v.x * f, v.y * f);
   }
 }
 
