@@ -46,8 +46,9 @@ constexpr int kColSlices = 2;
 constexpr int kDbdcThreads = 4 * kColSlices * 32;
 
 // Shared memory: fixed part Bj, Ci [64][N+8], Ws [64][72] (bf16), red_row [2][kColSlices][64],
-// red_col [2][4][64] (fp32; two of each, by head parity); then a ring of per-head buffers, each Xs, dYs [64][P+8] (bf16),
-// cs_s, dt_s [Q] (fp32) and, for the diagonal tile pairs only, Ss, dSs [P][N+8] (bf16).
+// red_col [2][4][64] (fp32; two of each, by head parity); then a ring of per-head buffers,
+// each Xs, dYs [64][P+8] (bf16), cs_s, dt_s [Q] (fp32) and, for the diagonal tile pairs only,
+// Ss, dSs [P][N+8] (bf16).
 // Off-diagonal blocks (most of them) need no state tiles, so their ring is deeper: up to
 // kMaxRing heads in flight, which the kernel needs (it is bound by load latency, not bandwidth).
 constexpr int kMaxRingDiag = 3, kMaxRing = 8;
