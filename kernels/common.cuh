@@ -107,6 +107,26 @@ __device__ __forceinline__ T block_sum(T v, T* sh) {
   return warp_sum(t);
 }
 
+// Three block-wide sums in a fixed order (same result on every run): each thread's a, b, c go
+// to sh, then a shared-memory tree halves them; the sums end in sh[0][0], sh[1][0], sh[2][0]
+// (read them after this returns). blockDim.x must be NT, a power of two.
+template <int NT, class T>
+__device__ __forceinline__ void tree_sum3(T (&sh)[3][NT], T a, T b, T c) {
+  const int t = threadIdx.x;
+  sh[0][t] = a;
+  sh[1][t] = b;
+  sh[2][t] = c;
+  __syncthreads();
+  for (int o = NT / 2; o > 0; o >>= 1) {
+    if (t < o) {
+      sh[0][t] += sh[0][t + o];
+      sh[1][t] += sh[1][t + o];
+      sh[2][t] += sh[2][t + o];
+    }
+    __syncthreads();
+  }
+}
+
 inline void check_launch(const char* what) {
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) fail("CUDA kernel ", what, " failed to launch: ", cudaGetErrorString(e));

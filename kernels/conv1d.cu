@@ -376,6 +376,38 @@ constexpr int kRows = 64;     // tokens per block
 constexpr int kFwdBatch = 8;  // rows whose loads are issued together
 constexpr int kBwdBatch = 4;
 
+// The scalar kernels' causal window over one channel: win[k] (k < K-1) holds the input at
+// time t - (K-1) + k of the current row t's sequence (0 before the sequence starts).
+// At a new sequence (pos wraps to 0) the window restarts empty.
+template <int NK>
+__device__ __forceinline__ void window_restart(float (&win)[NK], int64_t& pos, int64_t seqlen) {
+  if (pos == seqlen) pos = 0;
+  if (pos == 0) {
+#pragma unroll
+    for (int k = 0; k < NK; ++k) win[k] = 0.f;
+  }
+}
+// bias + sum_k w[k] * input(t - (K-1) + k), x = input(t).
+template <int NK>
+__device__ __forceinline__ float window_preact(const float (&wk)[NK], const float (&win)[NK],
+                                               float x, float b, int K) {
+  float a = b;
+#pragma unroll
+  for (int k = 0; k < NK; ++k)
+    if (k < K - 1) a += wk[k] * win[k];
+#pragma unroll
+  for (int k = 0; k < NK; ++k)
+    if (k == K - 1) a += wk[k] * x;
+  return a;
+}
+// Shifts the window by one row: win[k] <- win[k+1], win[K-2] <- x.
+template <int NK>
+__device__ __forceinline__ void window_push(float (&win)[NK], float x, int K) {
+#pragma unroll
+  for (int k = 0; k < NK - 1; ++k)
+    if (k < K - 1) win[k] = (k == K - 2) ? x : win[k + 1];
+}
+
 // Block (column tile, row chunk); each thread walks its column down the chunk with the last K
 // inputs in registers, so every input is read once (plus K-1 rows of halo per chunk).
 // Positions inside the sequence are tracked incrementally (no per-element division).
@@ -408,25 +440,11 @@ __global__ void __launch_bounds__(kCols)
     for (int i = 0; i < kFwdBatch; ++i) {
       const int64_t r = rb + i;
       if (r >= r1) break;
-      if (pos == seqlen) pos = 0;
-      if (pos == 0) {
-#pragma unroll
-        for (int k = 0; k < NK; ++k) win[k] = 0.f;
-      }
+      window_restart(win, pos, seqlen);
       const float x = xs[i];
-      float a = b;
-#pragma unroll
-      for (int k = 0; k < NK; ++k) {
-        if (k < K - 1) a += wk[k] * win[k];
-      }
-#pragma unroll
-      for (int k = 0; k < NK; ++k)
-        if (k == K - 1) a += wk[k] * x;
+      const float a = window_preact(wk, win, x, b, K);
       out[r * C + c] = from_f<bf16>(a * sigmoidf_(a));
-      // shift the window: win[k] <- win[k+1], win[K-2] <- x
-#pragma unroll
-      for (int k = 0; k < NK - 1; ++k)
-        if (k < K - 1) win[k] = (k == K - 2) ? x : win[k + 1];
+      window_push(win, x, K);
       ++pos;
     }
   }
@@ -483,19 +501,9 @@ __global__ void __launch_bounds__(kCols)
         dA[u_loc][threadIdx.x] = 0.f;
         continue;
       }
-      if (pos == seqlen) pos = 0;
-      if (pos == 0) {
-#pragma unroll
-        for (int k = 0; k < NK; ++k) win[k] = 0.f;
-      }
+      window_restart(win, pos, seqlen);
       const float x = xs[i];
-      float a = b;
-#pragma unroll
-      for (int k = 0; k < NK; ++k)
-        if (k < K - 1) a += wk[k] * win[k];
-#pragma unroll
-      for (int k = 0; k < NK; ++k)
-        if (k == K - 1) a += wk[k] * x;
+      const float a = window_preact(wk, win, x, b, K);
       const float s = sigmoidf_(a);
       const float g = ds[i] * s * (1.f + a * (1.f - s));
       dA[u_loc][threadIdx.x] = g;
@@ -504,9 +512,7 @@ __global__ void __launch_bounds__(kCols)
 #pragma unroll
         for (int k = 0; k < NK; ++k) accw[k] += g * (k == K - 1 ? x : win[k]);
       }
-#pragma unroll
-      for (int k = 0; k < NK - 1; ++k)
-        if (k < K - 1) win[k] = (k == K - 2) ? x : win[k + 1];
+      window_push(win, x, K);
       ++pos;
     }
   }

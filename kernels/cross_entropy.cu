@@ -186,18 +186,7 @@ __global__ void __launch_bounds__(kReduceThreads)
     s1 += row_stats[3 * r + 1];
     s2 += row_stats[3 * r + 2];
   }
-  sh[0][t] = s0;
-  sh[1][t] = s1;
-  sh[2][t] = s2;
-  __syncthreads();
-  for (int o = kReduceThreads / 2; o > 0; o >>= 1) {
-    if (t < o) {
-      sh[0][t] += sh[0][t + o];
-      sh[1][t] += sh[1][t + o];
-      sh[2][t] += sh[2][t + o];
-    }
-    __syncthreads();
-  }
+  tree_sum3(sh, s0, s1, s2);
   if (t == 0) {
     stats[0] += sh[0][0];
     stats[1] += sh[1][0];

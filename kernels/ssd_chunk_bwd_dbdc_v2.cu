@@ -369,26 +369,21 @@ __global__ __launch_bounds__(kDbdcThreads, 1) void chunk_bwd_dbdc_v2_kernel(
   // this (head slice, pair)'s dC rows of tile i -> slot j, dB rows of tile j -> slot i
   const int64_t GN = static_cast<int64_t>(G) * N;
   const int64_t slab = static_cast<int64_t>(gridDim.z) * L * GN;  // tokens * GN
+  // row r (chunk-local) of acc, this thread's half, to slot `slot` of part (rows past seqlen
+  // are skipped)
+  auto store_rows = [&](float* part, int slot, int r, const float (&acc)[NH][4], int half) {
+    if (c * Q + r >= L) return;
+    float* o = part + (static_cast<int64_t>(hs) * nblk + slot) * slab + (row0 + r) * GN +
+               static_cast<int64_t>(g) * N + ncol0 + tq * 2;
+#pragma unroll
+    for (int jj = 0; jj < NH; ++jj)
+      *reinterpret_cast<float2*>(o + jj * 8) =
+          make_float2(acc[jj][half * 2], acc[jj][half * 2 + 1]);
+  };
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    const int t = half ? t1 : t0;
-    if (c * Q + t < L) {
-      float* o = dCp + (static_cast<int64_t>(hs) * nblk + tj) * slab + (row0 + t) * GN +
-                 static_cast<int64_t>(g) * N + ncol0 + tq * 2;
-#pragma unroll
-      for (int jj = 0; jj < NH; ++jj)
-        *reinterpret_cast<float2*>(o + jj * 8) =
-            make_float2(accC[jj][half * 2], accC[jj][half * 2 + 1]);
-    }
-    const int s = half ? s1 : s0;
-    if (c * Q + s < L) {
-      float* o = dBp + (static_cast<int64_t>(hs) * nblk + ti) * slab + (row0 + s) * GN +
-                 static_cast<int64_t>(g) * N + ncol0 + tq * 2;
-#pragma unroll
-      for (int jj = 0; jj < NH; ++jj)
-        *reinterpret_cast<float2*>(o + jj * 8) =
-            make_float2(accB[jj][half * 2], accB[jj][half * 2 + 1]);
-    }
+    store_rows(dCp, tj, half ? t1 : t0, accC, half);
+    store_rows(dBp, ti, half ? s1 : s0, accB, half);
   }
 }
 
@@ -440,24 +435,12 @@ __global__ void bc_reduce_v2_kernel(const float* __restrict__ dBp, const float* 
     const int k = static_cast<int>((row % L) % Q) / 64;
     float4 sb = make_float4(0.f, 0.f, 0.f, 0.f), sc = sb;
     for (int hs = 0; hs < nsplit; ++hs) {
-      for (int j = 0; j <= k; ++j) {
-        const float4 v = *reinterpret_cast<const float4*>(dCp + (hs * nblk + j) * slab + e);
-        sc.x += v.x; sc.y += v.y; sc.z += v.z; sc.w += v.w;
-      }
-      for (int t = k; t < nblk; ++t) {
-        const float4 v = *reinterpret_cast<const float4*>(dBp + (hs * nblk + t) * slab + e);
-        sb.x += v.x; sb.y += v.y; sb.z += v.z; sb.w += v.w;
-      }
+      for (int j = 0; j <= k; ++j)
+        add4(sc, *reinterpret_cast<const float4*>(dCp + (hs * nblk + j) * slab + e));
+      for (int t = k; t < nblk; ++t)
+        add4(sb, *reinterpret_cast<const float4*>(dBp + (hs * nblk + t) * slab + e));
     }
-    bf16* ob = dxBC + row * ldx + d_inner + col;
-    bf16* oc = ob + GN;
-    uint2 ub, uc;
-    ub.x = pack_bf16(sb.x, sb.y);
-    ub.y = pack_bf16(sb.z, sb.w);
-    uc.x = pack_bf16(sc.x, sc.y);
-    uc.y = pack_bf16(sc.z, sc.w);
-    *reinterpret_cast<uint2*>(ob) = ub;
-    *reinterpret_cast<uint2*>(oc) = uc;
+    store_dbc4(dxBC, row, ldx, d_inner, GN, col, sb, sc);
   }
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < nq;
        idx += stride) {

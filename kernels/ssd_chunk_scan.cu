@@ -6,7 +6,6 @@
 // batch); both products on bf16 tensor cores, the masked/decayed CB tile built in registers
 // straight into A fragments. The tiles of each step are copied with cp.async into one of two
 // shared buffers while the previous step is multiplied.
-#include <type_traits>
 
 #include "ssd_common.cuh"
 
@@ -113,42 +112,13 @@ __global__ __launch_bounds__(128) void chunk_scan_fwd_kernel(
     const int s0 = (k - nN) * 64;
     const bf16* Xs = reinterpret_cast<const bf16*>(buf);
     const float* CBs = reinterpret_cast<const float*>(buf + 64 * LDX * 2);
-    const float cs0 = cs_s[r0], cs1 = cs_s[r1];
     // Only the diagonal block (sb == tb) needs the causal mask s <= t.
-    auto intra = [&](auto masked) {
-#pragma unroll
-      for (int kk = 0; kk < 64; kk += 16) {
-        uint32_t a[4];
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int sl = kk + half * 8 + tq * 2, s = s0 + sl;
-          const float2 c0 = *reinterpret_cast<const float2*>(CBs + lr0 * LDCB + sl);
-          const float2 c1 = *reinterpret_cast<const float2*>(CBs + lr1 * LDCB + sl);
-          const float w0 = dt_s[s], w1 = dt_s[s + 1], q0 = cs_s[s], q1 = cs_s[s + 1];
-          float v00 = c0.x * exp2_approx(cs0 - q0) * w0, v01 = c0.y * exp2_approx(cs0 - q1) * w1;
-          float v10 = c1.x * exp2_approx(cs1 - q0) * w0, v11 = c1.y * exp2_approx(cs1 - q1) * w1;
-          if constexpr (decltype(masked)::value) {
-            v00 = s <= r0 ? v00 : 0.f;
-            v01 = s + 1 <= r0 ? v01 : 0.f;
-            v10 = s <= r1 ? v10 : 0.f;
-            v11 = s + 1 <= r1 ? v11 : 0.f;
-          }
-          a[half * 2 + 0] = pack_bf16(v00, v01);
-          a[half * 2 + 1] = pack_bf16(v10, v11);
-        }
-#pragma unroll
-        for (int j = 0; j < NT; j += 2) {
-          uint32_t bb[4];
-          ldb_kn(bb, Xs, LDX, j * 8, kk, lane);
-          mma_bf16(acc[j], a, bb[0], bb[1]);
-          mma_bf16(acc[j + 1], a, bb[2], bb[3]);
-        }
-      }
-    };
     if (s0 < t0)
-      intra(std::false_type{});
+      decayed_tile_mma<NT, true, false>(acc, CBs, LDCB, lr0, lr1, r0, r1, s0, cs_s, dt_s, Xs,
+                                        LDX, lane);
     else
-      intra(std::true_type{});
+      decayed_tile_mma<NT, true, true>(acc, CBs, LDCB, lr0, lr1, r0, r1, s0, cs_s, dt_s, Xs,
+                                       LDX, lane);
   }
 
   // y = acc + D x

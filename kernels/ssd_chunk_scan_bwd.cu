@@ -14,7 +14,6 @@
 //   dC_t = sum_h [ exp(cs_t) dy_t S_in + sum_{s <= t} W[t][s] B_s ],
 //   W[t][s] = (dy_t . x_s) exp(cs_t - cs_s) dt_s,   dcs_t += sum_s W[t][s] CB[t][s]  (fp32;
 //   each column-half warp's share stored to its own dcs slice kDcsDC + w/4, no atomics).
-#include <type_traits>
 
 #include "ssd_common.cuh"
 
@@ -186,42 +185,13 @@ __global__ __launch_bounds__(128) void chunk_scan_bwd_dx_kernel(
     const int t0 = (sb + k - 2 * nN) * 64;
     const bf16* dYs = reinterpret_cast<const bf16*>(buf);
     const float* BCs = reinterpret_cast<const float*>(buf + 64 * LDY * 2);
-    const float cs0 = cs_s[r0], cs1 = cs_s[r1];
     // Only the diagonal tile (tb == sb) needs the anti-causal mask t >= s.
-    auto intra = [&](auto masked) {
-#pragma unroll
-      for (int kk = 0; kk < 64; kk += 16) {
-        uint32_t a[4];
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int tl = kk + half * 8 + tq * 2, t = t0 + tl;
-          const float2 w0 = *reinterpret_cast<const float2*>(BCs + lr0 * LDBC + tl);
-          const float2 w1 = *reinterpret_cast<const float2*>(BCs + lr1 * LDBC + tl);
-          const float q0 = cs_s[t], q1 = cs_s[t + 1];
-          float v00 = w0.x * exp2_approx(q0 - cs0), v01 = w0.y * exp2_approx(q1 - cs0);
-          float v10 = w1.x * exp2_approx(q0 - cs1), v11 = w1.y * exp2_approx(q1 - cs1);
-          if constexpr (decltype(masked)::value) {
-            v00 = t >= r0 ? v00 : 0.f;
-            v01 = t + 1 >= r0 ? v01 : 0.f;
-            v10 = t >= r1 ? v10 : 0.f;
-            v11 = t + 1 >= r1 ? v11 : 0.f;
-          }
-          a[half * 2 + 0] = pack_bf16(v00, v01);
-          a[half * 2 + 1] = pack_bf16(v10, v11);
-        }
-#pragma unroll
-        for (int j = 0; j < NT; j += 2) {
-          uint32_t bb[4];
-          ldb_kn(bb, dYs, LDY, j * 8, kk, lane);
-          mma_bf16(acc[j], a, bb[0], bb[1]);
-          mma_bf16(acc[j + 1], a, bb[2], bb[3]);
-        }
-      }
-    };
     if (t0 > s0)
-      intra(std::false_type{});
+      decayed_tile_mma<NT, false, false>(acc, BCs, LDBC, lr0, lr1, r0, r1, t0, cs_s, nullptr,
+                                         dYs, LDY, lane);
     else
-      intra(std::true_type{});
+      decayed_tile_mma<NT, false, true>(acc, BCs, LDBC, lr0, lr1, r0, r1, t0, cs_s, nullptr,
+                                        dYs, LDY, lane);
   }
 
   // ---- epilogue ----

@@ -180,18 +180,10 @@ __global__ void bc_reduce_kernel(const float* __restrict__ dBp, const float* __r
     for (int k = 1; k < nsplit; ++k) {
       const float4 vb = *reinterpret_cast<const float4*>(dBp + k * tokens * GN + e);
       const float4 vc = *reinterpret_cast<const float4*>(dCp + k * tokens * GN + e);
-      sb.x += vb.x; sb.y += vb.y; sb.z += vb.z; sb.w += vb.w;
-      sc.x += vc.x; sc.y += vc.y; sc.z += vc.z; sc.w += vc.w;
+      add4(sb, vb);
+      add4(sc, vc);
     }
-    bf16* ob = dxBC + row * ldx + d_inner + col;
-    bf16* oc = ob + GN;
-    uint2 ub, uc;
-    ub.x = pack_bf16(sb.x, sb.y);
-    ub.y = pack_bf16(sb.z, sb.w);
-    uc.x = pack_bf16(sc.x, sc.y);
-    uc.y = pack_bf16(sc.z, sc.w);
-    *reinterpret_cast<uint2*>(ob) = ub;
-    *reinterpret_cast<uint2*>(oc) = uc;
+    store_dbc4(dxBC, row, ldx, d_inner, GN, col, sb, sc);
   }
 }
 

@@ -265,6 +265,29 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+__device__ __forceinline__ void add4(float4& a, float4 b) {
+  a.x += b.x;
+  a.y += b.y;
+  a.z += b.z;
+  a.w += b.w;
+}
+
+// The summed dB (sb) and dC (sc) of 4 consecutive columns col.. of token row `row`, written
+// (bf16) to the B and C columns of dxBC (the bc_reduce kernels' output).
+__device__ __forceinline__ void store_dbc4(bf16* dxBC, int64_t row, int64_t ldx, int64_t d_inner,
+                                           int64_t GN, int64_t col, const float4& sb,
+                                           const float4& sc) {
+  bf16* ob = dxBC + row * ldx + d_inner + col;
+  bf16* oc = ob + GN;
+  uint2 ub, uc;
+  ub.x = pack_bf16(sb.x, sb.y);
+  ub.y = pack_bf16(sb.z, sb.w);
+  uc.x = pack_bf16(sc.x, sc.y);
+  uc.y = pack_bf16(sc.z, sc.w);
+  *reinterpret_cast<uint2*>(ob) = ub;
+  *reinterpret_cast<uint2*>(oc) = uc;
+}
+
 __device__ __forceinline__ float2 ld_bf16x2(const bf16* p) {
   return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
 }
@@ -374,6 +397,67 @@ __device__ __forceinline__ void scale_a_cols(uint32_t (&a)[4], const float* w, i
   for (int i = 0; i < 4; ++i) {
     const float2 v = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&a[i]));
     a[i] = i < 2 ? pack_bf16(v.x * w0, v.y * w1) : pack_bf16(v.x * w8, v.y * w9);
+  }
+}
+
+// acc[NT][4] += A . B for one 64-column step of the intra-chunk products of chunk_scan (kFwd)
+// and of the dx kernel, A built in registers straight into fragments from the fp32 tile Ms
+// (this thread's rows lr0 and lr1 = lr0 + 8, chunk rows r0 and r1; columns c0 + 0..63):
+//   kFwd:  A[r][c] = M[r][c] exp(cs_r - cs_c) w_c, causal mask c <= r;
+//   !kFwd: A[r][c] = M[r][c] exp(cs_c - cs_r),     anti-causal mask c >= r.
+// cs_s in log2 units (one ex2 per element), w_s per column (kFwd only); the mask only on tiles
+// that straddle the diagonal (kMasked). B: the 64 x NT*8 tile Bs stored [k][n].
+template <int NT, bool kFwd, bool kMasked>
+__device__ __forceinline__ void decayed_tile_mma(float (&acc)[NT][4], const float* Ms, int ldm,
+                                                 int lr0, int lr1, int r0, int r1, int c0,
+                                                 const float* cs_s, const float* w_s,
+                                                 const bf16* Bs, int ldb, int lane) {
+  const int tq = lane & 3;
+  const float cs0 = cs_s[r0], cs1 = cs_s[r1];
+#pragma unroll
+  for (int kk = 0; kk < 64; kk += 16) {
+    uint32_t a[4];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int cl = kk + half * 8 + tq * 2, col = c0 + cl;
+      const float2 m0 = *reinterpret_cast<const float2*>(Ms + lr0 * ldm + cl);
+      const float2 m1 = *reinterpret_cast<const float2*>(Ms + lr1 * ldm + cl);
+      float v00, v01, v10, v11;
+      if constexpr (kFwd) {
+        const float w0 = w_s[col], w1 = w_s[col + 1], q0 = cs_s[col], q1 = cs_s[col + 1];
+        v00 = m0.x * exp2_approx(cs0 - q0) * w0;
+        v01 = m0.y * exp2_approx(cs0 - q1) * w1;
+        v10 = m1.x * exp2_approx(cs1 - q0) * w0;
+        v11 = m1.y * exp2_approx(cs1 - q1) * w1;
+        if constexpr (kMasked) {
+          v00 = col <= r0 ? v00 : 0.f;
+          v01 = col + 1 <= r0 ? v01 : 0.f;
+          v10 = col <= r1 ? v10 : 0.f;
+          v11 = col + 1 <= r1 ? v11 : 0.f;
+        }
+      } else {
+        const float q0 = cs_s[col], q1 = cs_s[col + 1];
+        v00 = m0.x * exp2_approx(q0 - cs0);
+        v01 = m0.y * exp2_approx(q1 - cs0);
+        v10 = m1.x * exp2_approx(q0 - cs1);
+        v11 = m1.y * exp2_approx(q1 - cs1);
+        if constexpr (kMasked) {
+          v00 = col >= r0 ? v00 : 0.f;
+          v01 = col + 1 >= r0 ? v01 : 0.f;
+          v10 = col >= r1 ? v10 : 0.f;
+          v11 = col + 1 >= r1 ? v11 : 0.f;
+        }
+      }
+      a[half * 2 + 0] = pack_bf16(v00, v01);
+      a[half * 2 + 1] = pack_bf16(v10, v11);
+    }
+#pragma unroll
+    for (int j = 0; j < NT; j += 2) {
+      uint32_t bb[4];
+      ldb_kn(bb, Bs, ldb, j * 8, kk, lane);
+      mma_bf16(acc[j], a, bb[0], bb[1]);
+      mma_bf16(acc[j + 1], a, bb[2], bb[3]);
+    }
   }
 }
 

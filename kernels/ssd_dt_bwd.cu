@@ -94,18 +94,7 @@ __global__ __launch_bounds__(kReduceThreads) void param_grad_reduce_kernel(
   const float a = head_partials(pg_dD, h, H, runD, B * runD);
   const float bb = head_partials(pg_dtb, h, H, runT, B * runT);
   const float cc = head_partials(pg_dA, h, H, runT, B * runT);
-  sh[0][t] = a;
-  sh[1][t] = bb;
-  sh[2][t] = cc;
-  __syncthreads();
-  for (int o = kReduceThreads / 2; o > 0; o >>= 1) {
-    if (t < o) {
-      sh[0][t] += sh[0][t + o];
-      sh[1][t] += sh[1][t + o];
-      sh[2][t] += sh[2][t + o];
-    }
-    __syncthreads();
-  }
+  tree_sum3(sh, a, bb, cc);
   if (t == 0) {  // accumulate (+=): the outputs sum over micro-batches
     dD[h] += sh[0][0];
     d_dt_bias[h] += sh[1][0];
