@@ -119,7 +119,7 @@ int cmd_eval(const std::vector<std::string>& in) {
   auto be = make_backend_for(cfg, ProcessGrid::world().local_rank());
   Mamba2LM model(cfg.model, *be, cfg.train.micro_batch, cfg.train.seq_len);
   model.load_params(ck.params);
-  auto data = make_data_source(cfg, 0, 1);
+  auto data = make_data_source(cfg);
   const int64_t B = cfg.train.micro_batch, L = cfg.train.seq_len;
   std::vector<int32_t> tok(B * L), tgt(B * L);
   Tensor stats = model.new_stats();
@@ -247,10 +247,10 @@ int bench_train(const std::vector<std::string>& in) {
   Mamba2LM model(cfg.model, *be, cfg.train.micro_batch, cfg.train.seq_len,
                  cfg.train.recompute == "layers");
   model.init(cfg.train.seed);
-  auto data = make_data_source(cfg, 0, 1);
+  auto data = make_data_source(cfg);
   const int64_t B = cfg.train.micro_batch, L = cfg.train.seq_len, T = B * L;
   std::vector<int32_t> tok(T), tgt(T);
-  data->next_train(tok.data(), tgt.data(), B, L);
+  fill_step(*data, 0, 0, 1, B, 1, L, tok.data(), tgt.data());
   std::vector<AdamWSlot> slots;
   for (size_t i = 0; i < model.table().size(); ++i) {
     Tensor m = be->alloc(model.params()[i].shape, be->accum_dtype());

@@ -83,6 +83,7 @@ const std::vector<Field>& fields() {
       field("train.seq_len", &Config::train, &TrainConfig::seq_len),
       field("train.micro_batch", &Config::train, &TrainConfig::micro_batch),
       field("train.grad_accum", &Config::train, &TrainConfig::grad_accum),
+      field("train.global_batch", &Config::train, &TrainConfig::global_batch),
       field("train.max_steps", &Config::train, &TrainConfig::max_steps),
       field("train.lr", &Config::train, &TrainConfig::lr),
       field("train.min_lr", &Config::train, &TrainConfig::min_lr),
@@ -114,6 +115,13 @@ const std::vector<Field>& fields() {
       field("checkpoint.every", &Config::checkpoint, &CheckpointConfig::every),
       field("checkpoint.keep_last", &Config::checkpoint, &CheckpointConfig::keep_last),
       field("checkpoint.dir", &Config::checkpoint, &CheckpointConfig::dir),
+
+      field("parallel.tp", &Config::parallel, &ParallelConfig::tp),
+      field("parallel.cp", &Config::parallel, &ParallelConfig::cp),
+      field("parallel.zero", &Config::parallel, &ParallelConfig::zero),
+      field("parallel.bucket_mb", &Config::parallel, &ParallelConfig::bucket_mb),
+      field("parallel.timeout_s", &Config::parallel, &ParallelConfig::timeout_s),
+      field("parallel.comm", &Config::parallel, &ParallelConfig::comm),
   };
   return table;
 }
@@ -176,13 +184,13 @@ Config parse_config(const std::string& text, const std::vector<std::string>& ove
 
   Config c;
   c.source = origin;
-  static const char* sections[] = {"model", "train", "data", "run", "checkpoint"};
+  static const char* sections[] = {"model", "train", "data", "run", "checkpoint", "parallel"};
   for (auto it = root.begin(); it != root.end(); ++it) {
     if (!it->first.IsScalar()) fail(origin, ": config section names must be plain words");
     std::string section = it->first.as<std::string>();
     if (std::find(std::begin(sections), std::end(sections), section) == std::end(sections))
       fail(origin, ": unknown config section '", section,
-           "' (sections: model, train, data, run, checkpoint)");
+           "' (sections: model, train, data, run, checkpoint, parallel)");
     if (it->second.IsNull()) continue;
     if (!it->second.IsMap()) fail(origin, ": section '", section, "' must be a mapping");
     for (auto kv = it->second.begin(); kv != it->second.end(); ++kv) {
@@ -306,6 +314,54 @@ void validate(const Config& c) {
   positive("run.eval_batches", c.run.eval_batches);
   non_negative("checkpoint.every", c.checkpoint.every);
   non_negative("checkpoint.keep_last", c.checkpoint.keep_last);
+
+  const auto& p = c.parallel;
+  positive("parallel.tp", p.tp);
+  positive("parallel.cp", p.cp);
+  if (p.zero != 0 && p.zero != 1) fail("config key 'parallel.zero' must be 0 or 1, got ", p.zero);
+  positive("parallel.bucket_mb", p.bucket_mb);
+  positive("parallel.timeout_s", p.timeout_s);
+  if (p.comm != "auto" && p.comm != "nccl" && p.comm != "mpi")
+    fail("config key 'parallel.comm' must be auto, nccl or mpi, got '", p.comm, "'");
+  non_negative("train.global_batch", t.global_batch);
+}
+
+Layout resolve_layout(const Config& c, int64_t world, bool on_gpu) {
+  const auto& p = c.parallel;
+  const auto& t = c.train;
+  Layout l;
+  l.world = world;
+  l.tp = p.tp;
+  l.cp = p.cp;
+  if (world % (p.tp * p.cp) != 0)
+    fail("the job has ", world, " processes, which parallel.tp * parallel.cp = ", p.tp, " * ", p.cp,
+         " = ", p.tp * p.cp, " does not divide; launch a multiple of ", p.tp * p.cp,
+         " processes or change parallel.tp / parallel.cp");
+  if (p.tp > 1) fail("parallel.tp=", p.tp, ": tensor parallelism is not available in this version");
+  if (p.cp > 1) fail("parallel.cp=", p.cp, ": context parallelism is not available in this version");
+  l.dp = world / (p.tp * p.cp);
+  l.micro_batch = t.micro_batch;
+  if (t.global_batch > 0) {
+    const int64_t per_step = t.micro_batch * l.dp;
+    if (t.global_batch % per_step != 0)
+      fail("train.global_batch=", t.global_batch, " is not a multiple of train.micro_batch * dp = ",
+           t.micro_batch, " * ", l.dp, " = ", per_step, " (dp = ", world,
+           " processes / (parallel.tp * parallel.cp)); change train.global_batch, "
+           "train.micro_batch or the number of processes");
+    l.grad_accum = t.global_batch / per_step;
+    if (t.grad_accum != 1 && t.grad_accum != l.grad_accum)
+      fail("train.grad_accum=", t.grad_accum, " contradicts train.global_batch=", t.global_batch,
+           " (which needs grad_accum ", l.grad_accum, " with micro_batch ", t.micro_batch,
+           " on dp=", l.dp, "); leave train.grad_accum at 1 when train.global_batch is set");
+    l.global_batch = t.global_batch;
+  } else {
+    l.grad_accum = t.grad_accum;
+    l.global_batch = t.micro_batch * t.grad_accum * l.dp;
+  }
+  if (p.comm == "nccl" && !on_gpu)
+    fail("parallel.comm=nccl needs the CUDA backend (train.device resolved to the CPU)");
+  l.comm_nccl = on_gpu && p.comm != "mpi";
+  return l;
 }
 
 std::string config_to_yaml(const Config& c) {

@@ -36,6 +36,10 @@ struct TrainConfig {
   int64_t seq_len = 256;
   int64_t micro_batch = 8;
   int64_t grad_accum = 1;
+  int64_t global_batch = 0;  // sequences per optimizer step over all data-parallel ranks; when
+                             // set, grad_accum = global_batch / (micro_batch * dp), so the same
+                             // config trains the same math on any number of GPUs. 0: micro_batch
+                             // * grad_accum * dp.
   int64_t max_steps = 200;
   double lr = 3e-3;
   double min_lr = 3e-4;
@@ -79,12 +83,24 @@ struct CheckpointConfig {
   std::string dir = "";           // defaults to <run.dir>/checkpoints
 };
 
+// How the job is split over its processes: world = dp * cp * tp, rank order tp fastest, then
+// cp, then dp (a tensor-parallel group stays inside a node).
+struct ParallelConfig {
+  int64_t tp = 1;              // tensor parallelism (by SSM heads)
+  int64_t cp = 1;              // context parallelism (by sequence segments)
+  int64_t zero = 0;            // 1: shard the AdamW moments over the data-parallel ranks
+  double bucket_mb = 160;      // gradient all-reduce bucket size (MB of fp32 gradients)
+  double timeout_s = 600;      // a collective unfinished after this long ends the job
+  std::string comm = "auto";   // auto (NCCL on GPUs, MPI on CPUs) | nccl | mpi
+};
+
 struct Config {
   ModelConfig model;
   TrainConfig train;
   DataConfig data;
   RunConfig run;
   CheckpointConfig checkpoint;
+  ParallelConfig parallel;
   std::string source;             // file it came from ("" for built-in)
 };
 
@@ -98,5 +114,15 @@ Config parse_config(const std::string& yaml_text, const std::vector<std::string>
 std::string config_to_yaml(const Config& c);
 // Checks cross-field rules; throws ssd::Error naming the key.
 void validate(const Config& c);
+
+// The process layout of a job of `world` processes under config c. Throws ssd::Error naming the
+// keys and numbers when the world or the batch does not divide.
+struct Layout {
+  int64_t world = 1, tp = 1, cp = 1, dp = 1;
+  int64_t micro_batch = 1, grad_accum = 1;
+  int64_t global_batch = 1;  // sequences per optimizer step, all ranks together
+  int64_t comm_nccl = 0;     // 1: GPU collectives over NCCL (else MPI on host memory)
+};
+Layout resolve_layout(const Config& c, int64_t world, bool on_gpu);
 
 }  // namespace ssd

@@ -22,6 +22,13 @@ inline uint64_t hash_name(std::string_view s) {
   return h;
 }
 
+// The seed of sample `index` of a stream seeded `seed`: samples are independent of each other,
+// so any one can be made without the ones before it.
+inline uint64_t sample_seed(uint64_t seed, int64_t index) {
+  uint64_t x = seed ^ (static_cast<uint64_t>(index) * 0xD1B54A32D192ED03ull);
+  return splitmix64(x);
+}
+
 class Rng {
  public:
   explicit Rng(uint64_t seed = 0) { reseed(seed); }

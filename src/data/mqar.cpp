@@ -15,24 +15,16 @@ namespace {
 
 class Mqar final : public DataSource {
  public:
-  Mqar(const DataConfig& d, uint64_t seed) : d_(d), seed_(seed), rng_(seed) {}
+  Mqar(const DataConfig& d, uint64_t seed) : d_(d), seed_(seed) {}
 
-  void next_train(int32_t* tokens, int32_t* targets, int64_t batch, int64_t seqlen) override {
-    for (int64_t b = 0; b < batch; ++b)
-      make(rng_, tokens + b * seqlen, targets + b * seqlen, seqlen);
+  void train_sample(int64_t index, int32_t* tokens, int32_t* targets, int64_t seqlen) override {
+    Rng r(sample_seed(seed_, index));
+    make(r, tokens, targets, seqlen);
   }
   void eval_batch(int64_t i, int32_t* tokens, int32_t* targets, int64_t batch,
                   int64_t seqlen) override {
     Rng r(seed_ ^ 0x5eed0e7a1ull ^ (static_cast<uint64_t>(i) * 0x9E3779B97F4A7C15ull));
     for (int64_t b = 0; b < batch; ++b) make(r, tokens + b * seqlen, targets + b * seqlen, seqlen);
-  }
-  std::vector<uint64_t> state() const override {
-    auto s = rng_.state();
-    return {s.begin(), s.end()};
-  }
-  void set_state(const std::vector<uint64_t>& s) override {
-    if (s.size() != 4) fail("checkpoint data state has ", s.size(), " words, MQAR expects 4");
-    rng_.set_state({s[0], s[1], s[2], s[3]});
   }
   std::string describe() const override {
     return "MQAR (" + std::to_string(d_.mqar_num_pairs) + " pairs, " +
@@ -77,7 +69,6 @@ class Mqar final : public DataSource {
 
   DataConfig d_;
   uint64_t seed_;
-  Rng rng_;
 };
 
 }  // namespace

@@ -40,7 +40,7 @@ std::string read_corpus(const std::string& path) {
 class TextBytes final : public DataSource {
  public:
   TextBytes(const DataConfig& d, int64_t seqlen, uint64_t seed)
-      : path_(d.path), rng_(seed) {
+      : path_(d.path), seed_(seed) {
     std::string all = read_corpus(d.path);
     const int64_t need = 2 * (seqlen + 1);
     if (static_cast<int64_t>(all.size()) < need)
@@ -54,11 +54,9 @@ class TextBytes final : public DataSource {
       fail("data.path '", d.path, "': training part too small for seq_len ", seqlen);
   }
 
-  void next_train(int32_t* tokens, int32_t* targets, int64_t batch, int64_t seqlen) override {
-    for (int64_t b = 0; b < batch; ++b) {
-      int64_t off = rng_.below(static_cast<int64_t>(train_.size()) - seqlen);
-      window(train_, off, tokens + b * seqlen, targets + b * seqlen, seqlen);
-    }
+  void train_sample(int64_t index, int32_t* tokens, int32_t* targets, int64_t seqlen) override {
+    Rng r(sample_seed(seed_, index));
+    window(train_, r.below(static_cast<int64_t>(train_.size()) - seqlen), tokens, targets, seqlen);
   }
   void eval_batch(int64_t i, int32_t* tokens, int32_t* targets, int64_t batch,
                   int64_t seqlen) override {
@@ -68,14 +66,6 @@ class TextBytes final : public DataSource {
       int64_t w = (i * batch + b) % nwin;
       window(src, w * seqlen, tokens + b * seqlen, targets + b * seqlen, seqlen);
     }
-  }
-  std::vector<uint64_t> state() const override {
-    auto s = rng_.state();
-    return {s.begin(), s.end()};
-  }
-  void set_state(const std::vector<uint64_t>& s) override {
-    if (s.size() != 4) fail("checkpoint data state has ", s.size(), " words, text expects 4");
-    rng_.set_state({s[0], s[1], s[2], s[3]});
   }
   std::string describe() const override {
     return "bytes of '" + path_ + "' (" + std::to_string(train_.size()) + " train, " +
@@ -92,17 +82,26 @@ class TextBytes final : public DataSource {
   }
   std::string path_;
   std::vector<uint8_t> train_, val_;
-  Rng rng_;
+  uint64_t seed_;
 };
 
 }  // namespace
 
 std::unique_ptr<DataSource> make_mqar_source(const DataConfig& d, uint64_t seed);
 
-std::unique_ptr<DataSource> make_data_source(const Config& cfg, int rank, int world) {
-  uint64_t seed = static_cast<uint64_t>(cfg.train.seed) * 0x100000001B3ull + 0xda7a + rank;
+std::unique_ptr<DataSource> make_data_source(const Config& cfg) {
+  uint64_t seed = static_cast<uint64_t>(cfg.train.seed) * 0x100000001B3ull + 0xda7a;
   if (cfg.data.kind == "mqar") return make_mqar_source(cfg.data, seed);
   return std::make_unique<TextBytes>(cfg.data, cfg.train.seq_len, seed);
+}
+
+void fill_step(DataSource& d, int64_t position, int64_t dp_rank, int64_t dp, int64_t micro_batch,
+               int64_t grad_accum, int64_t seqlen, int32_t* tokens, int32_t* targets) {
+  SSD_CHECK(dp_rank >= 0 && dp_rank < dp);
+  const int64_t per_rank = micro_batch * grad_accum;
+  const int64_t first = position + dp_rank * per_rank;
+  for (int64_t i = 0; i < per_rank; ++i)
+    d.train_sample(first + i, tokens + i * seqlen, targets + i * seqlen, seqlen);
 }
 
 }  // namespace ssd

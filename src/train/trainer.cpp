@@ -98,7 +98,7 @@ class Trainer {
   explicit Trainer(const Config& cfg)
       : cfg_(cfg), grid_(ProcessGrid::world()),
         be_(make_backend_for(cfg, grid_.local_rank())),
-        data_(make_data_source(cfg, grid_.rank(), grid_.size())),
+        data_(make_data_source(cfg)),
         model_(cfg.model, *be_, cfg.train.micro_batch, cfg.train.seq_len,
                cfg.train.recompute == "layers") {
     const auto& t = model_.table();
@@ -135,6 +135,7 @@ class Trainer {
   Tensor stats_;
   int64_t step_ = 0;           // optimizer steps completed
   int64_t tokens_seen_ = 0;
+  int64_t position_ = 0;       // training samples consumed, all ranks together
   std::ofstream metrics_;
   std::string last_ckpt_;
 };
@@ -162,10 +163,10 @@ void Trainer::start_state() {
       from_host_f32(*be_, slots_[i].v, ck.adam_v[i].data);
     }
     step_ = ck.step;
-    auto it = ck.state.find("data." + std::to_string(grid_.rank()));
-    if (it == ck.state.end()) it = ck.state.find("data.0");
-    if (it == ck.state.end()) fail("checkpoint '", resume_from, "' has no data-loader state");
-    data_->set_state(it->second);
+    if (auto it = ck.state.find("data.position"); it != ck.state.end() && it->second.size() == 1)
+      position_ = static_cast<int64_t>(it->second[0]);
+    else
+      fail("checkpoint '", resume_from, "' has no data-loader position (data.position)");
     if (auto tk = ck.state.find("tokens_seen"); tk != ck.state.end() && !tk->second.empty())
       tokens_seen_ = static_cast<int64_t>(tk->second[0]);
     last_ckpt_ = resume_from;
@@ -177,10 +178,6 @@ void Trainer::start_state() {
 }
 
 void Trainer::save_checkpoint() {
-  // Every rank's data-loader position, so each rank resumes its own stream (all ranks take
-  // part in the gather).
-  const std::vector<uint64_t> mine = data_->state();
-  const std::vector<uint64_t> all = grid_.allgather(mine);
   // Every rank holds the same parameters and moments: only rank 0 copies them out and writes.
   if (grid_.is_root()) {
     CheckpointData ck;
@@ -191,9 +188,7 @@ void Trainer::save_checkpoint() {
       ck.adam_m.push_back({ck.params[i].name, ck.params[i].shape, to_host_f32(*be_, slots_[i].m)});
       ck.adam_v.push_back({ck.params[i].name, ck.params[i].shape, to_host_f32(*be_, slots_[i].v)});
     }
-    for (int r = 0; r < grid_.size(); ++r)
-      ck.state["data." + std::to_string(r)] = {all.begin() + r * mine.size(),
-                                              all.begin() + (r + 1) * mine.size()};
+    ck.state["data.position"] = {static_cast<uint64_t>(position_)};
     ck.state["tokens_seen"] = {static_cast<uint64_t>(tokens_seen_)};
     fs::create_directories(cfg_.checkpoint.dir);
     std::string path = checkpoint_path(cfg_.checkpoint.dir, step_);
@@ -250,8 +245,8 @@ TrainResult Trainer::run() {
     const int64_t step = step_ + 1;
     const double lr = lr_at(step, tc.lr, tc.min_lr, tc.warmup_steps, tc.max_steps);
     // All micro-batches first: the loss is a mean over every scored token of the step.
-    for (int64_t a = 0; a < A; ++a)
-      data_->next_train(tok.data() + a * B * L, tgt.data() + a * B * L, B, L);
+    fill_step(*data_, position_, grid_.rank(), grid_.size(), B, A, L, tok.data(), tgt.data());
+    position_ += B * A * grid_.size();
     double counted = 0;
     for (auto v : tgt) counted += v >= 0;
     grid_.allreduce_sum(&counted, 1);

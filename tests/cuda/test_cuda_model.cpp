@@ -47,7 +47,7 @@ TEST(CudaModel, LossAndGradientsMatchCpu) {
   mg.init(21);
   // Also score every position (not only MQAR answers) so every path carries gradient.
   std::vector<int32_t> tok(B * L), tgt(B * L);
-  auto data = make_data_source(c, 0, 1);
+  auto data = make_data_source(c);
   data->eval_batch(0, tok.data(), tgt.data(), B, L);
   for (int64_t i = 0; i + 1 < B * L; ++i) tgt[i] = (i + 1) % L ? tok[i + 1] : -1;
 

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <filesystem>
+#include <map>
 #include <fstream>
 #include <random>
 #include <set>
@@ -27,9 +28,22 @@ struct Batch {
   bool operator==(const Batch& o) const { return tok == o.tok && tgt == o.tgt; }
 };
 
+// The next B samples of d's global stream (each source's position kept here, as the trainer
+// keeps it).
+std::map<const ssd::DataSource*, int64_t> g_position;
 Batch next_train(ssd::DataSource& d, int64_t B, int64_t L) {
   Batch b{std::vector<int32_t>(B * L, -7), std::vector<int32_t>(B * L, -7)};
-  d.next_train(b.tok.data(), b.tgt.data(), B, L);
+  int64_t& pos = g_position[&d];
+  ssd::fill_step(d, pos, 0, 1, B, 1, L, b.tok.data(), b.tgt.data());
+  pos += B;
+  return b;
+}
+
+// Rank r's part of one step of dp ranks at `position`.
+Batch rank_step(ssd::DataSource& d, int64_t position, int64_t r, int64_t dp, int64_t B,
+                int64_t A, int64_t L) {
+  Batch b{std::vector<int32_t>(A * B * L, -7), std::vector<int32_t>(A * B * L, -7)};
+  ssd::fill_step(d, position, r, dp, B, A, L, b.tok.data(), b.tgt.data());
   return b;
 }
 
@@ -96,7 +110,7 @@ int64_t check_mqar_row(const int32_t* tok, const int32_t* tgt, int64_t L, const 
 
 TEST(Mqar, BatchesSatisfyAllInvariants) {
   Config c = mqar_config();
-  auto d = ssd::make_data_source(c, 0, 1);
+  auto d = ssd::make_data_source(c);
   EXPECT_TRUE(d->reports_accuracy());
   EXPECT_NE(d->describe().find("MQAR"), std::string::npos) << d->describe();
   const int64_t B = 16, L = c.train.seq_len;
@@ -115,7 +129,7 @@ TEST(Mqar, ExactlyNumPairsScoredAtMinimumLength) {
     const int64_t L = 4 * n + 1;
     Config c = mqar_config({"data.mqar_num_pairs=" + std::to_string(n),
                             "train.seq_len=" + std::to_string(L)});
-    auto d = ssd::make_data_source(c, 0, 1);
+    auto d = ssd::make_data_source(c);
     const int64_t B = 32;
     Batch b = next_train(*d, B, L);
     for (int64_t r = 0; r < B; ++r) {
@@ -131,88 +145,84 @@ TEST(Mqar, SmallVocabsAndManyPairs) {
   // All keys used (n == K), a single value, and the smallest vocab that fits.
   Config c = mqar_config({"data.mqar_num_pairs=6", "data.mqar_key_vocab=6",
                           "data.mqar_value_vocab=1", "model.vocab_size=9", "train.seq_len=40"});
-  auto d = ssd::make_data_source(c, 0, 1);
+  auto d = ssd::make_data_source(c);
   Batch b = next_train(*d, 8, 40);
   for (int64_t r = 0; r < 8; ++r) EXPECT_EQ(check_mqar_row(&b.tok[r * 40], &b.tgt[r * 40], 40, c), 6);
 }
 
 TEST(Mqar, SameSeedSameBatches) {
   Config c = mqar_config();
-  auto a = ssd::make_data_source(c, 0, 1), b = ssd::make_data_source(c, 0, 1);
+  auto a = ssd::make_data_source(c), b = ssd::make_data_source(c);
   for (int i = 0; i < 4; ++i) EXPECT_TRUE(next_train(*a, 4, 128) == next_train(*b, 4, 128)) << i;
 }
 
 TEST(Mqar, DifferentSeedDifferentBatches) {
-  auto a = ssd::make_data_source(mqar_config({"train.seed=1"}), 0, 1);
-  auto b = ssd::make_data_source(mqar_config({"train.seed=2"}), 0, 1);
+  auto a = ssd::make_data_source(mqar_config({"train.seed=1"}));
+  auto b = ssd::make_data_source(mqar_config({"train.seed=2"}));
   EXPECT_FALSE(next_train(*a, 4, 128) == next_train(*b, 4, 128));
 }
 
 TEST(Mqar, SuccessiveBatchesDiffer) {
-  auto a = ssd::make_data_source(mqar_config(), 0, 1);
+  auto a = ssd::make_data_source(mqar_config());
   Batch b1 = next_train(*a, 4, 128), b2 = next_train(*a, 4, 128);
   EXPECT_FALSE(b1 == b2);
 }
 
-TEST(Mqar, DifferentRanksDifferentBatches) {
+TEST(Mqar, RanksSplitTheGlobalBatch) {
+  // dp ranks of one step take disjoint blocks of the step's samples; together (in rank order)
+  // they are exactly what one process with the same global batch trains on, at every step.
   Config c = mqar_config();
-  auto r0 = ssd::make_data_source(c, 0, 2), r1 = ssd::make_data_source(c, 1, 2);
-  Batch a = next_train(*r0, 4, 128), b = next_train(*r1, 4, 128);
-  EXPECT_FALSE(a == b);
-  // No row of rank 1's batch equals any row of rank 0's.
-  for (int i = 0; i < 4; ++i)
-    for (int j = 0; j < 4; ++j)
-      EXPECT_FALSE(std::equal(a.tok.begin() + i * 128, a.tok.begin() + (i + 1) * 128,
-                              b.tok.begin() + j * 128))
-          << i << " " << j;
-  EXPECT_NE(r0->state(), r1->state());
+  auto d = ssd::make_data_source(c);
+  const int64_t B = 2, L = 128;
+  for (int64_t pos : {0, 8, 800}) {
+    Batch one = rank_step(*d, pos, 0, 1, B, 4, L);  // 1 process, grad_accum 4
+    for (int64_t dp : {2, 4}) {
+      std::vector<int32_t> joined;
+      for (int64_t r = 0; r < dp; ++r) {
+        Batch part = rank_step(*d, pos, r, dp, B, 4 / dp, L);
+        joined.insert(joined.end(), part.tok.begin(), part.tok.end());
+      }
+      EXPECT_EQ(joined, one.tok) << "dp=" << dp << " position " << pos;
+    }
+    // No two samples of the step are the same.
+    for (int i = 0; i < 8; ++i)
+      for (int j = i + 1; j < 8; ++j)
+        EXPECT_FALSE(std::equal(one.tok.begin() + i * L, one.tok.begin() + (i + 1) * L,
+                                one.tok.begin() + j * L))
+            << i << " " << j;
+  }
 }
 
-TEST(Mqar, StateRoundTripResumesExactStream) {
+TEST(Mqar, SampleIsAPureFunctionOfItsIndex) {
+  // What a resumed run relies on: sample i is the same from any source of the config, whatever
+  // was drawn before, so a position is the whole loader state.
   Config c = mqar_config();
-  auto a = ssd::make_data_source(c, 0, 1);
+  auto a = ssd::make_data_source(c);
   next_train(*a, 4, 128);
   next_train(*a, 4, 128);
-  std::vector<uint64_t> s = a->state();
-  EXPECT_EQ(s.size(), 4u);
   std::vector<Batch> expected;
   for (int i = 0; i < 3; ++i) expected.push_back(next_train(*a, 4, 128));
-
-  // A fresh source (even with a different seed and position) continues identically.
-  auto b = ssd::make_data_source(mqar_config({"train.seed=999"}), 0, 1);
-  next_train(*b, 2, 128);
-  b->set_state(s);
-  EXPECT_EQ(b->state(), s);
-  for (int i = 0; i < 3; ++i) EXPECT_TRUE(next_train(*b, 4, 128) == expected[i]) << i;
-
-  // Rewinding the first source too.
-  a->set_state(s);
-  for (int i = 0; i < 3; ++i) EXPECT_TRUE(next_train(*a, 4, 128) == expected[i]) << i;
-}
-
-TEST(Mqar, SetStateRejectsWrongSize) {
-  auto a = ssd::make_data_source(mqar_config(), 0, 1);
-  EXPECT_THROW(a->set_state({1, 2, 3}), ssd::Error);
-  EXPECT_THROW(a->set_state({}), ssd::Error);
+  auto b = ssd::make_data_source(c);
+  for (int i = 0; i < 3; ++i) EXPECT_TRUE(rank_step(*b, 8 + 4 * i, 0, 1, 4, 1, 128) == expected[i]) << i;
+  auto other = ssd::make_data_source(mqar_config({"train.seed=999"}));
+  EXPECT_FALSE(rank_step(*other, 8, 0, 1, 4, 1, 128) == expected[0]);
 }
 
 TEST(Mqar, EvalBatchIsFixed) {
   Config c = mqar_config();
-  auto a = ssd::make_data_source(c, 0, 1);
+  auto a = ssd::make_data_source(c);
   Batch e0 = eval_batch(*a, 0, 8, 128), e1 = eval_batch(*a, 1, 8, 128);
   EXPECT_FALSE(e0 == e1);
-  auto before = a->state();
   EXPECT_TRUE(eval_batch(*a, 0, 8, 128) == e0);
-  EXPECT_EQ(a->state(), before) << "eval_batch must not move the training stream";
   next_train(*a, 8, 128);
   EXPECT_TRUE(eval_batch(*a, 0, 8, 128) == e0);
   EXPECT_TRUE(eval_batch(*a, 1, 8, 128) == e1);
   // Another source of the same config agrees.
-  auto b = ssd::make_data_source(c, 0, 1);
+  auto b = ssd::make_data_source(c);
   EXPECT_TRUE(eval_batch(*b, 1, 8, 128) == e1);
   for (int64_t r = 0; r < 8; ++r) EXPECT_EQ(check_mqar_row(&e0.tok[r * 128], &e0.tgt[r * 128], 128, c), 8);
   // Eval data is not the training data.
-  auto fresh = ssd::make_data_source(c, 0, 1);
+  auto fresh = ssd::make_data_source(c);
   EXPECT_FALSE(next_train(*fresh, 8, 128) == e0);
 }
 
@@ -288,7 +298,7 @@ TEST_F(TextData, TrainTargetsAreNextBytesAndValTailHeldOut) {
   write(file, corpus);
   const int64_t L = 48, B = 16;
   Config c = text_config(file, L, 0.1);
-  auto d = ssd::make_data_source(c, 0, 1);
+  auto d = ssd::make_data_source(c);
   EXPECT_FALSE(d->reports_accuracy());
   EXPECT_NE(d->describe().find("9000"), std::string::npos) << d->describe();
   EXPECT_NE(d->describe().find("1000"), std::string::npos) << d->describe();
@@ -329,7 +339,7 @@ TEST_F(TextData, SmallestCorpusUsesEveryWindow) {
   const std::string corpus = letters(2 * (L + 1), 'a', 3);
   fs::path file = tmp_ / "small.txt";
   write(file, corpus);
-  auto d = ssd::make_data_source(text_config(file, L, 0.0), 0, 1);
+  auto d = ssd::make_data_source(text_config(file, L, 0.0));
   std::set<int64_t> offsets;
   for (int rep = 0; rep < 200; ++rep) {
     Batch b = next_train(*d, 1, L);
@@ -354,7 +364,7 @@ TEST_F(TextData, DirectoryOfTxtFiles) {
   write(dir / ".cache", std::string(5000, '#'));
   const std::string all = a + b + c;  // concatenated in path order
   const int64_t L = 40;
-  auto d = ssd::make_data_source(text_config(dir, L, 0.0), 0, 1);
+  auto d = ssd::make_data_source(text_config(dir, L, 0.0));
   EXPECT_NE(d->describe().find(std::to_string(all.size())), std::string::npos) << d->describe();
   for (int rep = 0; rep < 30; ++rep) {
     Batch bt = next_train(*d, 8, L);
@@ -365,30 +375,21 @@ TEST_F(TextData, DirectoryOfTxtFiles) {
   }
 }
 
-TEST_F(TextData, StateRoundTrip) {
+TEST_F(TextData, SamplesArePureFunctionsOfIndexAndRanksSplitTheStep) {
   fs::path file = tmp_ / "corpus.txt";
   write(file, letters(5000, 'a', 4));
   Config c = text_config(file, 32, 0.05);
-  auto a = ssd::make_data_source(c, 0, 1);
+  auto a = ssd::make_data_source(c), b = ssd::make_data_source(c);
   next_train(*a, 4, 32);
-  auto s = a->state();
-  EXPECT_EQ(s.size(), 4u);
-  std::vector<Batch> expected;
-  for (int i = 0; i < 3; ++i) expected.push_back(next_train(*a, 4, 32));
-  auto b = ssd::make_data_source(c, 0, 1);
-  b->set_state(s);
-  for (int i = 0; i < 3; ++i) EXPECT_TRUE(next_train(*b, 4, 32) == expected[i]) << i;
-  EXPECT_THROW(b->set_state({1}), ssd::Error);
-}
-
-TEST_F(TextData, SeedsAndRanks) {
-  fs::path file = tmp_ / "corpus.txt";
-  write(file, letters(5000, 'a', 5));
-  Config c = text_config(file, 32, 0.05);
-  auto a = ssd::make_data_source(c, 0, 1), a2 = ssd::make_data_source(c, 0, 1);
-  EXPECT_TRUE(next_train(*a, 4, 32) == next_train(*a2, 4, 32));
-  auto r0 = ssd::make_data_source(c, 0, 2), r1 = ssd::make_data_source(c, 1, 2);
-  EXPECT_FALSE(next_train(*r0, 4, 32) == next_train(*r1, 4, 32));
+  Batch second = next_train(*a, 4, 32);
+  EXPECT_TRUE(rank_step(*b, 4, 0, 1, 4, 1, 32) == second);
+  Batch one = rank_step(*b, 4, 0, 1, 2, 2, 32);
+  Batch r0 = rank_step(*b, 4, 0, 2, 2, 1, 32), r1 = rank_step(*b, 4, 1, 2, 2, 1, 32);
+  EXPECT_FALSE(r0 == r1);
+  r0.tok.insert(r0.tok.end(), r1.tok.begin(), r1.tok.end());
+  EXPECT_EQ(r0.tok, one.tok);
+  auto other = ssd::make_data_source(text_config(file, 32, 0.05, {"train.seed=77"}));
+  EXPECT_FALSE(rank_step(*other, 4, 0, 1, 4, 1, 32) == second);
 }
 
 TEST_F(TextData, TooSmallCorpusNamesPath) {
@@ -396,7 +397,7 @@ TEST_F(TextData, TooSmallCorpusNamesPath) {
   write(file, std::string(100, 'x'));
   Config c = text_config(file, 64, 0.0);  // needs 2*(64+1) = 130 bytes
   try {
-    ssd::make_data_source(c, 0, 1);
+    ssd::make_data_source(c);
     FAIL() << "no error for a 100-byte corpus with seq_len 64";
   } catch (const ssd::Error& e) {
     std::string msg = e.what();
@@ -407,7 +408,7 @@ TEST_F(TextData, TooSmallCorpusNamesPath) {
   fs::path empty = tmp_ / "empty.txt";
   write(empty, "");
   try {
-    ssd::make_data_source(text_config(empty, 8, 0.0), 0, 1);
+    ssd::make_data_source(text_config(empty, 8, 0.0));
     FAIL() << "no error for an empty corpus";
   } catch (const ssd::Error& e) {
     EXPECT_NE(std::string(e.what()).find(empty.string()), std::string::npos) << e.what();
@@ -416,7 +417,7 @@ TEST_F(TextData, TooSmallCorpusNamesPath) {
   fs::path mid = tmp_ / "mid.txt";
   write(mid, std::string(200, 'x'));
   try {
-    ssd::make_data_source(text_config(mid, 64, 0.9), 0, 1);
+    ssd::make_data_source(text_config(mid, 64, 0.9));
     FAIL() << "no error when the training part is shorter than seq_len+1";
   } catch (const ssd::Error& e) {
     EXPECT_NE(std::string(e.what()).find(mid.string()), std::string::npos) << e.what();
@@ -427,7 +428,7 @@ TEST_F(TextData, EmptyDirectoryNamesPath) {
   fs::path dir = tmp_ / "no_text_here";
   fs::create_directories(dir);
   try {
-    ssd::make_data_source(text_config(dir, 16, 0.0), 0, 1);
+    ssd::make_data_source(text_config(dir, 16, 0.0));
     FAIL() << "no error for an empty directory";
   } catch (const ssd::Error& e) {
     EXPECT_NE(std::string(e.what()).find(dir.string()), std::string::npos) << e.what();
@@ -435,7 +436,7 @@ TEST_F(TextData, EmptyDirectoryNamesPath) {
   // Only hidden files.
   write(dir / ".hidden", std::string(1000, 'x'));
   try {
-    ssd::make_data_source(text_config(dir, 16, 0.0), 0, 1);
+    ssd::make_data_source(text_config(dir, 16, 0.0));
     FAIL() << "no error for a directory holding only hidden files";
   } catch (const ssd::Error& e) {
     EXPECT_NE(std::string(e.what()).find(dir.string()), std::string::npos) << e.what();

@@ -42,7 +42,7 @@ TEST(DataParallel, ReducedGradientsEqualTheCombinedBatch) {
   Config c = parse_config(kSmall, {}, "mpitest");
   auto be = make_cpu_backend(DType::F64);
   const int64_t B = c.train.micro_batch, L = c.train.seq_len;
-  auto data = make_data_source(c, 0, 1);
+  auto data = make_data_source(c);
   std::vector<std::vector<int32_t>> tok(2, std::vector<int32_t>(B * L)), tgt = tok;
   for (int r = 0; r < 2; ++r) data->eval_batch(r, tok[r].data(), tgt[r].data(), B, L);
 
