@@ -83,6 +83,10 @@ class Backend {
   virtual void download(void* host_dst, const Tensor& src) = 0;    // same dtype
   virtual void convert(const Tensor& src, Tensor& dst) = 0;        // any dtype -> any dtype
   virtual void synchronize() {}
+  // The stream the backend enqueues its work on (a cudaStream_t for CUDA; null on the CPU), so
+  // a device communicator can order its own stream against it.
+  virtual void* native_stream() { return nullptr; }
+  virtual int device_index() const { return -1; }
   // Most device memory held by tensors at once so far (0 where not tracked: the CPU).
   virtual int64_t peak_memory_bytes() const { return 0; }
   // Per-op device time, for `bench train --breakdown`. While profiling is on, every op's device

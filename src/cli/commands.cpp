@@ -11,7 +11,7 @@
 #include "cli/bench_ssd.h"
 #include "core/error.h"
 #include "data/data.h"
-#include "dist/comm.h"
+#include "dist/grid.h"
 #include "io/checkpoint.h"
 #include "io/export.h"
 #include "model/mamba2.h"
@@ -116,7 +116,7 @@ int cmd_eval(const std::vector<std::string>& in) {
   CheckpointData ck = read_checkpoint(ckpt);
   Config cfg = parse_config(ck.config_yaml, sets, ckpt + " (stored config)");
   check_checkpoint_shapes(ck, param_shapes(param_table(cfg.model)));
-  auto be = make_backend_for(cfg, ProcessGrid::world().local_rank());
+  auto be = make_backend_for(cfg, process_info().local_rank);
   Mamba2LM model(cfg.model, *be, cfg.train.micro_batch, cfg.train.seq_len);
   model.load_params(ck.params);
   auto data = make_data_source(cfg);

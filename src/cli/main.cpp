@@ -8,6 +8,8 @@
 
 #include "cli/commands.h"
 #include "core/error.h"
+#include "dist/grid.h"
+#include "dist/watchdog.h"
 
 namespace {
 
@@ -24,6 +26,18 @@ void usage(FILE* out) {
       "  bench   train [--config FILE] [--set ...] [--steps N] [--breakdown]\n"
       "\n"
       "Run 'ssdtrain <command> --help' for details. Configs live in configs/.\n");
+}
+
+// An error every rank found alike (a config or layout error, agreed before any work) is printed
+// once, by rank 0, and every rank exits 1. An error of one rank alone is printed with its rank
+// and ends the whole job: the others would otherwise wait for it in their next collective.
+int fail_job(const std::string& cmd, const char* what, bool all_ranks, const char* kind) {
+  const ssd::ProcessInfo& p = ssd::process_info();
+  if (all_ranks || p.size == 1) {
+    if (p.rank == 0) std::fprintf(stderr, "ssdtrain %s: %s: %s\n", cmd.c_str(), kind, what);
+    return 1;
+  }
+  ssd::watchdog::abort_job(std::string("ssdtrain ") + cmd + ": " + kind + ": " + what);
 }
 
 }  // namespace
@@ -45,10 +59,8 @@ int main(int argc, char** argv) {
     usage(stderr);
     return 2;
   } catch (const ssd::Error& e) {
-    std::fprintf(stderr, "ssdtrain %s: error: %s\n", cmd.c_str(), e.what());
-    return 1;
+    return fail_job(cmd, e.what(), e.all_ranks(), "error");
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "ssdtrain %s: unexpected error: %s\n", cmd.c_str(), e.what());
-    return 1;
+    return fail_job(cmd, e.what(), false, "unexpected error");
   }
 }

@@ -8,9 +8,16 @@ namespace ssd {
 
 // Thrown for every user-facing failure (bad config, missing file, bad checkpoint).
 // main() prints what() and exits non-zero; nothing else should catch it silently.
+// all_ranks: every rank of the job threw this same error (a config or layout error found before
+// any work), so one rank printing it is enough.
 class Error : public std::runtime_error {
  public:
-  explicit Error(const std::string& msg) : std::runtime_error(msg) {}
+  explicit Error(const std::string& msg, bool all_ranks = false)
+      : std::runtime_error(msg), all_ranks_(all_ranks) {}
+  bool all_ranks() const { return all_ranks_; }
+
+ private:
+  bool all_ranks_;
 };
 
 namespace detail {
@@ -27,6 +34,14 @@ template <class... Args>
   std::ostringstream os;
   detail::append(os, args...);
   throw Error(os.str());
+}
+
+// The same, for an error every rank of the job finds identically (its message printed once).
+template <class... Args>
+[[noreturn]] void fail_all(const Args&... args) {
+  std::ostringstream os;
+  detail::append(os, args...);
+  throw Error(os.str(), true);
 }
 
 }  // namespace ssd

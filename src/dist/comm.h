@@ -1,38 +1,48 @@
-// Process grid and collectives. Today: data parallelism over MPI_COMM_WORLD; every rank holds
-// the whole model. Collectives work on host memory; device tensors are staged through the host
-// by the caller's backend (NCCL replaces this on GPUs).
+// Collectives over one group of processes. Two implementations: MPI on host memory (the CPU
+// backend, and the tests that check every parallel algorithm with mpirun on CPUs) and NCCL on
+// device memory (the CUDA backend). The model and the trainer talk to these only, through the
+// process grid (grid.h); nothing else calls MPI or NCCL.
+//
+// Ordering: a device communicator runs its operations on its own stream, each ordered after all
+// the work the backend had enqueued when the operation was issued; join() makes the backend's
+// later work wait for every operation issued so far. Host communicators finish each operation
+// before returning, so join() does nothing there. Counts are 64-bit everywhere; implementations
+// whose library takes int counts split larger calls into chunks.
 #pragma once
 #include <cstdint>
-#include <memory>
-#include <vector>
+#include <string>
 
-#include "backend/backend.h"
+#include "core/tensor.h"
 
 namespace ssd {
 
-class ProcessGrid {
+enum class ReduceOp { Sum, Max, Min };
+
+class Communicator {
  public:
-  // Initialises MPI if needed (safe to call when launched without mpirun: world of one).
-  static ProcessGrid& world();
-  int rank() const { return rank_; }
-  int size() const { return size_; }
-  int local_rank() const { return local_rank_; }
-  bool is_root() const { return rank_ == 0; }
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  // The group's name in messages: "dp", "tp", "cp", "dpcp", "world".
+  virtual const std::string& name() const = 0;
+  // Where buffers must live.
+  virtual Device device() const = 0;
 
-  // In-place sum across all ranks.
-  void allreduce_sum(double* data, int64_t n) const;
-  void allreduce_sum(float* data, int64_t n) const;
-  // Sums a backend tensor across ranks (f32/f64; staged through host memory).
-  void allreduce_sum(Backend& be, Tensor& t) const;
-  // Every rank's `mine` (same length everywhere), concatenated in rank order.
-  std::vector<uint64_t> allgather(const std::vector<uint64_t>& mine) const;
-  // Root's value of a flag wins everywhere (e.g. "stop now").
-  bool any(bool flag) const;
-  void barrier() const;
+  // In place: buf[i] = op over the ranks of buf[i]. Every rank gets bitwise the same result.
+  virtual void all_reduce(void* buf, int64_t count, DType dt, ReduceOp op) = 0;
+  // send holds size() blocks of `count`; rank r gets the sum of every rank's block r.
+  virtual void reduce_scatter(const void* send, void* recv, int64_t count, DType dt) = 0;
+  // send: `count` elements; recv: size() blocks of `count`, rank r's at block r.
+  virtual void all_gather(const void* send, void* recv, int64_t count, DType dt) = 0;
+  virtual void broadcast(void* buf, int64_t count, DType dt, int root) = 0;
+  virtual void send(const void* buf, int64_t count, DType dt, int peer) = 0;
+  virtual void recv(void* buf, int64_t count, DType dt, int peer) = 0;
+  virtual void barrier() = 0;
+  virtual void join() {}
 
- private:
-  ProcessGrid();
-  int rank_ = 0, size_ = 1, local_rank_ = 0;
+  // Tensor forms (whole tensors, in place where it applies).
+  void all_reduce(Tensor& t, ReduceOp op = ReduceOp::Sum) { all_reduce(t.data, t.numel(), t.dtype, op); }
+  void broadcast(Tensor& t, int root) { broadcast(t.data, t.numel(), t.dtype, root); }
 };
 
 }  // namespace ssd

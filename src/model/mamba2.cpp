@@ -1,29 +1,37 @@
 #include "model/mamba2.h"
 
+#include <algorithm>
 #include <array>
 
 namespace ssd {
 
 Mamba2LM::Mamba2LM(const ModelConfig& cfg, Backend& be, int64_t batch, int64_t seqlen,
-                   bool recompute_activations)
+                   bool recompute_activations, int64_t flat_align)
     : cfg_(cfg), be_(be), batch_(batch), seqlen_(seqlen), T_(batch * seqlen),
       recompute_(recompute_activations) {
   table_ = param_table(cfg_);
   if (std::string why = be_.ssd_unsupported(ssd_dims()); !why.empty())
     fail("the ", be_.name(), " backend cannot run this model: ", why);
   const DType acc = be_.accum_dtype(), cmp = be_.compute_dtype();
-  std::vector<int64_t> grad_off;
-  int64_t grad_total = 0;
-  for (const auto& s : table_) {
-    grad_off.push_back(grad_total);
-    grad_total += (shape_numel(s.shape) + 63) / 64 * 64;  // 64-element (256-byte) aligned
+  // Flat layout in backward order: by ready stage, then table order.
+  std::vector<int> order(table_.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int>(i);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int a, int b) { return ready_stage(a) < ready_stage(b); });
+  flat_off_.assign(table_.size(), 0);
+  int64_t flat_total = 0;
+  for (int i : order) {
+    flat_off_[i] = flat_total;
+    flat_total += (shape_numel(table_[i].shape) + flat_align - 1) / flat_align * flat_align;
   }
-  grad_flat_ = be_.alloc({grad_total}, acc);
+  grad_flat_ = be_.alloc({flat_total}, acc);
+  param_flat_ = be_.alloc({flat_total}, acc);
   be_.zero(grad_flat_);
+  be_.zero(param_flat_);
   for (size_t i = 0; i < table_.size(); ++i) {
     const auto& s = table_[i];
-    params_.push_back(be_.alloc(s.shape, acc));
-    grads_.push_back(grad_flat_.rows(grad_off[i], shape_numel(s.shape)).view(s.shape));
+    params_.push_back(param_flat_.rows(flat_off_[i], shape_numel(s.shape)).view(s.shape));
+    grads_.push_back(grad_flat_.rows(flat_off_[i], shape_numel(s.shape)).view(s.shape));
     // GEMM weights get a compute-dtype copy when the dtypes differ; otherwise they alias.
     compute_.push_back(s.gemm_weight && cmp != acc ? be_.alloc(s.shape, cmp) : params_.back());
   }
@@ -74,6 +82,12 @@ Mamba2LM::Mamba2LM(const ModelConfig& cfg, Backend& be, int64_t batch, int64_t s
   d_res_[0] = be_.alloc({T_, D}, acc);
   d_res_[1] = be_.alloc({T_, D}, acc);
   d_x_ = cmp == acc ? Tensor{} : be_.alloc({T_, D}, cmp);
+}
+
+int Mamba2LM::ready_stage(int i) const {
+  const int layer = table_[i].layer;
+  if (layer >= 0) return 1 + static_cast<int>(cfg_.n_layer - 1 - layer);
+  return table_[i].name == "norm_f.weight" ? 0 : static_cast<int>(cfg_.n_layer) + 1;
 }
 
 void Mamba2LM::init(uint64_t seed) {
@@ -243,6 +257,7 @@ void Mamba2LM::forward_backward(const int32_t* tokens, const int32_t* targets,
   int cur = 0;
   be_.add_rmsnorm_bwd(d_hidden_, nullptr, res_f_, params_[norm_f_], rstd_f_, d_res_[cur],
                       grads_[norm_f_]);
+  ready(0);
   for (int i = cfg_.n_layer - 1; i >= 0; --i) {
     // Recomputation: the layer's activations again, from its saved input and residual (same
     // inputs, same ops: the same values). The residual it rewrites is unchanged.
@@ -274,6 +289,7 @@ void Mamba2LM::forward_backward(const int32_t* tokens, const int32_t* targets,
     be_.add_rmsnorm_bwd(d_hidden_, &d_res_[cur], residual_[i], params_[p.norm], a.rstd,
                         d_res_[1 - cur], grads_[p.norm]);
     cur = 1 - cur;
+    ready(1 + static_cast<int>(cfg_.n_layer - 1 - i));
   }
   const Tensor* demb = &d_res_[cur];
   if (d_x_.defined()) {
@@ -281,6 +297,7 @@ void Mamba2LM::forward_backward(const int32_t* tokens, const int32_t* targets,
     demb = &d_x_;
   }
   be_.embedding_bwd(tokens_, *demb, grads_[emb_]);
+  ready(static_cast<int>(cfg_.n_layer) + 1);
 }
 
 }  // namespace ssd

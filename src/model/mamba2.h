@@ -6,6 +6,7 @@
 // the backward runs each layer's forward again, into one shared set of buffers.
 #pragma once
 #include <array>
+#include <functional>
 #include <vector>
 
 #include "backend/backend.h"
@@ -16,10 +17,13 @@ namespace ssd {
 
 class Mamba2LM {
  public:
+  // flat_align: every parameter's offset in the flat buffers is a multiple of it (64, or a
+  // multiple of 64 that the data-parallel group size divides, so buckets split evenly).
   Mamba2LM(const ModelConfig& cfg, Backend& be, int64_t batch, int64_t seqlen,
-           bool recompute_activations = false);
+           bool recompute_activations = false, int64_t flat_align = 64);
 
   const ModelConfig& config() const { return cfg_; }
+  Backend& backend() { return be_; }
   const std::vector<ParamSpec>& table() const { return table_; }
   int64_t batch() const { return batch_; }
   int64_t seqlen() const { return seqlen_; }
@@ -27,9 +31,20 @@ class Mamba2LM {
   // Master parameters and gradients (accum dtype), in table order.
   std::vector<Tensor>& params() { return params_; }
   std::vector<Tensor>& grads() { return grads_; }
-  // All of grads() in one buffer (views into it, each 64-element aligned; the gaps stay 0):
-  // one zeroing, one all-reduce.
+  // All of grads() in one buffer, and all of params() in another with the same layout (views
+  // into them, each 64-element aligned; the gaps stay 0): one zeroing, and gradient buckets and
+  // ZeRO shards that are plain ranges. The layout is in backward order (norm_f, the last layer
+  // first, ..., the embedding last), so the gradients the backward finishes first are one range.
   Tensor& grad_buffer() { return grad_flat_; }
+  Tensor& param_buffer() { return param_flat_; }
+  // Offset of parameter i (table order) in both flat buffers.
+  int64_t flat_offset(int i) const { return flat_off_[i]; }
+  // When the backward has finished the gradients of parameter i (for the micro-batch running):
+  // 0 for norm_f, 1 + (n_layer - 1 - l) for layer l's, n_layer + 1 for the embedding's. The
+  // ready hook, when set, is called with each stage as soon as the backward passes it.
+  int ready_stage(int i) const;
+  int num_stages() const { return static_cast<int>(cfg_.n_layer) + 2; }
+  void set_ready_hook(std::function<void(int stage)> hook) { ready_hook_ = std::move(hook); }
 
   // Initialises every parameter from the table's rules (seeded; independent of backend).
   void init(uint64_t seed);
@@ -88,7 +103,10 @@ class Mamba2LM {
   int64_t batch_, seqlen_, T_;
   std::vector<ParamSpec> table_;
   std::vector<Tensor> params_, grads_, compute_;
-  Tensor grad_flat_;
+  Tensor grad_flat_, param_flat_;
+  std::vector<int64_t> flat_off_;
+  std::function<void(int)> ready_hook_;
+  void ready(int stage) { if (ready_hook_) ready_hook_(stage); }
   std::vector<LayerParams> lp_;
   int emb_ = 0, norm_f_ = 0;
 

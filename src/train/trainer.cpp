@@ -10,7 +10,12 @@
 #include <sstream>
 
 #include "data/data.h"
-#include "dist/comm.h"
+#include <cstring>
+#include <numeric>
+
+#include "dist/grid.h"
+#include "dist/watchdog.h"
+#include "train/grad_sync.h"
 #include "io/checkpoint.h"
 #include "io/export.h"
 #include "model/mamba2.h"
@@ -24,28 +29,6 @@ namespace {
 std::atomic<int> g_stop_signal{0};
 
 void on_stop_signal(int sig) { g_stop_signal.store(sig); }
-
-std::vector<float> to_host_f32(Backend& be, const Tensor& t) {
-  std::vector<float> out(t.numel());
-  if (t.dtype == DType::F32) {
-    be.download(out.data(), t);
-  } else {
-    Tensor tmp = be.alloc(t.shape, DType::F32);
-    be.convert(t, tmp);
-    be.download(out.data(), tmp);
-  }
-  return out;
-}
-
-void from_host_f32(Backend& be, Tensor& t, const std::vector<float>& v) {
-  if (t.dtype == DType::F32) {
-    be.upload(t, v.data());
-  } else {
-    Tensor tmp = be.alloc(t.shape, DType::F32);
-    be.upload(tmp, v.data());
-    be.convert(tmp, t);
-  }
-}
 
 // Writes a small text file atomically (temp name, then rename).
 void write_text_atomic(const fs::path& path, const std::string& text) {
@@ -95,22 +78,29 @@ std::string fmt_rate(double r) {
 
 class Trainer {
  public:
-  explicit Trainer(const Config& cfg)
-      : cfg_(cfg), grid_(ProcessGrid::world()),
-        be_(make_backend_for(cfg, grid_.local_rank())),
-        data_(make_data_source(cfg)),
-        model_(cfg.model, *be_, cfg.train.micro_batch, cfg.train.seq_len,
-               cfg.train.recompute == "layers") {
-    const auto& t = model_.table();
-    for (size_t i = 0; i < t.size(); ++i) {
-      Tensor m = be_->alloc(t[i].shape, be_->accum_dtype());
-      Tensor v = be_->alloc(t[i].shape, be_->accum_dtype());
-      be_->zero(m);
-      be_->zero(v);
-      slots_.push_back({model_.params()[i], model_.grads()[i], m, v,
-                        t[i].weight_decay ? cfg.train.weight_decay : 0.0});
-    }
-    stats_ = model_.new_stats();
+  Trainer(const Config& cfg, MPI_Comm base) : cfg_(cfg) {
+    const ProcessInfo& me = process_info();  // MPI up
+    int world = 1;
+    MPI_Comm_size(base, &world);
+    // Everything that can fail on bad input is checked on every rank before any collective
+    // work; a failure ends every rank with one message.
+    agree(base, [&] {
+      be_ = make_backend_for(cfg_, me.local_rank);
+      layout_ = resolve_layout(cfg_, world, be_->device() == Device::CUDA);
+    });
+    grid_ = std::make_unique<ProcessGrid>(layout_, base);
+    watchdog::configure(cfg_.parallel.timeout_s,
+                        "rank " + std::to_string(grid_->rank()) + " (host " + me.host + ")");
+    agree(base, [&] {
+      data_ = make_data_source(cfg_);
+      const int64_t align = std::lcm<int64_t>(64, layout_.dp * layout_.cp);
+      model_ = std::make_unique<Mamba2LM>(cfg_.model, *be_, layout_.micro_batch,
+                                          cfg_.train.seq_len, cfg_.train.recompute == "layers",
+                                          align);
+    });
+    grid_->attach(*be_);
+    sync_ = std::make_unique<GradSync>(*model_, *be_, *grid_, cfg_.parallel, cfg_.train.weight_decay);
+    stats_ = model_->new_stats();
   }
 
   TrainResult run();
@@ -118,98 +108,159 @@ class Trainer {
  private:
   void start_state();
   void save_checkpoint();
-  void log(const std::string& s) { if (grid_.is_root()) std::printf("%s\n", s.c_str()), std::fflush(stdout); }
+  void log(const std::string& s) { if (grid_->is_root()) std::printf("%s\n", s.c_str()), std::fflush(stdout); }
   void metric(const std::string& json) {
-    if (!grid_.is_root()) return;
+    if (!grid_->is_root()) return;
     metrics_ << json << "\n";
     metrics_.flush();
   }
   std::pair<double, double> evaluate();
+  Communicator& world() { return grid_->host(Group::World); }
+  Communicator& dpcp() { return grid_->host(Group::DpCp); }
 
   Config cfg_;
-  ProcessGrid& grid_;
+  Layout layout_;
   std::unique_ptr<Backend> be_;
+  std::unique_ptr<ProcessGrid> grid_;
   std::unique_ptr<DataSource> data_;
-  Mamba2LM model_;
-  std::vector<AdamWSlot> slots_;
+  std::unique_ptr<Mamba2LM> model_;
+  std::unique_ptr<GradSync> sync_;
   Tensor stats_;
   int64_t step_ = 0;           // optimizer steps completed
+  int64_t skipped_ = 0;        // of which skipped (train.on_nan=skip): AdamW's step is the rest
   int64_t tokens_seen_ = 0;
   int64_t position_ = 0;       // training samples consumed, all ranks together
   std::ofstream metrics_;
   std::string last_ckpt_;
 };
 
+// A string from rank 0 of comm to every rank.
+void broadcast_string(Communicator& c, std::string& s) {
+  int32_t n = static_cast<int32_t>(s.size());
+  c.broadcast(&n, 1, DType::I32, 0);
+  s.resize(n);
+  std::vector<int32_t> buf((n + 3) / 4);
+  if (c.rank() == 0) std::memcpy(buf.data(), s.data(), n);
+  c.broadcast(buf.data(), static_cast<int64_t>(buf.size()), DType::I32, 0);
+  std::memcpy(s.data(), buf.data(), n);
+}
+
 void Trainer::start_state() {
   const auto& tc = cfg_.train;
-  model_.init(static_cast<uint64_t>(tc.seed));
+  model_->init(static_cast<uint64_t>(tc.seed));
+  // Rank 0 decides where to resume from and reads the file; the others receive what it read.
   std::string resume_from;
-  if (tc.resume == "auto") {
-    if (auto p = latest_checkpoint(cfg_.checkpoint.dir)) resume_from = *p;
-  } else if (tc.resume != "never") {
-    resume_from = tc.resume;
-  } else if (latest_checkpoint(cfg_.checkpoint.dir)) {
-    fail("train.resume=never but '", cfg_.checkpoint.dir,
-         "' already holds checkpoints of an earlier run; set run.dir (or checkpoint.dir) to a "
-         "new directory, delete the old one, or use train.resume=auto to continue it");
-  }
+  agree(grid_->base(), [&] {
+    if (!grid_->is_root()) return;
+    if (tc.resume == "auto") {
+      if (auto p = latest_checkpoint(cfg_.checkpoint.dir)) resume_from = *p;
+    } else if (tc.resume != "never") {
+      resume_from = tc.resume;
+    } else if (latest_checkpoint(cfg_.checkpoint.dir)) {
+      fail_all("train.resume=never but '", cfg_.checkpoint.dir,
+               "' already holds checkpoints of an earlier run; set run.dir (or checkpoint.dir) to "
+               "a new directory, delete the old one, or use train.resume=auto to continue it");
+    }
+  });
+  broadcast_string(world(), resume_from);
 
   if (!resume_from.empty()) {
-    CheckpointData ck = read_checkpoint(resume_from);
-    check_checkpoint_shapes(ck, param_shapes(model_.table()));
-    model_.load_params(ck.params);
-    for (size_t i = 0; i < slots_.size(); ++i) {
-      from_host_f32(*be_, slots_[i].m, ck.adam_m[i].data);
-      from_host_f32(*be_, slots_[i].v, ck.adam_v[i].data);
+    CheckpointData ck;
+    // step, position, tokens seen, skipped steps, has moments
+    std::vector<double> head(5, 0.0);
+    agree(grid_->base(), [&] {
+      if (!grid_->is_root()) return;
+      ck = read_checkpoint(resume_from);
+      check_checkpoint_shapes(ck, param_shapes(model_->table()));
+      auto get = [&](const char* key, int64_t fallback) {
+        auto it = ck.state.find(key);
+        return it != ck.state.end() && it->second.size() == 1 ? static_cast<int64_t>(it->second[0])
+                                                              : fallback;
+      };
+      head[0] = static_cast<double>(ck.step);
+      // Written before the loader state was a global position: every step took one global
+      // batch, so the position follows from the step.
+      head[1] = static_cast<double>(get("data.position", ck.step * layout_.global_batch));
+      head[2] = static_cast<double>(get("tokens_seen", 0));
+      head[3] = static_cast<double>(get("skipped_steps", 0));
+      head[4] = ck.adam_m.empty() ? 0.0 : 1.0;
+    });
+    world().broadcast(head.data(), 5, DType::F64, 0);
+    step_ = static_cast<int64_t>(head[0]);
+    position_ = static_cast<int64_t>(head[1]);
+    tokens_seen_ = static_cast<int64_t>(head[2]);
+    skipped_ = static_cast<int64_t>(head[3]);
+    // Full parameters everywhere.
+    const auto& table = model_->table();
+    std::vector<HostTensor> params;
+    for (size_t i = 0; i < table.size(); ++i) {
+      HostTensor t{table[i].name, table[i].shape, {}};
+      if (grid_->is_root()) t.data = std::move(ck.params[i].data);
+      else t.data.resize(shape_numel(table[i].shape));
+      world().broadcast(t.data.data(), static_cast<int64_t>(t.data.size()), DType::F32, 0);
+      params.push_back(std::move(t));
     }
-    step_ = ck.step;
-    if (auto it = ck.state.find("data.position"); it != ck.state.end() && it->second.size() == 1)
-      position_ = static_cast<int64_t>(it->second[0]);
-    else
-      fail("checkpoint '", resume_from, "' has no data-loader position (data.position)");
-    if (auto tk = ck.state.find("tokens_seen"); tk != ck.state.end() && !tk->second.empty())
-      tokens_seen_ = static_cast<int64_t>(tk->second[0]);
+    model_->load_params(params);
+    if (head[4] != 0) {
+      std::vector<std::vector<float>> m, v;
+      if (grid_->is_root())
+        for (size_t i = 0; i < table.size(); ++i)
+          m.push_back(std::move(ck.adam_m[i].data)), v.push_back(std::move(ck.adam_v[i].data));
+      // Every dp x cp group (one per tensor-parallel rank) loads from its own rank 0.
+      sync_->moments_from_root(m, v);
+    } else {
+      log("note: " + resume_from + " holds no optimizer state; the AdamW moments start from zero");
+    }
     last_ckpt_ = resume_from;
+    if (!ck.state.count("data.position") && grid_->is_root() && step_ > 0)
+      log("note: " + resume_from + " predates global data positions; continuing at sample " +
+          std::to_string(position_) + " (step x global batch)");
     log("resumed from " + resume_from + " at step " + std::to_string(step_));
   } else if (!tc.init_from.empty()) {
-    model_.load_params(import_model(tc.init_from, cfg_.model, param_shapes(model_.table())));
+    model_->load_params(import_model(tc.init_from, cfg_.model, param_shapes(model_->table())));
     log("initialised weights from " + tc.init_from);
   }
 }
 
 void Trainer::save_checkpoint() {
-  // Every rank holds the same parameters and moments: only rank 0 copies them out and writes.
-  if (grid_.is_root()) {
+  // Moments gathered to rank 0 (ZeRO shards included); every rank holds the full parameters.
+  std::vector<std::vector<float>> m, v;
+  sync_->moments_to_root(m, v);
+  std::string path = checkpoint_path(cfg_.checkpoint.dir, step_);
+  // A failed write (disk full, say) ends every rank with the message, not with a hang.
+  agree(grid_->base(), [&] {
+    if (!grid_->is_root()) return;
     CheckpointData ck;
     ck.step = step_;
     ck.config_yaml = config_to_yaml(cfg_);
-    ck.params = model_.named_params_to_host();
+    ck.params = model_->named_params_to_host();
     for (size_t i = 0; i < ck.params.size(); ++i) {
-      ck.adam_m.push_back({ck.params[i].name, ck.params[i].shape, to_host_f32(*be_, slots_[i].m)});
-      ck.adam_v.push_back({ck.params[i].name, ck.params[i].shape, to_host_f32(*be_, slots_[i].v)});
+      ck.adam_m.push_back({ck.params[i].name, ck.params[i].shape, std::move(m[i])});
+      ck.adam_v.push_back({ck.params[i].name, ck.params[i].shape, std::move(v[i])});
     }
     ck.state["data.position"] = {static_cast<uint64_t>(position_)};
     ck.state["tokens_seen"] = {static_cast<uint64_t>(tokens_seen_)};
+    ck.state["skipped_steps"] = {static_cast<uint64_t>(skipped_)};
     fs::create_directories(cfg_.checkpoint.dir);
-    std::string path = checkpoint_path(cfg_.checkpoint.dir, step_);
     write_checkpoint(path, ck);
     prune_checkpoints(cfg_.checkpoint.dir, cfg_.checkpoint.keep_last);
-    last_ckpt_ = path;
-    log("checkpoint " + path);
-  }
-  grid_.barrier();
+  });
+  last_ckpt_ = path;
+  log("checkpoint " + path);
 }
 
 std::pair<double, double> Trainer::evaluate() {
-  const int64_t B = cfg_.train.micro_batch, L = cfg_.train.seq_len;
+  const int64_t B = layout_.micro_batch, L = cfg_.train.seq_len;
   std::vector<int32_t> tok(B * L), tgt(B * L);
-  Tensor stats = model_.new_stats();
-  for (int64_t i = 0; i < cfg_.run.eval_batches; ++i) {
-    data_->eval_batch(i * grid_.size() + grid_.rank(), tok.data(), tgt.data(), B, L);
-    model_.forward_loss(tok.data(), tgt.data(), stats);
+  Tensor stats = model_->new_stats();
+  // The eval batches split over the dp ranks (context- and tensor-parallel ranks share theirs):
+  // the same batches as one process evaluates, whatever the layout.
+  for (int64_t i = grid_->dp_rank(); i < cfg_.run.eval_batches; i += layout_.dp) {
+    data_->eval_batch(i, tok.data(), tgt.data(), B, L);
+    model_->forward_loss(tok.data(), tgt.data(), stats);
   }
-  auto s = model_.read_stats(stats);
-  grid_.allreduce_sum(s.data(), 3);
+  auto s = model_->read_stats(stats);
+  grid_->host(Group::Dp).all_reduce(s.data(), 3, DType::F64, ReduceOp::Sum);
   return {s[0] / std::max(1.0, s[1]), s[2] / std::max(1.0, s[1])};
 }
 
@@ -218,8 +269,10 @@ TrainResult Trainer::run() {
   TrainResult res;
   start_state();
 
+  if (layout_.world > 1)
+    for (const auto& line : grid_->describe_ranks()) log(line);
   // The run directory: made only now that the config, data and backend are known good.
-  if (grid_.is_root()) {
+  if (grid_->is_root()) {
     fs::create_directories(cfg_.run.dir);
     write_text_atomic(fs::path(cfg_.run.dir) / "config.yaml", config_to_yaml(cfg_));
     fs::path mpath = fs::path(cfg_.run.dir) / "metrics.jsonl";
@@ -228,48 +281,42 @@ TrainResult Trainer::run() {
     if (!metrics_) fail("cannot open '", mpath.string(), "' for writing");
   }
 
-  const int64_t B = tc.micro_batch, L = tc.seq_len, A = tc.grad_accum;
-  const int64_t tokens_per_step = B * L * A * grid_.size();
-  log("ssdtrain: " + std::to_string(count_params(model_.table())) + " parameters, backend " +
-      be_->name() + ", " + std::to_string(grid_.size()) + " rank(s), data " + data_->describe());
+  const int64_t B = layout_.micro_batch, L = tc.seq_len, A = layout_.grad_accum;
+  const int64_t tokens_per_step = layout_.global_batch * L;
+  log("ssdtrain: " + std::to_string(count_params(model_->table())) + " parameters, backend " +
+      be_->name() + ", data " + data_->describe());
+  log("layout: " + std::to_string(layout_.world) + " rank(s) = dp " + std::to_string(layout_.dp) +
+      " x cp " + std::to_string(layout_.cp) + " x tp " + std::to_string(layout_.tp) +
+      "; global batch " + std::to_string(layout_.global_batch) + " = micro_batch " +
+      std::to_string(B) + " x grad_accum " + std::to_string(A) + " x dp " +
+      std::to_string(layout_.dp) + (layout_.world > 1 ? (layout_.comm_nccl ? "; NCCL" : "; MPI") : "") +
+      (cfg_.parallel.zero ? ", ZeRO-1" : "") + "; " + std::to_string(sync_->num_buckets()) +
+      " gradient bucket(s)");
   log("run dir " + cfg_.run.dir + "; " + std::to_string(tokens_per_step) +
       " tokens per step; steps " + std::to_string(step_ + 1) + ".." + std::to_string(tc.max_steps));
 
-  std::vector<int32_t> tok(A * B * L), tgt(A * B * L);
   auto t_start = std::chrono::steady_clock::now();
   auto t_window = t_start;
-  int64_t window_tokens = 0, steps_this_run = 0, skipped = 0;
+  int64_t window_tokens = 0, steps_this_run = 0;
   const bool acc_metric = data_->reports_accuracy();
 
   while (step_ < tc.max_steps) {
     const int64_t step = step_ + 1;
     const double lr = lr_at(step, tc.lr, tc.min_lr, tc.warmup_steps, tc.max_steps);
     // All micro-batches first: the loss is a mean over every scored token of the step.
-    fill_step(*data_, position_, grid_.rank(), grid_.size(), B, A, L, tok.data(), tgt.data());
-    position_ += B * A * grid_.size();
-    double counted = 0;
-    for (auto v : tgt) counted += v >= 0;
-    grid_.allreduce_sum(&counted, 1);
-    const double grad_scale = 1.0 / std::max(1.0, counted);
+    const StepResult sr = compute_gradients(*model_, *sync_, *grid_, *data_, layout_, position_,
+                                            L, stats_);
+    position_ += layout_.global_batch;
+    const double loss = sr.loss, acc = sr.accuracy;
 
-    model_.zero_grads();
-    be_->zero(stats_);
-    for (int64_t a = 0; a < A; ++a)
-      model_.forward_backward(tok.data() + a * B * L, tgt.data() + a * B * L, grad_scale, stats_);
-    grid_.allreduce_sum(*be_, model_.grad_buffer());  // every gradient, one call
-    auto st = model_.read_stats(stats_);
-    grid_.allreduce_sum(st.data(), 3);
-    const double loss = st[0] / std::max(1.0, st[1]);
-    const double acc = st[2] / std::max(1.0, st[1]);
-
-    const double gnorm = std::sqrt(be_->sum_squares(model_.grads()));
+    const double gnorm = sync_->grad_norm();
     if (!std::isfinite(loss) || !std::isfinite(gnorm)) {
       if (tc.on_nan == "stop")
         fail("step ", step, ": loss is ", loss, " and gradient norm ", gnorm,
              " (not finite); stopping. The last good checkpoint is ",
              last_ckpt_.empty() ? std::string("(none written yet)") : last_ckpt_,
              ". Lower train.lr, or set train.on_nan=skip to skip such steps.");
-      ++skipped;
+      ++skipped_;
       log("warning: step " + std::to_string(step) + " has a non-finite loss/gradient; update skipped (train.on_nan=skip)");
       step_ = step;
       continue;
@@ -279,16 +326,16 @@ TrainResult Trainer::run() {
     h.beta1 = tc.beta1;
     h.beta2 = tc.beta2;
     h.eps = tc.adam_eps;
-    h.step = step - skipped;
+    h.step = step - skipped_;
     h.grad_scale = (tc.grad_clip > 0 && gnorm > tc.grad_clip) ? tc.grad_clip / (gnorm + 1e-6) : 1.0;
-    be_->adamw_step(slots_, h);
-    model_.refresh_compute_weights();
+    sync_->step(h);
     step_ = step;
     ++steps_this_run;
     tokens_seen_ += tokens_per_step;
     window_tokens += tokens_per_step;
     if (steps_this_run == 1) res.first_loss = loss;
     res.last_loss = loss;
+    res.losses.push_back(loss);
 
     if (step % cfg_.run.log_every == 0 || step == tc.max_steps || steps_this_run == 1) {
       be_->synchronize();
@@ -329,7 +376,9 @@ TrainResult Trainer::run() {
       metric(js);
     }
     int sig = 0;
-    const bool stop = grid_.any(stop_requested(&sig));
+    int stop_flag = stop_requested(&sig) ? 1 : 0;
+    world().all_reduce(&stop_flag, 1, DType::I32, ReduceOp::Max);
+    const bool stop = stop_flag != 0;
     const bool budget_done = tc.stop_after > 0 && steps_this_run >= tc.stop_after && !last;
     if ((cfg_.checkpoint.every > 0 && step % cfg_.checkpoint.every == 0) || last || stop ||
         budget_done)
@@ -345,7 +394,7 @@ TrainResult Trainer::run() {
     }
   }
   res.steps_done = step_;
-  res.param_sumsq = be_->sum_squares(model_.params());
+  res.param_sumsq = be_->sum_squares(model_->params());
   if (steps_this_run == 0 && !res.stopped_early)
     log("nothing to do: the run is already at step " + std::to_string(step_) + " of " +
         std::to_string(tc.max_steps) + " (raise train.max_steps to continue it)");
@@ -355,6 +404,29 @@ TrainResult Trainer::run() {
 }
 
 }  // namespace
+
+StepResult compute_gradients(Mamba2LM& model, GradSync& sync, ProcessGrid& grid, DataSource& data,
+                             const Layout& layout, int64_t position, int64_t seqlen, Tensor& stats) {
+  const int64_t B = layout.micro_batch, A = layout.grad_accum, L = seqlen;
+  std::vector<int32_t> tok(A * B * L), tgt(A * B * L);
+  fill_step(data, position, grid.dp_rank(), layout.dp, B, A, L, tok.data(), tgt.data());
+  // The loss is the mean over every scored token of the global batch: scale by their count.
+  double counted = 0;
+  for (auto v : tgt) counted += v >= 0;
+  grid.host(Group::Dp).all_reduce(&counted, 1, DType::F64, ReduceOp::Sum);
+  model.zero_grads();
+  Backend& be = model.backend();
+  be.zero(stats);
+  for (int64_t a = 0; a < A; ++a) {
+    sync.before_micro_batch(a == A - 1);
+    model.forward_backward(tok.data() + a * B * L, tgt.data() + a * B * L,
+                           1.0 / std::max(1.0, counted), stats);
+  }
+  sync.finish_backward();
+  auto st = model.read_stats(stats);
+  grid.host(Group::Dp).all_reduce(st.data(), 3, DType::F64, ReduceOp::Sum);
+  return {st[0] / std::max(1.0, st[1]), st[2] / std::max(1.0, st[1])};
+}
 
 std::unique_ptr<Backend> make_backend_for(const Config& cfg, int local_rank) {
   const std::string& device = cfg.train.device;
@@ -386,8 +458,8 @@ std::unique_ptr<Backend> make_backend_for(const Config& cfg, int local_rank) {
   return be;
 }
 
-TrainResult train(const Config& cfg) {
-  Trainer t(cfg);
+TrainResult train(const Config& cfg, MPI_Comm base) {
+  Trainer t(cfg, base);
   return t.run();
 }
 

@@ -3,6 +3,9 @@
 #pragma once
 #include <memory>
 #include <string>
+#include <vector>
+
+#include <mpi.h>
 
 #include "backend/backend.h"
 #include "config/config.h"
@@ -18,14 +21,31 @@ struct TrainResult {
   bool stopped_by_signal = false;
   bool stopped_early = false;  // by a signal or by train.stop_after
   double param_sumsq = 0;  // sum of squared parameters at the end (a cheap fingerprint)
+  std::vector<double> losses;  // every step's training loss, in this invocation
 };
 
 // Picks the backend for train.device. auto: CUDA when a GPU is present and its kernels support
 // the model's sizes (else the CPU, with a notice); cuda: CUDA or a clear error.
 std::unique_ptr<Backend> make_backend_for(const Config& cfg, int local_rank);
 
-// Runs training as configured. Throws ssd::Error for user-facing failures.
-TrainResult train(const Config& cfg);
+// Runs training as configured over the processes of `base` (the whole job by default; tests
+// run several layouts side by side on sub-communicators). Throws ssd::Error for user-facing
+// failures.
+TrainResult train(const Config& cfg, MPI_Comm base = MPI_COMM_WORLD);
+
+class Mamba2LM;
+class GradSync;
+class ProcessGrid;
+class DataSource;
+struct Layout;
+struct StepResult {
+  double loss = 0, accuracy = 0;  // over every scored token of the global batch
+};
+// One optimizer step's gradients: this rank's samples of the step at `position`, forward and
+// backward over its micro-batches, reduced over the data-parallel group (the optimizer not yet
+// run). `stats` is a model stats tensor used as scratch.
+StepResult compute_gradients(Mamba2LM& model, GradSync& sync, ProcessGrid& grid, DataSource& data,
+                             const Layout& layout, int64_t position, int64_t seqlen, Tensor& stats);
 
 // Installs SIGTERM/SIGINT/SIGUSR1 handlers that ask the loop to stop after the current step.
 void install_stop_handlers();

@@ -259,6 +259,8 @@ class CudaBackend final : public Backend {
   void synchronize() override {
     check_cuda(cudaStreamSynchronize(stream_), "synchronize (an earlier kernel failed)");
   }
+  void* native_stream() override { return stream_; }
+  int device_index() const override { return dev_; }
 
   // ---- profiling ----
   void set_profiling(bool on) override { profiling_ = on; }

@@ -1,0 +1,205 @@
+// Data parallelism against one process (run by ctest under mpirun -np 4, CPU backend, fp32):
+// at the same train.global_batch, dp=2 and dp=4 with zero 0 and 1 give the one-process loss and
+// gradients; 20 training steps give its losses; a run resumed on another number of ranks
+// continues the uninterrupted one-process run. Layouts run side by side on sub-communicators of
+// the job; the one-process references run on MPI_COMM_SELF.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <numeric>
+
+#include "config/config.h"
+#include "data/data.h"
+#include "dist/grid.h"
+#include "model/mamba2.h"
+#include "mpi_main.h"
+#include "train/grad_sync.h"
+#include "train/trainer.h"
+
+using namespace ssd;
+namespace fs = std::filesystem;
+
+namespace {
+
+const char* kSmall =
+    "model: {d_model: 16, n_layer: 2, d_state: 8, headdim: 8, chunk_size: 8, vocab_size: 48}\n"
+    "train: {device: cpu, seq_len: 24, micro_batch: 2, global_batch: 8, lr: 0.01, min_lr: 0.001,\n"
+    "        warmup_steps: 2}\n"
+    "data: {kind: mqar, mqar_num_pairs: 2, mqar_key_vocab: 16, mqar_value_vocab: 16}\n"
+    "run: {log_every: 5, eval_batches: 4}\n"
+    "parallel: {bucket_mb: 0.004}\n";  // about 1000 gradients a bucket: several buckets
+
+int world_rank() { return process_info().rank; }
+
+// Ranks in consecutive groups of n.
+MPI_Comm groups_of(int n) {
+  MPI_Comm c;
+  MPI_Comm_split(MPI_COMM_WORLD, world_rank() / n, world_rank(), &c);
+  return c;
+}
+
+std::string tmpdir(const std::string& name) {
+  return "/tmp/ssdtrain_mpitest_layouts/" + name;
+}
+
+Config config(const std::vector<std::string>& sets) { return parse_config(kSmall, sets, "mpitest"); }
+
+struct Grads {
+  double loss = 0;
+  std::vector<std::vector<float>> g;
+};
+
+// One step's loss and reduced gradients at `position` under `cfg` over the ranks of `comm`.
+Grads step_gradients(const Config& cfg, MPI_Comm comm, int64_t position) {
+  int n = 1;
+  MPI_Comm_size(comm, &n);
+  auto be = make_cpu_backend(DType::F32);
+  Layout l = resolve_layout(cfg, n, false);
+  ProcessGrid grid(l, comm);
+  grid.attach(*be);
+  auto data = make_data_source(cfg);
+  Mamba2LM model(cfg.model, *be, l.micro_batch, cfg.train.seq_len, false,
+                 std::lcm<int64_t>(64, l.dp));
+  model.init(cfg.train.seed);
+  GradSync sync(model, *be, grid, cfg.parallel, cfg.train.weight_decay);
+  Tensor stats = model.new_stats();
+  Grads out;
+  out.loss = compute_gradients(model, sync, grid, *data, l,
+                               position, cfg.train.seq_len, stats)
+                 .loss;
+  out.g = sync.gathered_grads();
+  return out;
+}
+
+// |a - b| <= 1e-5 * max|b| over each tensor.
+void expect_close(const std::vector<std::vector<float>>& a, const std::vector<std::vector<float>>& b,
+                  const std::string& what) {
+  ASSERT_EQ(a.size(), b.size());
+  double worst = 0;  // largest |a - b| / max|b| of any tensor, reported for the record
+  struct Report {
+    const std::string& what;
+    double& worst;
+    ~Report() {
+      if (world_rank() == 0) std::printf("%s: largest gradient difference %.2e of max|g|\n", what.c_str(), worst);
+    }
+  } report{what, worst};
+  auto table = param_table(config({}).model);
+  for (size_t i = 0; i < a.size(); ++i) {
+    ASSERT_EQ(a[i].size(), b[i].size());
+    double mx = 0, diff = 0;
+    for (float x : b[i]) mx = std::max(mx, std::fabs(double(x)));
+    ASSERT_GT(mx, 0) << table[i].name << " has no gradient";
+    for (size_t j = 0; j < a[i].size(); ++j) diff = std::max(diff, std::fabs(double(a[i][j]) - b[i][j]));
+    worst = std::max(worst, diff / mx);
+    for (size_t j = 0; j < a[i].size(); ++j)
+      ASSERT_LE(std::fabs(double(a[i][j]) - b[i][j]), 1e-5 * mx)
+          << what << ": " << table[i].name << "[" << j << "] " << a[i][j] << " vs " << b[i][j];
+  }
+}
+
+void expect_losses_close(const std::vector<double>& a, const std::vector<double>& b,
+                         const std::string& what) {
+  ASSERT_EQ(a.size(), b.size()) << what;
+  double worst = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_NEAR(a[i], b[i], 1e-5 * std::fabs(b[i])) << what << " step " << i + 1;
+    worst = std::max(worst, std::fabs(a[i] - b[i]) / std::fabs(b[i]));
+  }
+  if (world_rank() == 0)
+    std::printf("%s: %zu steps, largest relative loss difference %.2e\n", what.c_str(), a.size(), worst);
+}
+
+void clean() {
+  MPI_Barrier(MPI_COMM_WORLD);
+  if (world_rank() == 0) fs::remove_all("/tmp/ssdtrain_mpitest_layouts");
+  MPI_Barrier(MPI_COMM_WORLD);
+}
+
+}  // namespace
+
+TEST(Layouts, LossAndGradientsEqualOneProcess) {
+  ASSERT_EQ(process_info().size, 4) << "run under mpirun -np 4";
+  for (int64_t position : {0, 40}) {
+    const Grads ref = step_gradients(config({}), MPI_COMM_SELF, position);
+    for (int dp : {2, 4})
+      for (int zero : {0, 1}) {
+        MPI_Comm c = groups_of(dp);
+        Grads got = step_gradients(config({"parallel.zero=" + std::to_string(zero)}), c, position);
+        const std::string what = "dp=" + std::to_string(dp) + " zero=" + std::to_string(zero);
+        EXPECT_NEAR(got.loss, ref.loss, 1e-5 * ref.loss) << what;
+        expect_close(got.g, ref.g, what);
+        MPI_Comm_free(&c);
+      }
+  }
+}
+
+TEST(Layouts, TrainingGivesOneProcessLossesAndKeepsRanksInStep) {
+  clean();
+  const int r = world_rank();
+  std::vector<std::string> base = {"train.max_steps=20"};
+  auto with = [&](std::vector<std::string> extra, const std::string& dir) {
+    extra.insert(extra.begin(), base.begin(), base.end());
+    extra.push_back("run.dir=" + tmpdir(dir));
+    return config(extra);
+  };
+  TrainResult one = train(with({}, "one_r" + std::to_string(r)), MPI_COMM_SELF);
+  ASSERT_EQ(one.losses.size(), 20u);
+  EXPECT_LT(one.last_loss, one.first_loss);
+  for (int dp : {2, 4})
+    for (int zero : {0, 1}) {
+      MPI_Comm c = groups_of(dp);
+      const std::string name = "dp" + std::to_string(dp) + "_z" + std::to_string(zero) + "_g" +
+                               std::to_string(r / dp);
+      TrainResult res = train(with({"parallel.zero=" + std::to_string(zero)}, name), c);
+      expect_losses_close(res.losses, one.losses, name);
+      // Every rank of the layout ends with bitwise the same parameters.
+      double lo = res.param_sumsq, hi = res.param_sumsq;
+      MPI_Allreduce(MPI_IN_PLACE, &lo, 1, MPI_DOUBLE, MPI_MIN, c);
+      MPI_Allreduce(MPI_IN_PLACE, &hi, 1, MPI_DOUBLE, MPI_MAX, c);
+      EXPECT_EQ(lo, hi) << name;
+      EXPECT_NEAR(res.param_sumsq, one.param_sumsq, 1e-4 * one.param_sumsq) << name;
+      MPI_Comm_free(&c);
+    }
+  clean();
+}
+
+TEST(Layouts, ResumeOnAnotherNumberOfRanksContinuesTheOneProcessRun) {
+  clean();
+  const int r = world_rank();
+  auto cfg = [&](const std::string& dir, std::vector<std::string> extra) {
+    extra.push_back("train.max_steps=16");
+    extra.push_back("checkpoint.every=0");
+    extra.push_back("run.dir=" + tmpdir(dir));
+    return config(extra);
+  };
+  TrainResult one = train(cfg("one_r" + std::to_string(r), {}), MPI_COMM_SELF);
+  ASSERT_EQ(one.losses.size(), 16u);
+  const std::vector<double> tail(one.losses.begin() + 8, one.losses.end());
+
+  // dp=2 with ZeRO-1 (moments sharded in memory, full in the file) for 8 steps.
+  MPI_Comm pairs = groups_of(2);
+  const std::string first = "dp2_g" + std::to_string(r / 2);
+  TrainResult a = train(cfg(first, {"train.stop_after=8", "parallel.zero=1"}), pairs);
+  EXPECT_TRUE(a.stopped_early);
+  EXPECT_EQ(a.steps_done, 8);
+  expect_losses_close(a.losses, std::vector<double>(one.losses.begin(), one.losses.begin() + 8),
+                      "dp=2 first half");
+  MPI_Barrier(MPI_COMM_WORLD);
+  // Each rank copies its pair's run to resume it alone; rank 0 copies pair 0's for dp=4.
+  fs::copy(tmpdir(first), tmpdir("solo_r" + std::to_string(r)), fs::copy_options::recursive);
+  if (r == 0) fs::copy(tmpdir(first), tmpdir("dp4"), fs::copy_options::recursive);
+  MPI_Barrier(MPI_COMM_WORLD);
+
+  TrainResult solo = train(cfg("solo_r" + std::to_string(r), {}), MPI_COMM_SELF);
+  EXPECT_EQ(solo.steps_done, 16);
+  expect_losses_close(solo.losses, tail, "dp=2 -> 1 process");
+  TrainResult four = train(cfg("dp4", {"parallel.zero=1"}), MPI_COMM_WORLD);
+  EXPECT_EQ(four.steps_done, 16);
+  expect_losses_close(four.losses, tail, "dp=2 -> dp=4 (zero=1)");
+  EXPECT_NEAR(four.param_sumsq, one.param_sumsq, 1e-4 * one.param_sumsq);
+  // Written once, by rank 0: one checkpoint of step 16 in the dp=4 run.
+  if (r == 0) EXPECT_TRUE(fs::exists(tmpdir("dp4") + "/checkpoints/step_00000016.h5"));
+  MPI_Comm_free(&pairs);
+  clean();
+}
