@@ -39,6 +39,9 @@ class Communicator {
   virtual void recv(void* buf, int64_t count, DType dt, int peer) = 0;
   virtual void barrier() = 0;
   virtual void join() {}
+  // True when operations can be skipped as no-ops (a group of one on host memory). An NCCL
+  // group of one still runs them, so a one-GPU job exercises the NCCL path.
+  virtual bool trivial() const { return size() == 1; }
 
   // Tensor forms (whole tensors, in place where it applies).
   void all_reduce(Tensor& t, ReduceOp op = ReduceOp::Sum) { all_reduce(t.data, t.numel(), t.dtype, op); }

@@ -84,7 +84,7 @@ void GradSync::on_ready(int stage) {
 
 void GradSync::launch(Bucket& b) {
   b.launched = true;
-  if (group_ == 1) return;
+  if (comm_.trivial()) return;
   Tensor& G = model_.grad_buffer();
   char* base = static_cast<char*>(G.data);
   const size_t es = dtype_size(G.dtype);
@@ -110,7 +110,7 @@ double GradSync::grad_norm() {
 
 void GradSync::step(const AdamWHyper& h) {
   be_.adamw_step(slots_, h);
-  if (zero_ && group_ > 1) {
+  if (zero_ && !comm_.trivial()) {
     Tensor& P = model_.param_buffer();
     char* base = static_cast<char*>(P.data);
     const size_t es = dtype_size(P.dtype);

@@ -292,6 +292,9 @@ TrainResult Trainer::run() {
       std::to_string(layout_.dp) + (layout_.world > 1 ? (layout_.comm_nccl ? "; NCCL" : "; MPI") : "") +
       (cfg_.parallel.zero ? ", ZeRO-1" : "") + "; " + std::to_string(sync_->num_buckets()) +
       " gradient bucket(s)");
+  if (cfg_.parallel.zero)
+    log("ZeRO-1: AdamW moments " + std::to_string(sync_->moment_bytes() >> 20) + " MiB on each rank instead of " +
+        std::to_string(sync_->unsharded_moment_bytes() >> 20) + " MiB");
   log("run dir " + cfg_.run.dir + "; " + std::to_string(tokens_per_step) +
       " tokens per step; steps " + std::to_string(step_ + 1) + ".." + std::to_string(tc.max_steps));
 
