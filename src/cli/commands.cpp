@@ -11,6 +11,7 @@
 #include "cli/bench_ssd.h"
 #include "core/error.h"
 #include "data/data.h"
+#include "data/metrics.h"
 #include "dist/grid.h"
 #include "io/checkpoint.h"
 #include "io/export.h"
@@ -128,8 +129,12 @@ int cmd_eval(const std::vector<std::string>& in) {
     model.forward_loss(tok.data(), tgt.data(), stats);
   }
   auto s = model.read_stats(stats);
-  std::printf("eval %s (step %lld): loss %.4f, accuracy %.4f over %.0f tokens\n", ckpt.c_str(),
-              (long long)ck.step, s[0] / std::max(1.0, s[1]), s[2] / std::max(1.0, s[1]), s[1]);
+  const double loss = s[0] / std::max(1.0, s[1]);
+  std::printf("eval %s (step %lld): %s\n", ckpt.c_str(), (long long)ck.step,
+              data->describe().c_str());
+  std::printf("eval %s (step %lld): loss %.4f%s, accuracy %.4f over %.0f tokens\n", ckpt.c_str(),
+              (long long)ck.step, loss, eval_metrics_text(cfg, loss).c_str(),
+              s[2] / std::max(1.0, s[1]), s[1]);
   return 0;
 }
 

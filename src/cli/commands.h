@@ -12,6 +12,7 @@ int cmd_train(const std::vector<std::string>& args);
 int cmd_eval(const std::vector<std::string>& args);
 int cmd_export(const std::vector<std::string>& args);
 int cmd_config(const std::vector<std::string>& args);
+int cmd_tokenize(const std::vector<std::string>& args);  // tokenize.cpp
 int cmd_bench(const std::vector<std::string>& args, int argc, char** argv);
 
 // --config FILE and --set k=v parsing shared by the commands; no --config gives the built-in

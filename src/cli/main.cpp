@@ -22,6 +22,7 @@ void usage(FILE* out) {
       "  eval    --checkpoint FILE [--set ...]                   evaluate a checkpoint\n"
       "  export  --checkpoint FILE --out DIR [--dtype bf16|fp32] [--format hf|mamba_ssm] [--with-reference]\n"
       "  config  [--config FILE] [--set ...]                     print the resolved config\n"
+      "  tokenize --tokenizer tokenizer.json --input PATH... --out PREFIX   text -> PREFIX.bin/.idx\n"
       "  bench   ssd [--batch N --seqlen N --heads N --headdim N --groups N --dstate N --chunk N]\n"
       "  bench   train [--config FILE] [--set ...] [--steps N] [--breakdown]\n"
       "\n"
@@ -54,6 +55,7 @@ int main(int argc, char** argv) {
     if (cmd == "eval") return ssd::cli::cmd_eval(args);
     if (cmd == "export") return ssd::cli::cmd_export(args);
     if (cmd == "config") return ssd::cli::cmd_config(args);
+    if (cmd == "tokenize") return ssd::cli::cmd_tokenize(args);
     if (cmd == "bench") return ssd::cli::cmd_bench(args, argc - 1, argv + 1);
     std::fprintf(stderr, "ssdtrain: unknown command '%s'\n\n", cmd.c_str());
     usage(stderr);

@@ -11,6 +11,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "data/blend.h"
 
 namespace ssd {
 namespace {
@@ -291,6 +292,16 @@ void validate(const Config& c) {
     if (m.vocab_size < 256)
       fail("config key 'model.vocab_size' must be >= 256 for byte-level text data, got ",
            m.vocab_size);
+  } else if (d.kind == "indexed") {
+    if (d.path.empty())
+      fail("config key 'data.path' is required when data.kind is indexed (a dataset prefix, or "
+           "a blend \"W1 PREFIX1 W2 PREFIX2 ...\")");
+    for (const BlendPart& part : parse_blend(d.path))
+      for (const char* ext : {".idx", ".bin"})
+        if (!std::filesystem::is_regular_file(part.prefix + ext))
+          fail("config key 'data.path': dataset file '", part.prefix + ext, "' does not exist");
+    if (!(d.val_fraction >= 0 && d.val_fraction < 1))
+      fail("config key 'data.val_fraction' must be in [0, 1), got ", d.val_fraction);
   } else if (d.kind == "mqar") {
     positive("data.mqar_num_pairs", d.mqar_num_pairs);
     positive("data.mqar_key_vocab", d.mqar_key_vocab);
@@ -306,7 +317,7 @@ void validate(const Config& c) {
       fail("config key 'train.seq_len' (", t.seq_len, ") is too short for ", d.mqar_num_pairs,
            " MQAR pairs: needs at least ", 4 * d.mqar_num_pairs + 1);
   } else {
-    fail("config key 'data.kind' must be mqar or text, got '", d.kind, "'");
+    fail("config key 'data.kind' must be mqar, text or indexed, got '", d.kind, "'");
   }
 
   positive("run.log_every", c.run.log_every);

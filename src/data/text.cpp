@@ -88,10 +88,12 @@ class TextBytes final : public DataSource {
 }  // namespace
 
 std::unique_ptr<DataSource> make_mqar_source(const DataConfig& d, uint64_t seed);
+std::unique_ptr<DataSource> make_indexed_source(const Config& cfg, uint64_t seed);  // indexed.cpp
 
 std::unique_ptr<DataSource> make_data_source(const Config& cfg) {
   uint64_t seed = static_cast<uint64_t>(cfg.train.seed) * 0x100000001B3ull + 0xda7a;
   if (cfg.data.kind == "mqar") return make_mqar_source(cfg.data, seed);
+  if (cfg.data.kind == "indexed") return make_indexed_source(cfg, seed);
   return std::make_unique<TextBytes>(cfg.data, cfg.train.seq_len, seed);
 }
 

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <unordered_set>
 
 #include "core/error.h"
 
@@ -98,6 +99,12 @@ Value& Value::set(std::string key, Value v) {
   return *this;
 }
 
+Value& Value::append_new(std::string key, Value v) {
+  if (kind_ != Kind::Object) kind_error(*this, "object");
+  o_.emplace_back(std::move(key), std::move(v));
+  return *this;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Reader
 
@@ -183,6 +190,7 @@ class Parser {
   Value parse_object(int depth) {
     expect('{');
     Value obj = Value::object();
+    std::unordered_set<std::string> seen;
     skip_ws();
     if (peek() == '}') {
       ++pos_;
@@ -193,11 +201,11 @@ class Parser {
       if (peek() != '"') error("expected a string key");
       size_t key_at = pos_;
       std::string key = parse_string();
-      if (obj.find(key)) error_at(key_at, "duplicate key \"" + key + "\"");
+      if (!seen.insert(key).second) error_at(key_at, "duplicate key \"" + key + "\"");
       skip_ws();
       expect(':');
       skip_ws();
-      obj.set(std::move(key), parse_value(depth + 1));
+      obj.append_new(std::move(key), parse_value(depth + 1));
       skip_ws();
       if (peek() == ',') {
         ++pos_;

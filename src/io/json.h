@@ -53,6 +53,9 @@ class Value {
   // Objects: find returns nullptr if absent; set replaces an existing key or appends.
   const Value* find(std::string_view key) const;
   Value& set(std::string key, Value v);
+  // Appends without looking for an existing key: for the parser, which checks duplicates with
+  // a hash set (set() is linear per key, quadratic over a 50k-entry tokenizer vocab).
+  Value& append_new(std::string key, Value v);
 
  private:
   Kind kind_ = Kind::Null;

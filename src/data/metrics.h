@@ -1,0 +1,15 @@
+// Held-out metrics derived from a mean loss (nats per scored token), for the evaluation lines
+// of `ssdtrain eval` and of training: perplexity = exp(loss) for tokenized data (indexed),
+// bits per byte = loss / ln 2 for byte-level text (one token per byte). MQAR: none (its
+// metric is recall accuracy).
+#pragma once
+#include <string>
+
+#include "config/config.h"
+
+namespace ssd {
+
+// ", perplexity 12.34" / ", bits/byte 1.234" / "" (ready to append to a "loss X" line).
+std::string eval_metrics_text(const Config& cfg, double mean_loss);
+
+}  // namespace ssd
