@@ -63,7 +63,7 @@ nhosts_max=3
 agent="$here/netns_agent.sh"
 
 say() { echo "test_multinode: $*"; }
-skip() { say "SKIP: $*"; exit 77; }
+skip() { say "SKIP: $*"; ok_all=1; exit 77; }
 die() { say "ERROR: $*"; exit 1; }
 has() { case ",$checks," in *",$1,"*) return 0 ;; esac; return 1; }
 
@@ -86,7 +86,9 @@ if command -v flock >/dev/null 2>&1; then
   flock -w 300 9 || die "another test_multinode run (prefix $prefix) holds $lockdir/ssdtrain-multinode.$prefix.lock; waited 300 s (set SSD_MN_PREFIX/SSD_MN_NET to run beside it)"
 fi
 
-if [ -z "$work" ]; then work="$(mktemp -d /tmp/ssdtrain-multinode.XXXXXX)"; fi
+work_ours=0   # 1: this run made the work directory, so it may delete it whole
+if [ -z "$work" ]; then work="$(mktemp -d /tmp/ssdtrain-multinode.XXXXXX)" && work_ours=1
+elif [ ! -e "$work" ]; then work_ours=1; fi
 mkdir -p "$work" || die "cannot create work directory '$work'"
 work="$(cd "$work" && pwd)"
 rm -rf "$work/runs" "$work/logs" "$work/trace" "$work/hosts" "$work/mpi_probe"
@@ -103,7 +105,17 @@ ns_pids() { ip netns pids "$1" 2>/dev/null || true; }
 bg_pids=()
 net_down() {
   local ns pid l
-  for pid in "${bg_pids[@]}"; do kill -KILL "$pid" 2>/dev/null; done
+  # background jobs: `timeout ... mpirun`; TERM reaches mpirun through timeout, KILL what is left
+  local kids=""
+  for pid in "${bg_pids[@]}"; do
+    kids+="$(ps -o pid= --ppid "$pid" 2>/dev/null) "
+    kill -TERM "$pid" 2>/dev/null
+  done
+  for pid in "${bg_pids[@]}" $kids; do
+    for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$pid" 2>/dev/null || break; sleep 0.3; done
+    kill -KILL "$pid" 2>/dev/null
+  done
+  bg_pids=()
   for ns in $(our_ns); do
     for pid in $(ns_pids "$ns"); do kill -KILL "$pid" 2>/dev/null; done
   done
@@ -120,11 +132,16 @@ finish() {
   net_down
   local left; left="$(our_ns; our_links)"
   [ -n "$left" ] && say "warning: left behind: $left"
-  if [ "$keep" = 0 ] && [ "$ok_all" = 1 ]; then rm -rf "$work"; else say "work directory kept: $work"; fi
+  if [ "$keep" = 0 ] && [ "$ok_all" = 1 ]; then
+    cd / && rm -rf "$work/runs" "$work/logs" "$work/trace" "$work/hosts" "$work/mpi_probe"
+    [ "$work_ours" = 1 ] && rmdir "$work" 2>/dev/null
+  else
+    say "work directory kept: $work (logs/, runs/)"
+  fi
   exit "$rc"
 }
 trap finish EXIT
-trap 'say "interrupted"; exit 130' INT TERM
+trap 'say "interrupted"; exit 130' INT TERM HUP
 
 stale="$(our_ns; our_links)"
 if [ -n "$stale" ]; then say "removing leftovers of an earlier run: $(echo $stale)"; net_down; fi
