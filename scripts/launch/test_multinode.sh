@@ -12,7 +12,7 @@
 # hosts talk TCP over the veths (shared memory only within a host). mpirun reaches the hosts
 # through scripts/launch/netns_agent.sh (plm_rsh_agent) instead of ssh.
 #
-# Checks (--checks, default a,b,c,d):
+# Checks (--checks, default a,b,c,l,d):
 #   a  launch: mpirun -np 4 over 2 hosts x 2 slots and -np 6 over 3 x 2: every rank's host and
 #      local rank (OMPI_COMM_WORLD_* env, and MPI_Comm_split_type through a probe built with
 #      mpicc), inter-host traffic seen on the veths; ssdtrain's `grid:` lines when it prints them
@@ -20,6 +20,8 @@
 #      train.global_batch (b1); the same with grad_accum given explicitly (b2)
 #   c  a job on 2 hosts stops after 3 steps (train.stop_after): one checkpoint, written by
 #      global rank 0 only; a job on 3 hosts resumes it; the losses equal the uninterrupted run's
+#   l  the example launcher scripts/launch/mpirun_multinode.sh trains over 2 hosts x 2 (the
+#      launch agent passed through MPIRUN_ARGS) the 1-process losses
 #   d  a host lost during training (d1: its ranks killed, d2: its link set down): mpirun exits
 #      non-zero within 90 s, naming the lost host or rank; no rank is left running
 #   w  (opt-in) the link-down case without OpenMPI's fast keepalive: only ssdtrain's watchdog
@@ -40,7 +42,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 ssdtrain="$root/build/ssdtrain"
 work=""
-checks="${SSD_MN_CHECKS:-a,b,c,d}"
+checks="${SSD_MN_CHECKS:-a,b,c,l,d}"
 strict="${SSD_MN_STRICT:-0}"
 keep=0
 while [ $# -gt 0 ]; do
@@ -335,7 +337,7 @@ fi
 
 # ============================ b: dp=4 over 2 hosts = 1 process ==============================
 blocked_gb=""
-if has b || has c; then
+if has b || has c || has l; then
   t0=$SECONDS
   # b2 / c reference: 1 process, grad_accum given explicitly (= GB / MB)
   run_one "$work/logs/ref-explicit.log" 120 "$ssdtrain" train "${tiny[@]}" \
@@ -466,6 +468,28 @@ if [ ${#train_logs[@]} -gt 0 ]; then
   else
     record "a.grid" FAIL "ssdtrain's grid lines disagree with the placement (above)"
   fi
+fi
+
+# ============== l: the example launcher (mpirun_multinode.sh) on the fake cluster ==============
+if has l; then
+  t0=$SECONDS
+  log="$work/logs/l-launcher.log"
+  echo "+ scripts/launch/mpirun_multinode.sh (GPUS_PER_NODE=2, MPI_IF=$cidr, agent via MPIRUN_ARGS)" > "$log"
+  GPUS_PER_NODE=2 MPI_IF="$cidr" KEEPALIVE_S=10 OMP_NUM_THREADS=1 SSDTRAIN="$ssdtrain" \
+    MPIRUN_ARGS="--mca plm_rsh_agent $agent --mca plm_rsh_no_tree_spawn 1 -x OPENBLAS_NUM_THREADS=1" \
+    timeout -k 10 180 "$here/mpirun_multinode.sh" "$(hostfile 2 2)" "${tiny[@]}" \
+      --set train.grad_accum=$((GB / MB / 4)) --set run.dir="$work/runs/l-launcher" >> "$log" 2>&1
+  rc=$?
+  if [ $rc -ne 0 ]; then
+    record "l launcher" FAIL "mpirun_multinode.sh over 2 hosts x 2 exited $rc"; show_tail "$log"
+  elif [ "${rc_refx:-1}" != 0 ]; then
+    record "l launcher" PASS "mpirun_multinode.sh trained over 2 hosts x 2 (no 1-process reference to compare with: run b or c too)"
+  elif msg="$(compare_losses "$work/runs/ref-explicit/metrics.jsonl" "$work/runs/l-launcher/metrics.jsonl")"; then
+    record "l launcher" PASS "mpirun_multinode.sh over 2 hosts x 2 trains the 1-process losses"
+  else
+    echo "$msg"; record "l launcher" FAIL "mpirun_multinode.sh over 2 hosts x 2: losses differ from 1 process"
+  fi
+  say "l took $((SECONDS - t0)) s"
 fi
 
 # ====================================== d: a host lost ======================================
