@@ -249,6 +249,8 @@ check_placement() {
       if (kv["local_rank"] != want_lr "") { print "  rank " r ": local_rank " kv["local_rank"] ", expected " want_lr; bad++ }
       if ("local_size" in kv && kv["local_size"] != slots "") { print "  rank " r ": local_size " kv["local_size"] ", expected " slots; bad++ }
       if ("allreduce" in kv && kv["allreduce"] != "ok") { print "  rank " r ": allreduce " kv["allreduce"]; bad++ }
+      # With tp = cp = 1 (every run here), the dp rank of a rank is its global rank.
+      if ("dp" in kv && kv["dp"] != r "") { print "  rank " r ": dp rank " kv["dp"] ", expected " r; bad++ }
       m = split(expect, e, " ")
       for (k = 1; k < m; k += 2) if (kv[e[k]] != e[k + 1]) { print "  rank " r ": " e[k] " " kv[e[k]] ", expected " e[k + 1]; bad++ }
     }
@@ -457,7 +459,8 @@ if [ ${#train_logs[@]} -gt 0 ]; then
     read -r log np sl dp <<< "$entry"
     grep -q 'grid:' "$log" || continue
     found=1
-    if ! msg="$(EXPECT="dp $dp tp 1 cp 1" check_placement "$log" grid "$np" "$sl")"; then
+    # grid lines give each rank's coordinates: its dp, tp and cp ranks
+    if ! msg="$(EXPECT="tp 0 cp 0" check_placement "$log" grid "$np" "$sl")"; then
       gbad=1; echo "  $(basename "$log"):"; echo "$msg"
     fi
   done
