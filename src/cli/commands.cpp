@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <numeric>
 
 #include "backend/backend.h"
 #include "cli/bench_ssd.h"
@@ -14,6 +15,7 @@
 #include "data/metrics.h"
 #include "dist/grid.h"
 #include "io/checkpoint.h"
+#include "train/grad_sync.h"
 #include "io/export.h"
 #include "model/mamba2.h"
 #include "train/trainer.h"
@@ -248,55 +250,74 @@ int bench_train(const std::vector<std::string>& in) {
   const bool breakdown = take_flag(args, "--breakdown");
   no_more(args, "bench train");
   const int64_t steps = steps_s.empty() ? 10 : parse_count("--steps", steps_s);
-  auto be = make_backend_for(cfg, 0);
+  // The real step of the configured layout: under mpirun, every rank runs its part and the
+  // gradients go through the grid's communicators (a world of one without mpirun).
+  std::unique_ptr<Backend> be;
+  Layout layout;
+  const ProcessInfo& me = process_info();
+  agree(MPI_COMM_WORLD, [&] {
+    be = make_backend_for(cfg, me.local_rank);
+    layout = resolve_layout(cfg, me.size, be->device() == Device::CUDA);
+  });
+  if (breakdown && layout.world > 1) fail_all("bench train --breakdown times one process; run it without mpirun");
+  ProcessGrid grid(layout);
+  const int64_t align = std::lcm<int64_t>(64, layout.dp * layout.cp);
   Mamba2LM model(cfg.model, *be, cfg.train.micro_batch, cfg.train.seq_len,
-                 cfg.train.recompute == "layers");
+                 cfg.train.recompute == "layers", align);
   model.init(cfg.train.seed);
+  grid.attach(*be);
+  GradSync sync(model, *be, grid, cfg.parallel, 0.0);
   auto data = make_data_source(cfg);
   const int64_t B = cfg.train.micro_batch, L = cfg.train.seq_len, T = B * L;
   std::vector<int32_t> tok(T), tgt(T);
-  fill_step(*data, 0, 0, 1, B, 1, L, tok.data(), tgt.data());
-  std::vector<AdamWSlot> slots;
-  for (size_t i = 0; i < model.table().size(); ++i) {
-    Tensor m = be->alloc(model.params()[i].shape, be->accum_dtype());
-    Tensor v = be->alloc(model.params()[i].shape, be->accum_dtype());
-    be->zero(m);
-    be->zero(v);
-    slots.push_back({model.params()[i], model.grads()[i], m, v, 0.0});
-  }
+  fill_step(*data, 0, grid.dp_rank(), layout.dp, B, 1, L, tok.data(), tgt.data());
   Tensor stats = model.new_stats();
   std::vector<double> times;
   const int64_t warmup = 2;
   int64_t step_no = 0;
   auto one_step = [&] {
     be->synchronize();
+    grid.host(Group::World).barrier();
     auto t0 = std::chrono::steady_clock::now();
     model.zero_grads();
+    sync.before_micro_batch(true);
     model.forward_backward(tok.data(), tgt.data(), 1.0 / T, stats);
+    sync.finish_backward();
     AdamWHyper h;
     h.lr = 1e-4;
     h.step = ++step_no;
-    be->adamw_step(slots, h);
-    model.refresh_compute_weights();
+    h.grad_scale = std::min(1.0, 1.0 / (sync.grad_norm() + 1e-6));
+    sync.step(h);
     be->synchronize();
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    grid.host(Group::World).all_reduce(&t, 1, DType::F64, ReduceOp::Max);  // the slowest rank
+    return t;
   };
   for (int64_t s = 0; s < warmup + steps; ++s) {
     const double t = one_step();
     if (s >= warmup) times.push_back(t);
   }
+  if (!grid.is_root()) return 0;
   std::sort(times.begin(), times.end());
   const double med = times[times.size() / 2];
   const auto& m = cfg.model;
   const double params = static_cast<double>(count_params(model.table()));
   const double ssd_flops = m.n_layer * 3.0 * 2.0 * m.nheads() *
                            (m.chunk_size * m.headdim + 2.0 * m.d_state * m.headdim);
-  const double tok_s = T / med;
-  const double mfu = (6 * params + ssd_flops) * tok_s / 790e12;
-  std::printf("bench train: backend %s, %.0f params, batch %lld x seqlen %lld, recompute %s\n",
-              be->name().c_str(), params, (long long)B, (long long)L, cfg.train.recompute.c_str());
-  std::printf("step median %.3f ms over %lld steps | %.0f tokens/s | MFU %.1f%% (of 790 TFLOP/s)",
-              med * 1e3, (long long)steps, tok_s, mfu * 100);
+  const double tok_s = T * layout.dp / med;
+  const double mfu = (6 * params + ssd_flops) * tok_s / layout.world / 790e12;
+  std::printf("bench train: backend %s, %.0f params, batch %lld x seqlen %lld per rank, recompute %s, "
+              "%lld rank(s)%s\n",
+              be->name().c_str(), params, (long long)B, (long long)L, cfg.train.recompute.c_str(),
+              (long long)layout.world, layout.world > 1 ? (layout.comm_nccl ? " over NCCL" : " over MPI") : "");
+  auto mib = [](double bytes) { return bytes / 1048576.0; };
+  std::printf("AdamW moments %.1f MiB per rank (%s; unsharded %.1f MiB: parallel.zero=1 saves "
+              "%.1f MiB per rank at dp=%lld)\n",
+              mib(sync.moment_bytes()), cfg.parallel.zero ? "ZeRO-1" : "not sharded",
+              mib(sync.unsharded_moment_bytes()),
+              mib(sync.unsharded_moment_bytes() * (1.0 - 1.0 / layout.dp)), (long long)layout.dp);
+  std::printf("step median %.3f ms over %lld steps | %.0f tokens/s", med * 1e3, (long long)steps, tok_s);
+  if (be->device() == Device::CUDA) std::printf(" | MFU %.1f%% (of 790 TFLOP/s per GPU)", mfu * 100);
   if (int64_t peak = be->peak_memory_bytes(); peak > 0)
     std::printf(" | peak tensor memory %.1f GiB", peak / 1073741824.0);
   std::printf("\n");
