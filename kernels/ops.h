@@ -21,6 +21,11 @@ using bf16 = __nv_bfloat16;
 void convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n,
              cudaStream_t stream);
 
+// copy_rows.cu: dst[r, c] (+)= src[r, c] for `rows` rows of `width` columns (row strides lds,
+// ldd); f32 or bf16 (bf16 sums in f32, rounded once).
+void copy_rows(const void* src, int64_t lds, void* dst, int64_t ldd, int64_t rows, int64_t width,
+               DType dtype, bool accumulate, cudaStream_t stream);
+
 // embedding.cu. weight / out: f32 or bf16. Tokens outside [0, vocab) give a zero row (fwd)
 // and are skipped (bwd). The backward pass is deterministic: tokens are radix-sorted and each
 // distinct token's rows are summed in token order.

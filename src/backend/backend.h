@@ -82,6 +82,10 @@ class Backend {
   virtual void upload(Tensor& dst, const void* host_src) = 0;      // same dtype
   virtual void download(void* host_dst, const Tensor& src) = 0;    // same dtype
   virtual void convert(const Tensor& src, Tensor& dst) = 0;        // any dtype -> any dtype
+  // dst rows [dst_row, dst_row + rows) = (or += with accumulate) src rows [src_row, ...), over
+  // the slices' columns (same width and dtype). Moves the conv halo of context parallelism.
+  virtual void copy_rows(const ColSlice& src, int64_t src_row, const ColSlice& dst,
+                         int64_t dst_row, int64_t rows, bool accumulate) = 0;
   virtual void synchronize() {}
   // The stream the backend enqueues its work on (a cudaStream_t for CUDA; null on the CPU), so
   // a device communicator can order its own stream against it.

@@ -66,4 +66,15 @@ Tensor borrow(void* data, DType dtype, Shape shape, Device device) {
   return t;
 }
 
+void check_copy_rows(const ColSlice& src, int64_t src_row, const ColSlice& dst, int64_t dst_row,
+                     int64_t rows) {
+  SSD_CHECK(src.t.dtype == dst.t.dtype && src.width == dst.width, "copy_rows: ",
+            dtype_name(src.t.dtype), " x ", src.width, " into ", dtype_name(dst.t.dtype), " x ",
+            dst.width);
+  SSD_CHECK(rows >= 0 && src_row >= 0 && dst_row >= 0 && src_row + rows <= src.rows() &&
+                dst_row + rows <= dst.rows() && src.off + src.width <= src.ld() &&
+                dst.off + dst.width <= dst.ld(),
+            "copy_rows out of range");
+}
+
 }  // namespace ssd

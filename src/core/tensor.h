@@ -76,5 +76,8 @@ struct ColSlice {
 };
 inline ColSlice cols(const Tensor& t, int64_t off, int64_t width) { return {t, off, width}; }
 inline ColSlice all_cols(const Tensor& t) { return {t, 0, t.size(1)}; }
+// Checks the arguments of Backend::copy_rows (same dtype and width, rows in range).
+void check_copy_rows(const ColSlice& src, int64_t src_row, const ColSlice& dst, int64_t dst_row,
+                     int64_t rows);
 
 }  // namespace ssd

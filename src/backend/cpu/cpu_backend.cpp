@@ -13,6 +13,16 @@ void check_shape(const Tensor& t, const Shape& s, const char* what) {
   SSD_CHECK(t.shape == s, what, " has shape ", shape_str(t.shape), ", expected ", shape_str(s));
 }
 
+template <class T>
+void rows_op(const ColSlice& src, int64_t src_row, const ColSlice& dst, int64_t dst_row,
+             int64_t rows, bool accumulate) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* a = src.t.ptr<T>() + (src_row + r) * src.ld() + src.off;
+    T* b = dst.t.ptr<T>() + (dst_row + r) * dst.ld() + dst.off;
+    for (int64_t c = 0; c < src.width; ++c) b[c] = accumulate ? b[c] + a[c] : a[c];
+  }
+}
+
 class CpuBackend final : public Backend {
  public:
   explicit CpuBackend(DType dt) : dt_(dt) {
@@ -60,6 +70,13 @@ class CpuBackend final : public Backend {
         default: fail("CPU convert to ", dtype_name(dst.dtype), " is not supported");
       }
     }
+  }
+
+  void copy_rows(const ColSlice& src, int64_t src_row, const ColSlice& dst, int64_t dst_row,
+                 int64_t rows, bool accumulate) override {
+    check_copy_rows(src, src_row, dst, dst_row, rows);
+    if (dt_ == DType::F64) rows_op<double>(src, src_row, dst, dst_row, rows, accumulate);
+    else rows_op<float>(src, src_row, dst, dst_row, rows, accumulate);
   }
 
   void embedding_fwd(const Tensor& tokens, const Tensor& w, Tensor& out) override {

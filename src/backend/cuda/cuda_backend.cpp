@@ -256,6 +256,18 @@ class CudaBackend final : public Backend {
     cuda::convert(src.data, src.dtype, dst.data, dst.dtype, src.numel(), stream_);
   }
 
+  void copy_rows(const ColSlice& src, int64_t src_row, const ColSlice& dst, int64_t dst_row,
+                 int64_t rows, bool accumulate) override {
+    on_device("copy_rows", "src", src.t);
+    on_device("copy_rows", "dst", dst.t);
+    check_copy_rows(src, src_row, dst, dst_row, rows);
+    auto prof = profile("copy_rows");
+    const size_t es = dtype_size(src.t.dtype);
+    cuda::copy_rows(static_cast<const char*>(src.t.data) + (src_row * src.ld() + src.off) * es,
+                    src.ld(), static_cast<char*>(dst.t.data) + (dst_row * dst.ld() + dst.off) * es,
+                    dst.ld(), rows, src.width, src.t.dtype, accumulate, stream_);
+  }
+
   void synchronize() override {
     check_cuda(cudaStreamSynchronize(stream_), "synchronize (an earlier kernel failed)");
   }
