@@ -262,15 +262,18 @@ int bench_train(const std::vector<std::string>& in) {
   if (breakdown && layout.world > 1) fail_all("bench train --breakdown times one process; run it without mpirun");
   ProcessGrid grid(layout);
   const int64_t align = std::lcm<int64_t>(64, layout.dp * layout.cp);
-  Mamba2LM model(cfg.model, *be, cfg.train.micro_batch, cfg.train.seq_len,
+  Mamba2LM model(cfg.model, *be, cfg.train.micro_batch, cfg.train.seq_len / layout.cp,
                  cfg.train.recompute == "layers", align);
   model.init(cfg.train.seed);
   grid.attach(*be);
+  model.set_context_parallel(&grid.dev(Group::Cp));
   GradSync sync(model, *be, grid, cfg.parallel, 0.0);
   auto data = make_data_source(cfg);
-  const int64_t B = cfg.train.micro_batch, L = cfg.train.seq_len, T = B * L;
-  std::vector<int32_t> tok(T), tgt(T);
-  fill_step(*data, 0, grid.dp_rank(), layout.dp, B, 1, L, tok.data(), tgt.data());
+  const int64_t B = cfg.train.micro_batch, L = cfg.train.seq_len / layout.cp, T = B * L;
+  std::vector<int32_t> full_tok(B * cfg.train.seq_len), full_tgt(B * cfg.train.seq_len), tok, tgt;
+  fill_step(*data, 0, grid.dp_rank(), layout.dp, B, 1, cfg.train.seq_len, full_tok.data(),
+            full_tgt.data());
+  take_segment(full_tok, full_tgt, B, cfg.train.seq_len, layout.cp, grid.cp_rank(), tok, tgt);
   Tensor stats = model.new_stats();
   std::vector<double> times;
   const int64_t warmup = 2;
@@ -304,7 +307,7 @@ int bench_train(const std::vector<std::string>& in) {
   const double params = static_cast<double>(count_params(model.table()));
   const double ssd_flops = m.n_layer * 3.0 * 2.0 * m.nheads() *
                            (m.chunk_size * m.headdim + 2.0 * m.d_state * m.headdim);
-  const double tok_s = T * layout.dp / med;
+  const double tok_s = T * layout.dp * layout.cp / med;
   const double mfu = (6 * params + ssd_flops) * tok_s / layout.world / 790e12;
   std::printf("bench train: backend %s, %.0f params, batch %lld x seqlen %lld per rank, recompute %s, "
               "%lld rank(s)%s\n",

@@ -349,7 +349,16 @@ Layout resolve_layout(const Config& c, int64_t world, bool on_gpu) {
          " = ", p.tp * p.cp, " does not divide; launch a multiple of ", p.tp * p.cp,
          " processes or change parallel.tp / parallel.cp");
   if (p.tp > 1) fail("parallel.tp=", p.tp, ": tensor parallelism is not available in this version");
-  if (p.cp > 1) fail("parallel.cp=", p.cp, ": context parallelism is not available in this version");
+  if (p.cp > 1) {
+    const int64_t seg = t.seq_len / p.cp;
+    if (t.seq_len % p.cp != 0 || seg % c.model.chunk_size != 0)
+      fail("parallel.cp=", p.cp, " splits train.seq_len=", t.seq_len, " into segments of ",
+           t.seq_len / double(p.cp), " tokens, which must be a whole multiple of model.chunk_size=",
+           c.model.chunk_size, "; choose seq_len a multiple of cp * chunk_size = ",
+           p.cp * c.model.chunk_size);
+    if (seg < c.model.d_conv - 1)
+      fail("parallel.cp=", p.cp, ": segments of ", seg, " tokens are shorter than model.d_conv - 1");
+  }
   l.dp = world / (p.tp * p.cp);
   l.micro_batch = t.micro_batch;
   if (t.global_batch > 0) {

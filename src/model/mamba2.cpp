@@ -187,6 +187,7 @@ SsdInputs Mamba2LM::ssd_inputs(int i, LayerActs& a) {
   in.A_log = params_[p.A_log];
   in.D = params_[p.D];
   if (a.ssd_saved.defined()) in.saved = &a.ssd_saved;
+  if (cp_ && cp_rank_ > 0) in.initial_state = &cp_init_[i];
   return in;
 }
 
@@ -195,7 +196,7 @@ void Mamba2LM::upload_tokens(const int32_t* tokens, const int32_t* targets) {
   if (targets) be_.upload(targets_, targets);
 }
 
-void Mamba2LM::layer_forward(int i, bool with_output) {
+void Mamba2LM::layer_forward(int i, bool with_output, bool exchange) {
   const double eps = cfg_.norm_eps;
   const int64_t Di = cfg_.d_inner();
   auto& a = acts(i);
@@ -203,12 +204,118 @@ void Mamba2LM::layer_forward(int i, bool with_output) {
   const Tensor* res_in = i == 0 ? nullptr : &residual_[i - 1];
   be_.add_rmsnorm_fwd(input(i), res_in, params_[p.norm], eps, residual_[i], a.hidden, a.rstd);
   be_.linear_fwd(a.hidden, w(p.in_proj), a.zxbcdt);
-  be_.conv1d_silu_fwd(cols(a.zxbcdt, Di, cfg_.conv_dim()), batch_, seqlen_, params_[p.conv_w],
-                      params_[p.conv_b], a.xBC);
-  be_.ssd_fwd(ssd_dims(), ssd_inputs(i, a), a.y, nullptr);
+  conv_forward(i, a, exchange);
+  // Context parallelism: start from the state the previous segment ended with, hand ours on.
+  const bool hand_on = cp_ && exchange && cp_rank_ + 1 < cp_size_;
+  if (cp_ && exchange && cp_rank_ > 0) {
+    cp_->recv(cp_init_[i].data, cp_init_[i].numel(), cp_init_[i].dtype, cp_rank_ - 1);
+    cp_->join();
+  }
+  be_.ssd_fwd(ssd_dims(), ssd_inputs(i, a), a.y, hand_on ? &cp_final_ : nullptr);
+  if (hand_on) {
+    cp_->send(cp_final_.data, cp_final_.numel(), cp_final_.dtype, cp_rank_ + 1);
+    cp_->join();
+  }
   be_.gated_rmsnorm_fwd(a.y, cols(a.zxbcdt, 0, Di), params_[p.gnorm], Di / cfg_.ngroups, eps,
                         a.ynorm, a.grstd);
   if (with_output) be_.linear_fwd(a.ynorm, w(p.out_proj), input(i + 1));
+}
+
+void Mamba2LM::build_conv_ext(int i, LayerActs& a) {
+  const int64_t H = cfg_.d_conv - 1, L = seqlen_;
+  const ColSlice pre = cols(a.zxbcdt, cfg_.d_inner(), cfg_.conv_dim());
+  for (int64_t b = 0; b < batch_; ++b) {
+    be_.copy_rows(all_cols(cp_halo_[i]), b * H, all_cols(cp_ext_), b * (L + H), H, false);
+    be_.copy_rows(pre, b * L, all_cols(cp_ext_), b * (L + H) + H, L, false);
+  }
+}
+
+void Mamba2LM::conv_forward(int i, LayerActs& a, bool exchange) {
+  const auto& p = lp_[i];
+  const ColSlice pre = cols(a.zxbcdt, cfg_.d_inner(), cfg_.conv_dim());
+  if (cp_ && exchange) {
+    // The last d_conv-1 inputs of every sequence go to the next rank; ours come from the last.
+    const int64_t H = cfg_.d_conv - 1, L = seqlen_;
+    if (cp_rank_ + 1 < cp_size_) {
+      for (int64_t b = 0; b < batch_; ++b)
+        be_.copy_rows(pre, b * L + L - H, all_cols(cp_send_), b * H, H, false);
+      cp_->send(cp_send_.data, cp_send_.numel(), cp_send_.dtype, cp_rank_ + 1);
+    }
+    if (cp_rank_ > 0)
+      cp_->recv(cp_halo_[i].data, cp_halo_[i].numel(), cp_halo_[i].dtype, cp_rank_ - 1);
+    cp_->join();
+  }
+  if (!cp_ || cp_rank_ == 0) {  // the sequence's start: zero history, the plain causal conv
+    be_.conv1d_silu_fwd(pre, batch_, seqlen_, params_[p.conv_w], params_[p.conv_b], a.xBC);
+    return;
+  }
+  const int64_t H = cfg_.d_conv - 1, L = seqlen_;
+  build_conv_ext(i, a);
+  be_.conv1d_silu_fwd(all_cols(cp_ext_), batch_, L + H, params_[p.conv_w], params_[p.conv_b],
+                      cp_ext_out_);
+  for (int64_t b = 0; b < batch_; ++b)
+    be_.copy_rows(all_cols(cp_ext_out_), b * (L + H) + H, all_cols(a.xBC), b * L, L, false);
+}
+
+void Mamba2LM::conv_backward(int i, LayerActs& a) {
+  const auto& p = lp_[i];
+  const int64_t Di = cfg_.d_inner(), conv_dim = cfg_.conv_dim();
+  const ColSlice pre = cols(a.zxbcdt, Di, conv_dim);
+  ColSlice din = cols(d_zxbcdt_, Di, conv_dim);
+  const int64_t H = cfg_.d_conv - 1, L = seqlen_;
+  if (!cp_ || cp_rank_ == 0) {
+    be_.conv1d_silu_bwd(pre, batch_, seqlen_, params_[p.conv_w], params_[p.conv_b], d_xBC_, din,
+                        grads_[p.conv_w], grads_[p.conv_b]);
+  } else {
+    // The halo rows' outputs belong to the previous rank: their output gradient is zero here.
+    build_conv_ext(i, a);
+    be_.zero(cp_ext_out_);
+    for (int64_t b = 0; b < batch_; ++b)
+      be_.copy_rows(all_cols(d_xBC_), b * L, all_cols(cp_ext_out_), b * (L + H) + H, L, false);
+    ColSlice dext = all_cols(cp_ext_grad_);
+    be_.conv1d_silu_bwd(all_cols(cp_ext_), batch_, L + H, params_[p.conv_w], params_[p.conv_b],
+                        cp_ext_out_, dext, grads_[p.conv_w], grads_[p.conv_b]);
+    for (int64_t b = 0; b < batch_; ++b) {
+      be_.copy_rows(dext, b * (L + H) + H, din, b * L, L, false);
+      be_.copy_rows(dext, b * (L + H), all_cols(cp_send_), b * H, H, false);
+    }
+    // The halo's gradient goes back to the rank whose inputs it was.
+    cp_->send(cp_send_.data, cp_send_.numel(), cp_send_.dtype, cp_rank_ - 1);
+  }
+  if (cp_ && cp_rank_ + 1 < cp_size_) {
+    cp_->recv(cp_recv_.data, cp_recv_.numel(), cp_recv_.dtype, cp_rank_ + 1);
+    cp_->join();
+    for (int64_t b = 0; b < batch_; ++b)
+      be_.copy_rows(all_cols(cp_recv_), b * H, din, b * L + L - H, H, true);
+  } else if (cp_) {
+    cp_->join();
+  }
+}
+
+void Mamba2LM::set_context_parallel(Communicator* cp) {
+  cp_ = cp && cp->size() > 1 ? cp : nullptr;
+  if (!cp_) return;
+  cp_rank_ = cp_->rank();
+  cp_size_ = cp_->size();
+  const int64_t H = cfg_.d_conv - 1, L = seqlen_;
+  if (L < H || L % cfg_.chunk_size != 0)
+    fail("context parallelism: each segment (", L, " tokens) must be a multiple of "
+         "model.chunk_size (", cfg_.chunk_size, ") and at least model.d_conv - 1 long");
+  const DType acc = be_.accum_dtype(), cmp = be_.compute_dtype();
+  const Shape st = {batch_, cfg_.nheads(), cfg_.headdim, cfg_.d_state};
+  for (int i = 0; i < cfg_.n_layer; ++i) {
+    cp_init_.push_back(be_.alloc(st, acc));
+    be_.zero(cp_init_.back());
+    cp_halo_.push_back(be_.alloc({batch_ * H, cfg_.conv_dim()}, cmp));
+    be_.zero(cp_halo_.back());
+  }
+  cp_final_ = be_.alloc(st, acc);
+  cp_dfinal_ = be_.alloc(st, acc);
+  cp_dinit_ = be_.alloc(st, acc);
+  for (Tensor* t : {&cp_ext_, &cp_ext_out_, &cp_ext_grad_})
+    *t = be_.alloc({batch_ * (L + H), cfg_.conv_dim()}, cmp);
+  cp_send_ = be_.alloc({batch_ * H, cfg_.conv_dim()}, cmp);
+  cp_recv_ = be_.alloc({batch_ * H, cfg_.conv_dim()}, cmp);
 }
 
 void Mamba2LM::forward() {
@@ -261,7 +368,7 @@ void Mamba2LM::forward_backward(const int32_t* tokens, const int32_t* targets,
   for (int i = cfg_.n_layer - 1; i >= 0; --i) {
     // Recomputation: the layer's activations again, from its saved input and residual (same
     // inputs, same ops: the same values). The residual it rewrites is unchanged.
-    if (recompute_) layer_forward(i, false);
+    if (recompute_) layer_forward(i, false, false);
     auto& a = acts(i);
     const auto& p = lp_[i];
     // Mixer output gradient in compute dtype.
@@ -280,10 +387,21 @@ void Mamba2LM::forward_backward(const int32_t* tokens, const int32_t* targets,
     g.d_dt_bias = grads_[p.dt_bias];
     g.dA_log = grads_[p.A_log];
     g.dD = grads_[p.D];
-    be_.ssd_bwd(ssd_dims(), ssd_inputs(i, a), d_y_, nullptr, g);
-    ColSlice dxbc_in = cols(d_zxbcdt_, Di, conv_dim);
-    be_.conv1d_silu_bwd(cols(a.zxbcdt, Di, conv_dim), batch_, seqlen_, params_[p.conv_w],
-                        params_[p.conv_b], d_xBC_, dxbc_in, grads_[p.conv_w], grads_[p.conv_b]);
+    // Context parallelism: the gradient of the state we handed on comes back from the next
+    // rank; the gradient of the state we started from goes to the previous one.
+    const Tensor* dfinal = nullptr;
+    if (cp_ && cp_rank_ + 1 < cp_size_) {
+      cp_->recv(cp_dfinal_.data, cp_dfinal_.numel(), cp_dfinal_.dtype, cp_rank_ + 1);
+      cp_->join();
+      dfinal = &cp_dfinal_;
+    }
+    if (cp_ && cp_rank_ > 0) g.d_initial_state = &cp_dinit_;
+    be_.ssd_bwd(ssd_dims(), ssd_inputs(i, a), d_y_, dfinal, g);
+    if (cp_ && cp_rank_ > 0) {
+      cp_->send(cp_dinit_.data, cp_dinit_.numel(), cp_dinit_.dtype, cp_rank_ - 1);
+      cp_->join();
+    }
+    conv_backward(i, a);
     be_.linear_bwd(a.hidden, w(p.in_proj), d_zxbcdt_, &d_hidden_, grads_[p.in_proj]);
     // Through this layer's add + norm: the residual gradient before layer i.
     be_.add_rmsnorm_bwd(d_hidden_, &d_res_[cur], residual_[i], params_[p.norm], a.rstd,

@@ -11,6 +11,7 @@
 
 #include "backend/backend.h"
 #include "config/config.h"
+#include "dist/comm.h"
 #include "model/params.h"
 
 namespace ssd {
@@ -45,6 +46,14 @@ class Mamba2LM {
   int ready_stage(int i) const;
   int num_stages() const { return static_cast<int>(cfg_.n_layer) + 2; }
   void set_ready_hook(std::function<void(int stage)> hook) { ready_hook_ = std::move(hook); }
+
+  // Context parallelism: this model holds segment cp.rank() of cp.size() of every sequence
+  // (its seqlen is the segment's length). Only the SSD state entering each segment and the conv's
+  // last d_conv-1 inputs cross ranks: in each layer's forward the state is handed on from rank
+  // to rank (rank r runs its SSD from the state rank r-1 ended with), and in the backward the
+  // state's gradient goes back the other way; the conv halo likewise. `cp` lives on the
+  // backend's memory; null turns it off.
+  void set_context_parallel(Communicator* cp);
 
   // Initialises every parameter from the table's rules (seeded; independent of backend).
   void init(uint64_t seed);
@@ -90,7 +99,13 @@ class Mamba2LM {
   void upload_tokens(const int32_t* tokens, const int32_t* targets);
   void forward();
   // Layer i's forward from its input; the out_proj (the layer's output) only when asked.
-  void layer_forward(int i, bool with_output);
+  // exchange: talk to the neighbouring context-parallel ranks (false when recomputing: the
+  // halo and the incoming state of the layer are kept from the forward).
+  void layer_forward(int i, bool with_output, bool exchange = true);
+  void conv_forward(int i, LayerActs& a, bool exchange);
+  void conv_backward(int i, LayerActs& a);
+  // cp_ext_ = per sequence, the previous rank's halo rows, then this segment's conv inputs.
+  void build_conv_ext(int i, LayerActs& a);
   LayerActs& acts(int i) { return acts_[recompute_ ? 0 : i]; }
   // Layer i reads input(i) and writes input(i + 1); the last layer writes x_.
   Tensor& input(int i) { return recompute_ && i < cfg_.n_layer ? x_in_[i] : x_; }
@@ -117,6 +132,14 @@ class Mamba2LM {
   std::vector<Tensor> residual_;  // residual stream after each layer's add (accum)
   std::vector<LayerActs> acts_;   // one per layer, or one shared set when recomputing
   Tensor res_f_, rstd_f_, hidden_f_;
+  // context parallelism (cp_ null: off)
+  Communicator* cp_ = nullptr;
+  int cp_rank_ = 0, cp_size_ = 1;
+  std::vector<Tensor> cp_init_;  // per layer: the SSD state entering this segment (rank > 0)
+  std::vector<Tensor> cp_halo_;  // per layer: the previous rank's last d_conv-1 conv inputs
+  Tensor cp_final_, cp_dfinal_, cp_dinit_;          // [batch, nheads, headdim, dstate]
+  Tensor cp_ext_, cp_ext_out_, cp_ext_grad_;         // [batch * (seqlen + d_conv-1), conv_dim]
+  Tensor cp_send_, cp_recv_;                         // [batch * (d_conv-1), conv_dim]
   // backward scratch (shared by all layers)
   Tensor d_hidden_, d_ynorm_, d_y_, d_xBC_, d_zxbcdt_, d_res_[2], d_x_;
 };

@@ -95,10 +95,11 @@ class Trainer {
       data_ = make_data_source(cfg_);
       const int64_t align = std::lcm<int64_t>(64, layout_.dp * layout_.cp);
       model_ = std::make_unique<Mamba2LM>(cfg_.model, *be_, layout_.micro_batch,
-                                          cfg_.train.seq_len, cfg_.train.recompute == "layers",
-                                          align);
+                                          cfg_.train.seq_len / layout_.cp,
+                                          cfg_.train.recompute == "layers", align);
     });
     grid_->attach(*be_);
+    model_->set_context_parallel(&grid_->dev(Group::Cp));
     sync_ = std::make_unique<GradSync>(*model_, *be_, *grid_, cfg_.parallel, cfg_.train.weight_decay);
     stats_ = model_->new_stats();
   }
@@ -251,16 +252,17 @@ void Trainer::save_checkpoint() {
 
 std::pair<double, double> Trainer::evaluate() {
   const int64_t B = layout_.micro_batch, L = cfg_.train.seq_len;
-  std::vector<int32_t> tok(B * L), tgt(B * L);
+  std::vector<int32_t> tok(B * L), tgt(B * L), stok, stgt;
   Tensor stats = model_->new_stats();
   // The eval batches split over the dp ranks (context- and tensor-parallel ranks share theirs):
   // the same batches as one process evaluates, whatever the layout.
   for (int64_t i = grid_->dp_rank(); i < cfg_.run.eval_batches; i += layout_.dp) {
     data_->eval_batch(i, tok.data(), tgt.data(), B, L);
-    model_->forward_loss(tok.data(), tgt.data(), stats);
+    take_segment(tok, tgt, B, L, layout_.cp, grid_->cp_rank(), stok, stgt);
+    model_->forward_loss(stok.data(), stgt.data(), stats);
   }
   auto s = model_->read_stats(stats);
-  grid_->host(Group::Dp).all_reduce(s.data(), 3, DType::F64, ReduceOp::Sum);
+  grid_->host(Group::DpCp).all_reduce(s.data(), 3, DType::F64, ReduceOp::Sum);
   return {s[0] / std::max(1.0, s[1]), s[2] / std::max(1.0, s[1])};
 }
 
@@ -408,15 +410,31 @@ TrainResult Trainer::run() {
 
 }  // namespace
 
+void take_segment(const std::vector<int32_t>& tok, const std::vector<int32_t>& tgt, int64_t n,
+                  int64_t L, int64_t cp, int64_t r, std::vector<int32_t>& stok,
+                  std::vector<int32_t>& stgt) {
+  const int64_t S = L / cp;
+  stok.resize(n * S);
+  stgt.resize(n * S);
+  for (int64_t b = 0; b < n; ++b) {
+    std::copy_n(tok.begin() + b * L + r * S, S, stok.begin() + b * S);
+    std::copy_n(tgt.begin() + b * L + r * S, S, stgt.begin() + b * S);
+  }
+}
+
 StepResult compute_gradients(Mamba2LM& model, GradSync& sync, ProcessGrid& grid, DataSource& data,
                              const Layout& layout, int64_t position, int64_t seqlen, Tensor& stats) {
-  const int64_t B = layout.micro_batch, A = layout.grad_accum, L = seqlen;
-  std::vector<int32_t> tok(A * B * L), tgt(A * B * L);
-  fill_step(data, position, grid.dp_rank(), layout.dp, B, A, L, tok.data(), tgt.data());
+  const int64_t B = layout.micro_batch, A = layout.grad_accum;
+  std::vector<int32_t> full_tok(A * B * seqlen), full_tgt(A * B * seqlen), tok, tgt;
+  fill_step(data, position, grid.dp_rank(), layout.dp, B, A, seqlen, full_tok.data(),
+            full_tgt.data());
+  // Context parallelism: this rank's segment of every sequence.
+  take_segment(full_tok, full_tgt, A * B, seqlen, layout.cp, grid.cp_rank(), tok, tgt);
+  const int64_t L = seqlen / layout.cp;
   // The loss is the mean over every scored token of the global batch: scale by their count.
   double counted = 0;
   for (auto v : tgt) counted += v >= 0;
-  grid.host(Group::Dp).all_reduce(&counted, 1, DType::F64, ReduceOp::Sum);
+  grid.host(Group::DpCp).all_reduce(&counted, 1, DType::F64, ReduceOp::Sum);
   model.zero_grads();
   Backend& be = model.backend();
   be.zero(stats);
@@ -427,7 +445,7 @@ StepResult compute_gradients(Mamba2LM& model, GradSync& sync, ProcessGrid& grid,
   }
   sync.finish_backward();
   auto st = model.read_stats(stats);
-  grid.host(Group::Dp).all_reduce(st.data(), 3, DType::F64, ReduceOp::Sum);
+  grid.host(Group::DpCp).all_reduce(st.data(), 3, DType::F64, ReduceOp::Sum);
   return {st[0] / std::max(1.0, st[1]), st[2] / std::max(1.0, st[1])};
 }
 

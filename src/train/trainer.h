@@ -47,6 +47,12 @@ struct StepResult {
 StepResult compute_gradients(Mamba2LM& model, GradSync& sync, ProcessGrid& grid, DataSource& data,
                              const Layout& layout, int64_t position, int64_t seqlen, Tensor& stats);
 
+// Context parallelism: rank r's segment (tokens [r*L/cp, (r+1)*L/cp)) of each of n sequences of
+// length L, into stok/stgt.
+void take_segment(const std::vector<int32_t>& tok, const std::vector<int32_t>& tgt, int64_t n,
+                  int64_t L, int64_t cp, int64_t r, std::vector<int32_t>& stok,
+                  std::vector<int32_t>& stgt);
+
 // Installs SIGTERM/SIGINT/SIGUSR1 handlers that ask the loop to stop after the current step.
 void install_stop_handlers();
 // True once a stop signal arrived (and which one, for the message).
