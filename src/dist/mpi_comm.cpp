@@ -5,6 +5,8 @@
 #include <cstring>
 #include <vector>
 
+#include <unistd.h>
+
 #include "dist/watchdog.h"
 
 namespace ssd {
@@ -52,6 +54,24 @@ int64_t MpiComm::chunk_limit() { return g_chunk; }
 MpiComm::MpiComm(MPI_Comm comm, std::string name) : comm_(comm), name_(std::move(name)) {
   MPI_Comm_rank(comm_, &rank_);
   MPI_Comm_size(comm_, &size_);
+  // "dp [ranks 0, 1 on n1; 2, 3 on n2]": who a stuck collective was waiting for.
+  int wrank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &wrank);
+  char host[64] = {0};
+  gethostname(host, sizeof host - 1);
+  std::vector<int> ranks(size_);
+  std::vector<char> hosts(64 * size_);
+  MPI_Allgather(&wrank, 1, MPI_INT, ranks.data(), 1, MPI_INT, comm_);
+  MPI_Allgather(host, 64, MPI_CHAR, hosts.data(), 64, MPI_CHAR, comm_);
+  what_ = name_ + " [ranks ";
+  for (int r = 0; r < size_; ++r) {
+    const std::string h(hosts.data() + 64 * r);
+    const bool new_host = r == 0 || h != std::string(hosts.data() + 64 * (r - 1));
+    if (r > 0) what_ += new_host ? "; " : ", ";
+    what_ += std::to_string(ranks[r]);
+    if (r + 1 == size_ || h != std::string(hosts.data() + 64 * (r + 1))) what_ += " on " + h;
+  }
+  what_ += "]";
 }
 
 MpiComm::~MpiComm() {
@@ -63,7 +83,7 @@ MpiComm::~MpiComm() {
 void MpiComm::all_reduce(void* buf, int64_t count, DType dt, ReduceOp op) {
   if (size_ == 1 || count == 0) return;
   no_bf16_reduce(dt, name_);
-  watchdog::Scope w(name_, "all_reduce", count);
+  watchdog::Scope w(what_, "all_reduce", count);
   char* p = static_cast<char*>(buf);
   const size_t es = dtype_size(dt);
   for (int64_t off = 0; off < count; off += g_chunk) {
@@ -80,7 +100,7 @@ void MpiComm::reduce_scatter(const void* send, void* recv, int64_t count, DType 
     std::memmove(recv, send, count * es);
     return;
   }
-  watchdog::Scope w(name_, "reduce_scatter", count * size_);
+  watchdog::Scope w(what_, "reduce_scatter", count * size_);
   const char* s = static_cast<const char*>(send);
   char* r = static_cast<char*>(recv);
   // In place (recv is this rank's block of send): receive into a copy, MPI forbids aliasing.
@@ -114,7 +134,7 @@ void MpiComm::all_gather(const void* send, void* recv, int64_t count, DType dt) 
     std::memmove(recv, send, count * es);
     return;
   }
-  watchdog::Scope w(name_, "all_gather", count * size_);
+  watchdog::Scope w(what_, "all_gather", count * size_);
   const char* s = static_cast<const char*>(send);
   char* r = static_cast<char*>(recv);
   // In place: send is this rank's block of recv.
@@ -139,7 +159,7 @@ void MpiComm::all_gather(const void* send, void* recv, int64_t count, DType dt) 
 
 void MpiComm::broadcast(void* buf, int64_t count, DType dt, int root) {
   if (size_ == 1 || count == 0) return;
-  watchdog::Scope w(name_, "broadcast", count);
+  watchdog::Scope w(what_, "broadcast", count);
   char* p = static_cast<char*>(buf);
   const size_t es = dtype_size(dt);
   for (int64_t off = 0; off < count; off += g_chunk) {
@@ -149,7 +169,7 @@ void MpiComm::broadcast(void* buf, int64_t count, DType dt, int root) {
 }
 
 void MpiComm::send(const void* buf, int64_t count, DType dt, int peer) {
-  watchdog::Scope w(name_, "send", count);
+  watchdog::Scope w(what_, "send", count);
   const char* p = static_cast<const char*>(buf);
   const size_t es = dtype_size(dt);
   for (int64_t off = 0; off < count; off += g_chunk) {
@@ -159,7 +179,7 @@ void MpiComm::send(const void* buf, int64_t count, DType dt, int peer) {
 }
 
 void MpiComm::recv(void* buf, int64_t count, DType dt, int peer) {
-  watchdog::Scope w(name_, "recv", count);
+  watchdog::Scope w(what_, "recv", count);
   char* p = static_cast<char*>(buf);
   const size_t es = dtype_size(dt);
   for (int64_t off = 0; off < count; off += g_chunk) {
@@ -170,7 +190,7 @@ void MpiComm::recv(void* buf, int64_t count, DType dt, int peer) {
 
 void MpiComm::barrier() {
   if (size_ == 1) return;
-  watchdog::Scope w(name_, "barrier", 0);
+  watchdog::Scope w(what_, "barrier", 0);
   check(MPI_Barrier(comm_), "barrier", name_);
 }
 

@@ -34,6 +34,7 @@ class MpiComm final : public Communicator {
  private:
   MPI_Comm comm_;
   std::string name_;
+  std::string what_;  // the group in watchdog messages: name, member ranks and their hosts
   int rank_ = 0, size_ = 1;
 };
 

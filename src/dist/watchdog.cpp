@@ -135,6 +135,12 @@ void abort_job(const std::string& why) {
   std::fprintf(stderr, "ssdtrain: %s: %s; aborting the job\n", who.c_str(), why.c_str());
   std::fflush(stderr);
   for (auto& h : hooks) h();
+  // MPI_Abort needs the launcher; when the network to it is gone it may never return. Exit
+  // anyway a few seconds later: the other ranks' watchdogs end them the same way.
+  std::thread([] {
+    std::this_thread::sleep_for(std::chrono::seconds(5));
+    _exit(1);
+  }).detach();
   int inited = 0;
   MPI_Initialized(&inited);
   if (inited) MPI_Abort(MPI_COMM_WORLD, 1);

@@ -59,9 +59,10 @@ Grads step_gradients(const Config& cfg, MPI_Comm comm, int64_t position) {
   ProcessGrid grid(l, comm);
   grid.attach(*be);
   auto data = make_data_source(cfg);
-  Mamba2LM model(cfg.model, *be, l.micro_batch, cfg.train.seq_len, false,
-                 std::lcm<int64_t>(64, l.dp));
+  Mamba2LM model(cfg.model, *be, l.micro_batch, cfg.train.seq_len / l.cp, false,
+                 std::lcm<int64_t>(64, l.dp * l.cp));
   model.init(cfg.train.seed);
+  model.set_context_parallel(&grid.dev(Group::Cp));
   GradSync sync(model, *be, grid, cfg.parallel, cfg.train.weight_decay);
   Tensor stats = model.new_stats();
   Grads out;
@@ -132,6 +133,57 @@ TEST(Layouts, LossAndGradientsEqualOneProcess) {
         MPI_Comm_free(&c);
       }
   }
+}
+
+// Context parallelism: sequences of 32 tokens in segments of 16 (cp=2) or 8 (cp=4, one chunk
+// each), the SSD state and the conv halo handed from segment to segment.
+TEST(Layouts, ContextParallelLossAndGradientsEqualOneProcess) {
+  for (int64_t position : {0, 40}) {
+    const Grads ref = step_gradients(config({"train.seq_len=32"}), MPI_COMM_SELF, position);
+    struct Case { int n; std::vector<std::string> sets; };
+    for (const Case& k : {Case{2, {"parallel.cp=2"}}, Case{4, {"parallel.cp=4"}},
+                          Case{4, {"parallel.cp=2", "parallel.zero=1"}},
+                          Case{4, {"parallel.cp=2", "train.recompute=layers"}}}) {
+      std::vector<std::string> sets = k.sets;
+      sets.push_back("train.seq_len=32");
+      MPI_Comm c = groups_of(k.n);
+      Grads got = step_gradients(config(sets), c, position);
+      std::string what = "np=" + std::to_string(k.n);
+      for (const auto& x : k.sets) what += " " + x;
+      EXPECT_NEAR(got.loss, ref.loss, 1e-5 * ref.loss) << what;
+      expect_close(got.g, ref.g, what);
+      MPI_Comm_free(&c);
+    }
+  }
+}
+
+TEST(Layouts, ContextParallelTrainsOneProcessLossesAndResumesOnOne) {
+  clean();
+  const int r = world_rank();
+  auto cfg = [&](const std::string& dir, std::vector<std::string> extra) {
+    extra.push_back("train.seq_len=32");
+    extra.push_back("train.max_steps=20");
+    extra.push_back("run.dir=" + tmpdir(dir));
+    return config(extra);
+  };
+  TrainResult one = train(cfg("cp_one_r" + std::to_string(r), {}), MPI_COMM_SELF);
+  ASSERT_EQ(one.losses.size(), 20u);
+  TrainResult four = train(cfg("cp4", {"parallel.cp=4"}), MPI_COMM_WORLD);
+  expect_losses_close(four.losses, one.losses, "cp=4, 20 steps");
+  TrainResult mixed = train(cfg("cp2dp2", {"parallel.cp=2"}), MPI_COMM_WORLD);
+  expect_losses_close(mixed.losses, one.losses, "cp=2 x dp=2, 20 steps");
+  // cp=2 for 10 steps, then one process resumes it.
+  MPI_Comm pairs = groups_of(2);
+  const std::string first = "cp2_g" + std::to_string(r / 2);
+  TrainResult a = train(cfg(first, {"parallel.cp=2", "train.stop_after=10"}), pairs);
+  EXPECT_EQ(a.steps_done, 10);
+  MPI_Barrier(MPI_COMM_WORLD);
+  fs::copy(tmpdir(first), tmpdir("cp_solo_r" + std::to_string(r)), fs::copy_options::recursive);
+  TrainResult solo = train(cfg("cp_solo_r" + std::to_string(r), {}), MPI_COMM_SELF);
+  expect_losses_close(solo.losses, std::vector<double>(one.losses.begin() + 10, one.losses.end()),
+                      "cp=2 -> 1 process");
+  MPI_Comm_free(&pairs);
+  clean();
 }
 
 TEST(Layouts, TrainingGivesOneProcessLossesAndKeepsRanksInStep) {
