@@ -65,3 +65,27 @@ mpirun --oversubscribe -np 2 "$bin" train "${g[@]}" --set parallel.comm=mpi --se
 grep -E "^grid|^layout" "$OUT/dp2.log"; tail -2 "$OUT/one.log"; tail -2 "$OUT/dp2.log"
 compare /tmp/sgd_dp2 /tmp/sgd_one "dp=2 on one GPU (MPI) vs one process"
 paste <(losses /tmp/sgd_dp2) <(losses /tmp/sgd_one) | sed -n '1,5p;50p;100p;200p'
+
+step "context parallelism on one GPU: cp=2 as two processes (MPI) vs one process, 200 steps"
+c=(--set train.max_steps=200 --set run.log_every=1 --set checkpoint.every=0 --set model.chunk_size=32)
+rm -rf /tmp/scp_one /tmp/scp_cp2
+"$bin" train "${c[@]}" --set run.dir=/tmp/scp_one > "$OUT/cp_one.log" 2>&1 || tail -5 "$OUT/cp_one.log"
+mpirun --oversubscribe -np 2 "$bin" train "${c[@]}" --set parallel.cp=2 --set parallel.comm=mpi \
+  --set run.dir=/tmp/scp_cp2 > "$OUT/cp2.log" 2>&1 || tail -20 "$OUT/cp2.log"
+grep -E "^layout|^context" "$OUT/cp2.log"; tail -1 "$OUT/cp_one.log"; tail -1 "$OUT/cp2.log"
+for n in 50 100 200; do
+  paste <(losses /tmp/scp_cp2 | head -$n) <(losses /tmp/scp_one | head -$n) | awk -v n=$n '
+    { d = ($1 - $2) / $2; if (d < 0) d = -d; if (d > m) m = d }
+    END { printf "cp=2 vs one process, steps 1-%d: largest relative loss difference %.3e\n", n, m }'
+done
+
+step "1.3b at a long sequence: per-rank memory, cp=1 vs cp=2 (two processes sharing the GPU)"
+for L in 16384 32768; do
+  "$bin" bench train --config configs/mamba2-1.3b.yaml --steps 2 --set train.seq_len=$L \
+    --set train.micro_batch=1 > "$OUT/b13_cp1_$L.log" 2>&1
+  echo "cp=1 L=$L: $(grep -E '^step median' "$OUT/b13_cp1_$L.log")"
+  mpirun --oversubscribe -np 2 "$bin" bench train --config configs/mamba2-1.3b.yaml --steps 2 \
+    --set train.seq_len=$L --set train.micro_batch=1 --set parallel.cp=2 --set parallel.comm=mpi \
+    > "$OUT/b13_cp2_$L.log" 2>&1
+  echo "cp=2 L=$L: $(grep -E '^(step median|context)' "$OUT/b13_cp2_$L.log" | paste -sd' ')"
+done

@@ -319,6 +319,10 @@ int bench_train(const std::vector<std::string>& in) {
               mib(sync.moment_bytes()), cfg.parallel.zero ? "ZeRO-1" : "not sharded",
               mib(sync.unsharded_moment_bytes()),
               mib(sync.unsharded_moment_bytes() * (1.0 - 1.0 / layout.dp)), (long long)layout.dp);
+  if (layout.cp > 1)
+    std::printf("context parallel: cp=%lld, segments of %lld tokens, %.1f KiB sent per layer and "
+                "step by each rank\n", (long long)layout.cp, (long long)L,
+                model.cp_bytes_per_layer() / 1024.0);
   std::printf("step median %.3f ms over %lld steps | %.0f tokens/s", med * 1e3, (long long)steps, tok_s);
   if (be->device() == Device::CUDA) std::printf(" | MFU %.1f%% (of 790 TFLOP/s per GPU)", mfu * 100);
   if (int64_t peak = be->peak_memory_bytes(); peak > 0)

@@ -54,6 +54,11 @@ class Mamba2LM {
   // state's gradient goes back the other way; the conv halo likewise. `cp` lives on the
   // backend's memory; null turns it off.
   void set_context_parallel(Communicator* cp);
+  // Bytes one rank sends per layer and step, forward and backward together: the SSD state and
+  // the conv halo each way (independent of the sequence length). 0 without context parallelism.
+  int64_t cp_bytes_per_layer() const {
+    return cp_ ? 2 * (cp_final_.nbytes() + cp_send_.nbytes()) : 0;
+  }
 
   // Initialises every parameter from the table's rules (seeded; independent of backend).
   void init(uint64_t seed);

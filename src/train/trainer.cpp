@@ -294,6 +294,10 @@ TrainResult Trainer::run() {
       std::to_string(layout_.dp) + (layout_.world > 1 ? (layout_.comm_nccl ? "; NCCL" : "; MPI") : "") +
       (cfg_.parallel.zero ? ", ZeRO-1" : "") + "; " + std::to_string(sync_->num_buckets()) +
       " gradient bucket(s)");
+  if (layout_.cp > 1)
+    log("context parallel: segments of " + std::to_string(L / layout_.cp) + " tokens; each rank "
+        "sends " + std::to_string(model_->cp_bytes_per_layer() >> 10) + " KiB per layer and step "
+        "(SSD state and conv halo, forward and backward)");
   if (cfg_.parallel.zero)
     log("ZeRO-1: AdamW moments " + std::to_string(sync_->moment_bytes() >> 20) + " MiB on each rank instead of " +
         std::to_string(sync_->unsharded_moment_bytes() >> 20) + " MiB");

@@ -1,0 +1,85 @@
+// The parallel layouts on the CUDA backend (run by ctest under mpirun -np 4; skips without a
+// GPU). NCCL refuses several ranks on one GPU, so the ranks share it over the MPI communicator
+// (parallel.comm=mpi, staged through host memory): this checks the CUDA kernels at the shapes a
+// layout gives them (SSD segments that start from a handed-on state and return its gradient, the
+// conv halo's row copies) against the one-process CPU reference, at the bf16 tolerance of the
+// GPU-vs-CPU model test.
+#include <gtest/gtest.h>
+
+#include <numeric>
+
+#include "config/config.h"
+#include "data/data.h"
+#include "dist/grid.h"
+#include "model/mamba2.h"
+#include "mpi_main.h"
+#include "testutil.h"
+#include "train/grad_sync.h"
+#include "train/trainer.h"
+
+using namespace ssd;
+
+namespace {
+
+// Sizes the CUDA SSD kernels support (headdim 32, d_state 64, chunk 64), two groups; sequences
+// of 256 tokens: 2 segments of 2 chunks, or 4 of one.
+const char* kModel =
+    "model: {d_model: 64, n_layer: 2, d_state: 64, headdim: 32, ngroups: 2, chunk_size: 64, "
+    "vocab_size: 300}\n"
+    "train: {seq_len: 256, micro_batch: 2, global_batch: 4}\n"
+    "data: {kind: mqar, mqar_num_pairs: 8, mqar_key_vocab: 64, mqar_value_vocab: 64}\n"
+    "parallel: {comm: mpi, bucket_mb: 0.1}\n";
+
+struct Grads {
+  double loss = 0;
+  std::vector<std::vector<float>> g;
+};
+
+Grads step(const std::vector<std::string>& sets, MPI_Comm comm, bool gpu) {
+  Config cfg = parse_config(kModel, sets, "mpitest");
+  int n = 1;
+  MPI_Comm_size(comm, &n);
+  auto be = gpu ? make_cuda_backend(0) : make_cpu_backend(DType::F32);
+  Layout l = resolve_layout(cfg, n, gpu);
+  ProcessGrid grid(l, comm);
+  grid.attach(*be);
+  auto data = make_data_source(cfg);
+  Mamba2LM model(cfg.model, *be, l.micro_batch, cfg.train.seq_len / l.cp, false,
+                 std::lcm<int64_t>(64, l.dp * l.cp));
+  model.init(7);
+  model.set_context_parallel(&grid.dev(Group::Cp));
+  GradSync sync(model, *be, grid, cfg.parallel, 0.0);
+  Tensor stats = model.new_stats();
+  Grads out;
+  out.loss = compute_gradients(model, sync, grid, *data, l, 0, cfg.train.seq_len, stats).loss;
+  out.g = sync.gathered_grads();
+  return out;
+}
+
+}  // namespace
+
+TEST(CudaLayouts, ShardedShapesMatchTheCpuReference) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA GPU here (or built without CUDA)";
+  const int r = process_info().rank;
+  const Grads ref = step({}, MPI_COMM_SELF, false);
+  struct Case { int n; std::vector<std::string> sets; };
+  for (const Case& k : {Case{1, {}}, Case{2, {}}, Case{2, {"parallel.cp=2"}},
+                        Case{4, {"parallel.cp=4"}}, Case{4, {"parallel.cp=2", "parallel.zero=1"}}}) {
+    MPI_Comm c;
+    MPI_Comm_split(MPI_COMM_WORLD, r / k.n, r, &c);
+    Grads got = step(k.sets, c, true);
+    std::string what = "np=" + std::to_string(k.n);
+    for (const auto& s : k.sets) what += " " + s;
+    EXPECT_NEAR(got.loss, ref.loss, 1e-2 * ref.loss) << what;
+    const auto table = param_table(parse_config(kModel, {}, "t").model);
+    double worst = 0;
+    for (size_t i = 0; i < ref.g.size(); ++i) {
+      const double e = ssdtest::rel_err(got.g[i], ref.g[i]);
+      worst = std::max(worst, e);
+      EXPECT_LT(e, 5e-2) << what << ": " << table[i].name;
+    }
+    if (r == 0) std::printf("%s: loss %.6f vs CPU %.6f, worst relative gradient error %.3e\n",
+                            what.c_str(), got.loss, ref.loss, worst);
+    MPI_Comm_free(&c);
+  }
+}
