@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <csignal>
+#include <cstring>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -14,6 +15,7 @@
 #include "io/checkpoint.h"
 #include "io/export.h"
 #include "model/mamba2.h"
+#include "train/run_dir.h"
 #include "train/schedule.h"
 
 namespace fs = std::filesystem;
@@ -47,18 +49,10 @@ void from_host_f32(Backend& be, Tensor& t, const std::vector<float>& v) {
   }
 }
 
-// Writes a small text file atomically (temp name, then rename).
+// Writes a small text file atomically through the checked I/O path (io/checkpoint.h), which
+// names errno (ENOSPC...) and removes its temp file on any failure.
 void write_text_atomic(const fs::path& path, const std::string& text) {
-  fs::path tmp = path;
-  tmp += ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::trunc);
-    if (!f) fail("cannot write '", tmp.string(), "'");
-    f << text;
-    f.flush();
-    if (!f) fail("error writing '", tmp.string(), "'");
-  }
-  fs::rename(tmp, path);
+  write_file_atomic(path.string(), text);
 }
 
 // Keeps only the metrics lines of steps <= last_step (a resumed run rewrites what follows).
@@ -123,6 +117,8 @@ class Trainer {
     if (!grid_.is_root()) return;
     metrics_ << json << "\n";
     metrics_.flush();
+    if (!metrics_)  // e.g. the disk filled up: stop rather than lose the record silently
+      fail("cannot write ", cfg_.run.dir, "/metrics.jsonl: ", std::strerror(errno));
   }
   std::pair<double, double> evaluate();
 
@@ -156,7 +152,13 @@ void Trainer::start_state() {
 
   if (!resume_from.empty()) {
     CheckpointData ck = read_checkpoint(resume_from);
+    // The stored config first: "model.d_model differs" says more than a shape mismatch.
+    for (const auto& note : check_resume_config(cfg_, ck.config_yaml, resume_from)) log(note);
     check_checkpoint_shapes(ck, param_shapes(model_.table()));
+    check_checkpoint_finite(ck);
+    if (!tc.init_from.empty())
+      log("note: train.init_from=" + tc.init_from + " is ignored: resuming the run from " +
+          resume_from + " (init_from only starts a run that has no checkpoint yet)");
     model_.load_params(ck.params);
     for (size_t i = 0; i < slots_.size(); ++i) {
       from_host_f32(*be_, slots_[i].m, ck.adam_m[i].data);
@@ -184,6 +186,10 @@ void Trainer::save_checkpoint() {
     ck.step = step_;
     ck.config_yaml = config_to_yaml(cfg_);
     ck.params = model_.named_params_to_host();
+    if (!std::isfinite(be_->sum_squares(model_.params())))
+      fail("step ", step_, ": the update made the parameters non-finite; no checkpoint written. "
+           "The last good checkpoint is ", last_ckpt_.empty() ? std::string("(none written yet)")
+           : last_ckpt_, ". Lower train.lr.");
     for (size_t i = 0; i < ck.params.size(); ++i) {
       ck.adam_m.push_back({ck.params[i].name, ck.params[i].shape, to_host_f32(*be_, slots_[i].m)});
       ck.adam_v.push_back({ck.params[i].name, ck.params[i].shape, to_host_f32(*be_, slots_[i].v)});
@@ -216,11 +222,14 @@ std::pair<double, double> Trainer::evaluate() {
 TrainResult Trainer::run() {
   const auto& tc = cfg_.train;
   TrainResult res;
+  // The run directory: made only now that the config, data and backend are known good; locked
+  // before any checkpoint of it is read (run_dir.h).
+  RunDir run_dir;
+  if (grid_.is_root()) run_dir = open_run_dir(cfg_);
+  for (const auto& note : run_dir.notes) log(note);
   start_state();
 
-  // The run directory: made only now that the config, data and backend are known good.
   if (grid_.is_root()) {
-    fs::create_directories(cfg_.run.dir);
     write_text_atomic(fs::path(cfg_.run.dir) / "config.yaml", config_to_yaml(cfg_));
     fs::path mpath = fs::path(cfg_.run.dir) / "metrics.jsonl";
     truncate_metrics(mpath, step_);
@@ -271,7 +280,13 @@ TrainResult Trainer::run() {
              ". Lower train.lr, or set train.on_nan=skip to skip such steps.");
       ++skipped;
       log("warning: step " + std::to_string(step) + " has a non-finite loss/gradient; update skipped (train.on_nan=skip)");
+      if (skipped > tc.max_skipped_steps)
+        fail("step ", step, ": ", skipped, " steps skipped for a non-finite loss or gradient, more "
+             "than train.max_skipped_steps=", tc.max_skipped_steps, "; stopping. The last good "
+             "checkpoint is ", last_ckpt_.empty() ? std::string("(none written yet)") : last_ckpt_,
+             ". Lower train.lr, or raise train.max_skipped_steps.");
       step_ = step;
+      if (step == tc.max_steps) save_checkpoint();  // the last step is always saved
       continue;
     }
     AdamWHyper h;
@@ -320,8 +335,10 @@ TrainResult Trainer::run() {
       res.last_eval_loss = el;
       res.last_eval_acc = ea;
       char line[256];
-      std::snprintf(line, sizeof line, "eval step %lld | loss %.4f%s", (long long)step, el,
-                    acc_metric ? (" | acc " + std::to_string(ea).substr(0, 5)).c_str() : "");
+      std::snprintf(line, sizeof line, "eval step %lld%s | loss %.4f%s", (long long)step,
+                    data_->eval_is_training_data()
+                        ? " (no held-out data, data.val_fraction=0: on training data)" : "",
+                    el, acc_metric ? (" | acc " + std::to_string(ea).substr(0, 5)).c_str() : "");
       log(line);
       char js[256];
       std::snprintf(js, sizeof js, "{\"step\": %lld, \"eval_loss\": %.6f, \"eval_acc\": %.6f}",
@@ -398,6 +415,10 @@ void install_stop_handlers() {
   sigaction(SIGTERM, &sa, nullptr);
   sigaction(SIGINT, &sa, nullptr);
   sigaction(SIGUSR1, &sa, nullptr);
+  sigaction(SIGHUP, &sa, nullptr);  // a closed terminal or ssh session: stop like SIGTERM
+  // `ssdtrain train | head`: a closed stdout must not kill the run; writes then fail with EPIPE
+  // and the log just goes nowhere (checkpoints and metrics.jsonl are files).
+  signal(SIGPIPE, SIG_IGN);
 }
 
 bool stop_requested(int* sig) {
