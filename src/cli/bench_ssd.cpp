@@ -16,6 +16,20 @@
 #include <string>
 #include <vector>
 
+namespace ssd {
+namespace {
+// Outside the CUDA part: a build without CUDA still answers --help.
+const char* kBenchSsdUsage =
+    "usage: ssdtrain bench ssd [--batch N] [--seqlen N] [--heads N] [--headdim N]\n"
+    "                          [--groups N] [--dstate N] [--chunk N] [--iters N]\n"
+    "                          [--warmup N] [--variant 1|2] [--recompute]\n"
+    "defaults: 8 2048 48 64 1 128 256, 20 iterations after 5 warm-up runs;\n"
+    "--variant: SSD kernel variant (default: SSD_KERNEL_VARIANT, else 2)\n"
+    "--recompute: the backward recomputes the forward's intermediates (default: the\n"
+    "             forward saves them, as in training)\n";
+}  // namespace
+}  // namespace ssd
+
 #ifdef SSD_HAVE_CUDA
 #include <cuda_runtime.h>
 
@@ -40,14 +54,7 @@ bool parse(int argc, char** argv, Flags& f) {
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--help" || a == "-h") {
-      std::printf(
-          "usage: ssdtrain bench ssd [--batch N] [--seqlen N] [--heads N] [--headdim N]\n"
-          "                          [--groups N] [--dstate N] [--chunk N] [--iters N]\n"
-          "                          [--warmup N] [--variant 1|2] [--recompute]\n"
-          "defaults: 8 2048 48 64 1 128 256, 20 iterations after 5 warm-up runs;\n"
-          "--variant: SSD kernel variant (default: SSD_KERNEL_VARIANT, else 2)\n"
-          "--recompute: the backward recomputes the forward's intermediates (default: the\n"
-          "             forward saves them, as in training)\n");
+      std::fputs(kBenchSsdUsage, stdout);
       return false;
     }
     if (a == "--recompute") {
@@ -315,7 +322,10 @@ int run_bench_ssd(int argc, char** argv) {
 
 #else  // !SSD_HAVE_CUDA
 
-int run_bench_ssd(int, char**) {
+int run_bench_ssd(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i)
+    if (!std::strcmp(argv[i], "--help") || !std::strcmp(argv[i], "-h"))
+      return std::fputs(kBenchSsdUsage, stdout), 0;
   std::fprintf(stderr, "bench ssd: this ssdtrain was built without CUDA support\n");
   return 2;
 }

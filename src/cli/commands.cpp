@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <numeric>
+#include <sstream>
 
 #include "backend/backend.h"
 #include "cli/bench_ssd.h"
@@ -18,6 +19,8 @@
 #include "train/grad_sync.h"
 #include "io/export.h"
 #include "model/mamba2.h"
+#include "config/sizes.h"
+#include "train/run_dir.h"
 #include "train/trainer.h"
 
 namespace fs = std::filesystem;
@@ -64,6 +67,58 @@ void no_more(const std::vector<std::string>& args, const char* cmd) {
   if (!args.empty()) fail("unexpected argument '", args[0], "' for '", cmd, "' (see --help)");
 }
 
+// `--help` or `-h` anywhere among a command's arguments: print its usage to stdout, exit 0.
+bool help(const std::vector<std::string>& args, const char* usage) {
+  for (const auto& a : args)
+    if (a == "--help" || a == "-h") {
+      std::fputs(usage, stdout);
+      return true;
+    }
+  return false;
+}
+
+const char* kTrainUsage =
+    "usage: ssdtrain train [--config FILE] [--set section.key=value ...]\n"
+    "Trains on train.device (auto: GPU when present). Writes <run.dir>/config.yaml,\n"
+    "metrics.jsonl and checkpoints; resumes from the newest checkpoint (train.resume=auto).\n"
+    "SIGTERM/SIGINT/SIGHUP/SIGUSR1 finish the step, write a checkpoint and exit.\n"
+    "  --config FILE          YAML config (default: the built-in configs/default.yaml)\n"
+    "  --set section.key=V    override one key (repeatable)\n";
+const char* kEvalUsage =
+    "usage: ssdtrain eval --checkpoint FILE [--set section.key=value ...]\n"
+    "Loss and accuracy of a checkpoint on run.eval_batches batches of its evaluation data\n"
+    "(held-out data; the training data when there is none). Exits 1 if the loss is not finite.\n"
+    "  --checkpoint FILE      a step_*.h5 file\n"
+    "  --set section.key=V    override a key of the checkpoint's stored config (repeatable)\n";
+const char* kExportUsage =
+    "usage: ssdtrain export --checkpoint FILE --out DIR [--dtype fp32|bf16] [--format hf|mamba_ssm]\n"
+    "                       [--with-reference]\n"
+    "Writes DIR/model.safetensors and DIR/config.json (Hugging Face Mamba2ForCausalLM or\n"
+    "mamba_ssm), replacing the files an earlier export left there.\n"
+    "  --checkpoint FILE      a step_*.h5 file\n"
+    "  --out DIR              output directory (created if needed)\n"
+    "  --dtype fp32|bf16      weight dtype (default fp32)\n"
+    "  --format hf|mamba_ssm  parameter names and config.json layout (default hf)\n"
+    "  --with-reference       also write DIR/reference.json: logits on fixed tokens, for\n"
+    "                         scripts/check_hf_export.py\n";
+const char* kConfigUsage =
+    "usage: ssdtrain config [--config FILE] [--set section.key=value ...]\n"
+    "Prints the fully resolved config (every key, defaults included) and checks it.\n"
+    "  --config FILE          YAML config (default: the built-in configs/default.yaml)\n"
+    "  --set section.key=V    override one key (repeatable)\n";
+const char* kBenchUsage =
+    "usage: ssdtrain bench ssd|train [options]\n"
+    "  ssd     times the CUDA SSD kernels ('ssdtrain bench ssd --help' for its flags)\n"
+    "  train   times whole training steps ('ssdtrain bench train --help' for its flags)\n";
+const char* kBenchTrainUsage =
+    "usage: ssdtrain bench train [--config FILE] [--set section.key=value ...] [--steps N]\n"
+    "                            [--breakdown]\n"
+    "Times whole optimizer steps (forward, backward, AdamW) on the configured backend.\n"
+    "  --config FILE          YAML config (default: the built-in configs/default.yaml)\n"
+    "  --set section.key=V    override one key (repeatable)\n"
+    "  --steps N              timed steps after 2 warm-up steps (default 10)\n"
+    "  --breakdown            per-op device times (CUDA backend)\n";
+
 std::vector<std::string> take_sets(std::vector<std::string>& args) {
   std::vector<std::string> sets;
   for (size_t i = 0; i < args.size();) {
@@ -95,15 +150,17 @@ Config config_from_args(const std::vector<std::string>& in, std::vector<std::str
 
 int cmd_train(const std::vector<std::string>& in) {
   std::vector<std::string> args;
-  if (std::find(in.begin(), in.end(), "--help") != in.end()) {
-    std::printf("usage: ssdtrain train [--config FILE] [--set section.key=value ...]\n"
-                "Trains on train.device (auto: GPU when present). Writes <run.dir>/config.yaml,\n"
-                "metrics.jsonl and checkpoints; resumes from the newest checkpoint (train.resume=auto).\n"
-                "SIGTERM/SIGINT/SIGUSR1 finish the step, write a checkpoint and exit.\n");
-    return 0;
-  }
-  Config cfg = config_from_args(in, &args);
-  no_more(args, "train");
+  if (help(in, kTrainUsage)) return 0;
+  Config cfg;
+  // Every rank checks the config; an error on any rank ends every rank, printed once.
+  agree(MPI_COMM_WORLD, [&] {
+    cfg = config_from_args(in, &args);
+    no_more(args, "train");
+    // Before any work: every path the run writes (rank 0 alone writes them), and the memory
+    // the model needs.
+    if (process_info().rank == 0) check_run_paths_writable(cfg);
+    check_fits_host_memory(cfg, cfg.train.device == "cpu" || cuda_device_count() == 0);
+  });
   install_stop_handlers();
   TrainResult r = train(cfg);
   (void)r;
@@ -111,6 +168,7 @@ int cmd_train(const std::vector<std::string>& in) {
 }
 
 int cmd_eval(const std::vector<std::string>& in) {
+  if (help(in, kEvalUsage)) return 0;
   std::vector<std::string> args = in;
   auto sets = take_sets(args);
   std::string ckpt = take(args, "--checkpoint");
@@ -119,6 +177,7 @@ int cmd_eval(const std::vector<std::string>& in) {
   CheckpointData ck = read_checkpoint(ckpt);
   Config cfg = parse_config(ck.config_yaml, sets, ckpt + " (stored config)");
   check_checkpoint_shapes(ck, param_shapes(param_table(cfg.model)));
+  check_checkpoint_finite(ck);
   auto be = make_backend_for(cfg, process_info().local_rank);
   Mamba2LM model(cfg.model, *be, cfg.train.micro_batch, cfg.train.seq_len);
   model.load_params(ck.params);
@@ -137,10 +196,14 @@ int cmd_eval(const std::vector<std::string>& in) {
   std::printf("eval %s (step %lld): loss %.4f%s, accuracy %.4f over %.0f tokens\n", ckpt.c_str(),
               (long long)ck.step, loss, eval_metrics_text(cfg, loss).c_str(),
               s[2] / std::max(1.0, s[1]), s[1]);
+  if (data->eval_is_training_data()) std::printf("(no held-out data: evaluated on training data)\n");
+  if (!std::isfinite(loss))
+    fail("the loss of ", ckpt, " is not finite (", loss, "): the model has diverged");
   return 0;
 }
 
 int cmd_export(const std::vector<std::string>& in) {
+  if (help(in, kExportUsage)) return 0;
   std::vector<std::string> args = in;
   std::string ckpt = take(args, "--checkpoint");
   std::string out = take(args, "--out");
@@ -157,6 +220,7 @@ int cmd_export(const std::vector<std::string>& in) {
   CheckpointData ck = read_checkpoint(ckpt);
   Config cfg = parse_config(ck.config_yaml, {}, ckpt + " (stored config)");
   check_checkpoint_shapes(ck, param_shapes(param_table(cfg.model)));
+  check_checkpoint_finite(ck);
   if (format == "mamba_ssm" && cfg.model.norm_eps != 1e-5)
     std::fprintf(stderr, "warning: model.norm_eps is %g but mamba_ssm always uses 1e-5; the "
                  "exported model will compute slightly different outputs there\n", cfg.model.norm_eps);
@@ -164,6 +228,15 @@ int cmd_export(const std::vector<std::string>& in) {
     std::fprintf(stderr, "warning: model.ngroups is %lld; transformers' Mamba2 (torch path) "
                  "normalises the gated RMSNorm over all of d_inner, not per group as mamba_ssm and "
                  "ssdtrain do, so its outputs will differ\n", (long long)cfg.model.ngroups);
+  // A reference.json of an earlier export into this directory would describe other weights
+  // (scripts/check_hf_export.py would then fail a correct export): remove it before anything
+  // else, so no moment pairs it with the new files. Rewritten below with --with-reference.
+  {
+    const fs::path stale = fs::path(out) / "reference.json";
+    std::error_code ec;
+    if (fs::remove(stale, ec); ec)
+      fail("cannot remove the earlier export's ", stale.string(), ": ", ec.message());
+  }
   export_model(cfg.model, ck.params, out,
                format == "hf" ? ExportFormat::HuggingFace : ExportFormat::MambaSsm,
                dtype == "bf16" ? ExportDType::BF16 : ExportDType::F32);
@@ -184,7 +257,7 @@ int cmd_export(const std::vector<std::string>& in) {
     auto logits = model.logits(tok.data());
     const int64_t V = cfg.model.padded_vocab();
     fs::path ref = fs::path(out) / "reference.json";
-    std::ofstream f(ref);
+    std::ostringstream f;
     f << "{\"tokens\": [";
     for (int64_t t = 0; t < L; ++t) f << (t ? ", " : "") << tok[t];
     f << "], \"logits\": [";
@@ -198,13 +271,14 @@ int cmd_export(const std::vector<std::string>& in) {
       f << "]";
     }
     f << "]}\n";
-    if (!f) fail("cannot write '", ref.string(), "'");
+    write_file_atomic(ref.string(), f.str());
     std::printf("wrote %s\n", ref.string().c_str());
   }
   return 0;
 }
 
 int cmd_config(const std::vector<std::string>& in) {
+  if (help(in, kConfigUsage)) return 0;
   std::vector<std::string> args;
   Config cfg = config_from_args(in, &args);
   no_more(args, "config");
@@ -244,6 +318,7 @@ void print_breakdown(Backend& be, int64_t steps, double step_median, StepFn&& on
 
 // Times whole optimizer steps (forward, backward, AdamW) on the configured backend.
 int bench_train(const std::vector<std::string>& in) {
+  if (help(in, kBenchTrainUsage)) return 0;
   std::vector<std::string> args;
   Config cfg = config_from_args(in, &args);
   std::string steps_s = take(args, "--steps");
@@ -340,6 +415,7 @@ int bench_train(const std::vector<std::string>& in) {
 }  // namespace
 
 int cmd_bench(const std::vector<std::string>& args, int argc, char** argv) {
+  if (!args.empty() && (args[0] == "--help" || args[0] == "-h")) return help(args, kBenchUsage), 0;
   if (args.empty()) fail("bench needs a target: ssd or train");
   if (args[0] == "ssd") return run_bench_ssd(argc - 1, argv + 1);
   if (args[0] == "train") return bench_train({args.begin() + 1, args.end()});

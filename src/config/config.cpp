@@ -4,12 +4,15 @@
 
 #include <algorithm>
 #include <charconv>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <set>
 #include <sstream>
 
+#include "config/sizes.h"
 #include "core/error.h"
 #include "data/blend.h"
 
@@ -23,15 +26,26 @@ struct Field {
   std::function<void(const Config&, YAML::Emitter&)> write;
 };
 
+// "a string", "an integer": the article of a type name.
+std::string with_article(const char* type_name) {
+  return std::string(std::strchr("aeiou", type_name[0]) ? "an " : "a ") + type_name;
+}
+
 template <class T>
 T as(const YAML::Node& n, const std::string& key, const char* type_name) {
-  if (!n.IsScalar()) fail("config key '", key, "': expected a ", type_name, ", got a ",
+  if (!n.IsScalar()) fail("config key '", key, "': expected ", with_article(type_name), ", got a ",
                           n.IsMap() ? "mapping" : n.IsSequence() ? "list" : "null value");
+  T v;
   try {
-    return n.as<T>();
+    v = n.as<T>();
   } catch (const YAML::Exception&) {
-    fail("config key '", key, "': expected a ", type_name, ", got '", n.Scalar(), "'");
+    fail("config key '", key, "': expected ", with_article(type_name), ", got '", n.Scalar(), "'");
   }
+  // YAML spells infinities and NaN as numbers (.inf, .nan); no key means them.
+  if constexpr (std::is_floating_point_v<T>)
+    if (!std::isfinite(v))
+      fail("config key '", key, "': expected a finite number, got '", n.Scalar(), "'");
+  return v;
 }
 
 template <class T>
@@ -97,6 +111,8 @@ const std::vector<Field>& fields() {
       field("train.resume", &Config::train, &TrainConfig::resume),
       field("train.init_from", &Config::train, &TrainConfig::init_from),
       field("train.on_nan", &Config::train, &TrainConfig::on_nan),
+      field("train.max_skipped_steps", &Config::train, &TrainConfig::max_skipped_steps),
+      field("train.resume_config", &Config::train, &TrainConfig::resume_config),
       field("train.stop_after", &Config::train, &TrainConfig::stop_after),
       field("train.recompute", &Config::train, &TrainConfig::recompute),
 
@@ -169,6 +185,24 @@ void apply_override(YAML::Node& root, const std::string& ov) {
   root[key.substr(0, dot)][key.substr(dot + 1)] = v;
 }
 
+// yaml-cpp keeps a mapping's repeated keys and lookups see only one of them, so a repeated
+// section (merged) or key (one value silently lost) would go unnoticed: refuse both by name.
+void refuse_duplicates(const YAML::Node& root, const std::string& origin) {
+  std::set<std::string> sections;
+  for (auto it = root.begin(); it != root.end(); ++it) {
+    if (!it->first.IsScalar()) continue;  // reported by the section loop
+    const std::string section = it->first.Scalar();
+    if (!sections.insert(section).second)
+      fail(origin, ": config section '", section, "' appears twice (merge the two into one)");
+    if (!it->second.IsMap()) continue;
+    std::set<std::string> keys;
+    for (auto kv = it->second.begin(); kv != it->second.end(); ++kv)
+      if (kv->first.IsScalar() && !keys.insert(kv->first.Scalar()).second)
+        fail(origin, ": config key '", section, ".", kv->first.Scalar(),
+             "' appears twice in section '", section, "' (keep one)");
+  }
+}
+
 }  // namespace
 
 Config parse_config(const std::string& text, const std::vector<std::string>& overrides,
@@ -181,7 +215,19 @@ Config parse_config(const std::string& text, const std::vector<std::string>& ove
   }
   if (root.IsNull()) root = YAML::Node(YAML::NodeType::Map);
   if (!root.IsMap()) fail(origin, ": the top level must be a mapping of sections");
-  for (const auto& ov : overrides) apply_override(root, ov);
+  refuse_duplicates(root, origin);
+  // Which keys --set gave, so an error about one blames the --set and not the file.
+  std::vector<std::pair<std::string, std::string>> set_keys;  // key, the whole --set text
+  for (const auto& ov : overrides) {
+    apply_override(root, ov);
+    set_keys.emplace_back(ov.substr(0, ov.find('=')), ov);
+  }
+  auto source_of = [&](const std::string& message) {
+    for (auto it = set_keys.rbegin(); it != set_keys.rend(); ++it)  // the last --set wins
+      if (message.find("'" + it->first + "'") != std::string::npos)
+        return "--set " + it->second;
+    return origin;
+  };
 
   Config c;
   c.source = origin;
@@ -204,7 +250,7 @@ Config parse_config(const std::string& text, const std::vector<std::string>& ove
       try {
         f->read(c, kv->second);
       } catch (const Error& e) {
-        fail(origin, ": ", e.what());
+        fail(source_of(e.what()), ": ", e.what());
       }
     }
   }
@@ -215,7 +261,7 @@ Config parse_config(const std::string& text, const std::vector<std::string>& ove
   try {
     validate(c);
   } catch (const Error& e) {
-    fail(origin, ": ", e.what());
+    fail(source_of(e.what()), ": ", e.what());
   }
   return c;
 }
@@ -232,11 +278,12 @@ Config load_config(const std::string& path, const std::vector<std::string>& over
 
 void validate(const Config& c) {
   const auto& m = c.model;
+  // Both also refuse inf and NaN: a Config built in code, not parsed, can hold them.
   auto positive = [](const char* key, double v) {
-    if (!(v > 0)) fail("config key '", key, "' must be positive, got ", v);
+    if (!(v > 0) || !std::isfinite(v)) fail("config key '", key, "' must be positive and finite, got ", v);
   };
   auto non_negative = [](const char* key, double v) {
-    if (!(v >= 0)) fail("config key '", key, "' must be >= 0, got ", v);
+    if (!(v >= 0) || !std::isfinite(v)) fail("config key '", key, "' must be >= 0 and finite, got ", v);
   };
   positive("model.d_model", m.d_model);
   positive("model.n_layer", m.n_layer);
@@ -249,6 +296,7 @@ void validate(const Config& c) {
   positive("model.vocab_size", m.vocab_size);
   positive("model.pad_vocab_size_multiple", m.pad_vocab_size_multiple);
   positive("model.norm_eps", m.norm_eps);
+  check_sizes_sane(c);  // before any product below can overflow int64
   if (m.d_inner() % m.headdim != 0)
     fail("config key 'model.headdim' (", m.headdim, ") must divide d_inner = expand*d_model = ",
          m.d_inner());
@@ -276,6 +324,10 @@ void validate(const Config& c) {
     fail("config key 'train.recompute' must be none or layers, got '", t.recompute, "'");
   if (t.on_nan != "stop" && t.on_nan != "skip")
     fail("config key 'train.on_nan' must be stop or skip, got '", t.on_nan, "'");
+  non_negative("train.max_skipped_steps", t.max_skipped_steps);
+  if (t.resume_config != "check" && t.resume_config != "override")
+    fail("config key 'train.resume_config' must be check or override, got '", t.resume_config,
+         "'");
   if (t.resume.empty()) fail("config key 'train.resume' must be auto, never or a checkpoint path");
   if (t.resume != "auto" && t.resume != "never" && !std::filesystem::exists(t.resume))
     fail("config key 'train.resume': checkpoint '", t.resume, "' does not exist");

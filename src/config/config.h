@@ -52,6 +52,11 @@ struct TrainConfig {
   std::string resume = "auto";     // auto | never | PATH
   std::string init_from = "";      // exported model directory to start from
   std::string on_nan = "stop";     // stop | skip
+  int64_t max_skipped_steps = 10;  // on_nan=skip: more skipped steps than this in one run stop
+                                   // it like on_nan=stop (a run that only skips is broken)
+  std::string resume_config = "check";  // check: resuming under a config whose model or
+                                        // optimisation keys differ from the checkpoint's is
+                                        // refused; override: the new values win (logged)
   std::string recompute = "none";  // none | layers: keep only each layer's input and residual,
                                    // recompute the rest in the backward (less memory, ~1/3 more
                                    // compute)

@@ -24,6 +24,9 @@ class DataSource {
   virtual std::string describe() const = 0;
   // Whether argmax accuracy is a meaningful metric (MQAR: recall accuracy).
   virtual bool reports_accuracy() const { return false; }
+  // True when eval_batch has no held-out data and evaluates on training data instead (text
+  // with data.val_fraction 0): the log then says so rather than print it as a held-out loss.
+  virtual bool eval_is_training_data() const { return false; }
 };
 
 std::unique_ptr<DataSource> make_data_source(const Config& cfg);

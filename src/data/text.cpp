@@ -67,6 +67,7 @@ class TextBytes final : public DataSource {
       window(src, w * seqlen, tokens + b * seqlen, targets + b * seqlen, seqlen);
     }
   }
+  bool eval_is_training_data() const override { return val_.empty(); }  // nval is 0 or > seqlen
   std::string describe() const override {
     return "bytes of '" + path_ + "' (" + std::to_string(train_.size()) + " train, " +
            std::to_string(val_.size()) + " held out)";

@@ -24,6 +24,7 @@
 #include <bit>
 #include <cerrno>
 #include <charconv>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -114,8 +115,14 @@ std::string parent_dir(const std::string& path) {
 }
 }  // namespace
 
+std::string host_name() {
+  char buf[256] = {};
+  if (::gethostname(buf, sizeof buf - 1) != 0 || !buf[0]) return "localhost";
+  return buf;
+}
+
 std::string temp_path(const std::string& path) {
-  return path + ".tmp." + std::to_string(static_cast<long long>(::getpid()));
+  return path + ".tmp." + host_name() + "." + std::to_string(static_cast<long long>(::getpid()));
 }
 
 void commit_file(const std::string& tmp, const std::string& path) {
@@ -523,18 +530,87 @@ std::vector<std::string> manifest_list(const json::Value& m, const char* key,
 
 // ---------------------------------------------------------------------------------------------
 
+namespace {
+
+// Bob Jenkins' lookup3 hashlittle (public domain), byte-wise: HDF5's metadata checksum.
+uint32_t lookup3(const unsigned char* k, size_t length, uint32_t initval = 0) {
+  auto rot = [](uint32_t x, int r) { return (x << r) | (x >> (32 - r)); };
+  uint32_t a, b, c;
+  a = b = c = 0xdeadbeefu + static_cast<uint32_t>(length) + initval;
+  auto word = [&](size_t i) {
+    return uint32_t(k[i]) | uint32_t(k[i + 1]) << 8 | uint32_t(k[i + 2]) << 16 |
+           uint32_t(k[i + 3]) << 24;
+  };
+  while (length > 12) {
+    a += word(0);
+    b += word(4);
+    c += word(8);
+    a -= c; a ^= rot(c, 4);  c += b;
+    b -= a; b ^= rot(a, 6);  a += c;
+    c -= b; c ^= rot(b, 8);  b += a;
+    a -= c; a ^= rot(c, 16); c += b;
+    b -= a; b ^= rot(a, 19); a += c;
+    c -= b; c ^= rot(b, 4);  b += a;
+    length -= 12;
+    k += 12;
+  }
+  if (length == 0) return c;
+  unsigned char tail[12] = {};
+  std::memcpy(tail, k, length);
+  k = tail;
+  a += word(0);
+  b += word(4);
+  c += word(8);
+  c ^= b; c -= rot(b, 14);
+  a ^= c; a -= rot(c, 11);
+  b ^= a; b -= rot(a, 25);
+  c ^= b; c -= rot(b, 16);
+  a ^= c; a -= rot(c, 4);
+  b ^= a; b -= rot(a, 14);
+  c ^= b; c -= rot(b, 24);
+  return c;
+}
+
+// H5Fget_file_image (HDF5 1.10) clears the "file open for writing" flag in the image's
+// superblock (v2/v3) but keeps the checksum computed with the flag set, so the file it returns
+// fails to open ("incorrect metadata checksum"). Recompute it when it does not match.
+void fix_superblock_checksum(std::string& image) {
+  auto* p = reinterpret_cast<unsigned char*>(image.data());
+  if (image.size() < 12 || (p[8] != 2 && p[8] != 3)) return;  // versions 0/1 have no checksum
+  const size_t at = 12 + 4 * static_cast<size_t>(p[9]);        // 4 addresses of p[9] bytes
+  if (image.size() < at + 4) return;
+  const uint32_t want = lookup3(p, at);
+  uint32_t stored;
+  std::memcpy(&stored, p + at, 4);
+  if (stored != want) std::memcpy(p + at, &want, 4);  // little-endian host (static_assert above)
+}
+
+}  // namespace
+
+// HDF5 builds the file in memory (the core driver, no backing store) and never touches the
+// disk for a write: when HDF5 itself wrote the file and a write failed (ENOSPC, EIO), the
+// failed H5Fclose left the file half-closed inside the library, which then crashed in its
+// atexit shutdown (exit 139 after the error message). Here every byte reaches the disk through
+// write_file_atomic: one checked path that reports errno, removes its temp file and leaves no
+// HDF5 state behind. The cost is one in-memory copy of the file while it is written.
 void write_checkpoint(const std::string& path, const CheckpointData& ckpt) {
   validate_for_write(path, ckpt);
   QuietHdf5 quiet;
-  const std::string tmp = temp_path(path);
-  try {
+  std::string image;
+  {
+    size_t payload = 1 << 20;  // metadata, strings, state: small
+    for (const auto* g : {&ckpt.params, &ckpt.adam_m, &ckpt.adam_v})
+      for (const auto& t : *g) payload += t.data.size() * sizeof(float);
+    payload += ckpt.config_yaml.size();
     H5 fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
+    // The increment is the whole expected size, so the image is allocated once.
     if (!fapl.ok() || H5Pset_libver_bounds(fapl.get(), H5F_LIBVER_V18, H5F_LIBVER_LATEST) < 0 ||
-        H5Pset_fclose_degree(fapl.get(), H5F_CLOSE_STRONG) < 0)
+        H5Pset_fclose_degree(fapl.get(), H5F_CLOSE_STRONG) < 0 ||
+        H5Pset_fapl_core(fapl.get(), payload, /*backing_store=*/0) < 0)
       fail("cannot write checkpoint ", path, ": cannot set HDF5 file properties: ", h5_detail());
-    H5 file(H5Fcreate(tmp.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get()), H5Fclose);
+    H5 file(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get()), H5Fclose);
     if (!file.ok())
-      fail("cannot write checkpoint ", path, ": cannot create ", tmp, ": ", h5_detail());
+      fail("cannot write checkpoint ", path, ": cannot create the HDF5 image: ", h5_detail());
     {
       Writer w{file.get(), path};
       w.attr_i64(file.get(), "format_version", kCheckpointFormatVersion);
@@ -570,17 +646,20 @@ void write_checkpoint(const std::string& path, const CheckpointData& ckpt) {
       }
     }
     if (H5Fflush(file.get(), H5F_SCOPE_GLOBAL) < 0)
-      fail("cannot write checkpoint ", path, ": flushing ", tmp, " failed: ", h5_detail());
+      fail("cannot write checkpoint ", path, ": flushing the HDF5 image failed: ", h5_detail());
+    const ssize_t size = H5Fget_file_image(file.get(), nullptr, 0);
+    if (size <= 0) fail("cannot write checkpoint ", path, ": empty HDF5 image: ", h5_detail());
+    image.resize(static_cast<size_t>(size));
+    if (H5Fget_file_image(file.get(), image.data(), image.size()) != size)
+      fail("cannot write checkpoint ", path, ": cannot copy the HDF5 image: ", h5_detail());
+    fix_superblock_checksum(image);
     if (!file.close())
-      fail("cannot write checkpoint ", path, ": closing ", tmp, " failed: ", h5_detail());
-    try {
-      commit_file(tmp, path);
-    } catch (const Error& e) {
-      fail("cannot write checkpoint ", path, ": ", e.what());
-    }
-  } catch (...) {
-    ::unlink(tmp.c_str());
-    throw;
+      fail("cannot write checkpoint ", path, ": closing the HDF5 image failed: ", h5_detail());
+  }
+  try {
+    write_file_atomic(path, image);
+  } catch (const Error& e) {
+    fail("cannot write checkpoint ", path, ": ", e.what());
   }
 }
 
@@ -749,6 +828,20 @@ void check_checkpoint_shapes(const CheckpointData& ckpt, const std::vector<HostT
              shape_str((*group)[i].shape), " does not match parameter ", ckpt.params[i].name,
              " ", shape_str(ckpt.params[i].shape));
   }
+}
+
+void check_checkpoint_finite(const CheckpointData& ckpt) {
+  const std::string where =
+      ckpt.source.empty() ? std::string("checkpoint") : "checkpoint " + ckpt.source;
+  for (const auto& [gname, group] : {std::pair<const char*, const std::vector<HostTensor>*>{
+                                         "params", &ckpt.params},
+                                     {"adam_m", &ckpt.adam_m}, {"adam_v", &ckpt.adam_v}})
+    for (const auto& t : *group)
+      for (size_t i = 0; i < t.data.size(); ++i)
+        if (!std::isfinite(t.data[i]))
+          fail(where, ": dataset /", gname, "/", t.name, " holds a non-finite value (",
+               t.data[i], " at index ", i, "): the run had diverged when it was written; "
+               "resume from an older checkpoint");
 }
 
 }  // namespace ssd

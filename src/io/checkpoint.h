@@ -44,10 +44,17 @@ void prune_checkpoints(const std::string& dir, int64_t keep_last);
 // Checks a checkpoint's tensors against the parameter names/shapes expected; throws naming the
 // first mismatch (missing, unexpected, wrong shape).
 void check_checkpoint_shapes(const CheckpointData& ckpt, const std::vector<HostTensor>& expected);
+// Throws naming the file and dataset when a parameter or AdamW moment holds inf or NaN (a
+// diverged run's checkpoint: its CRCs are valid, so read_checkpoint, which keeps any bits,
+// accepts it). Every loader of a checkpoint for use (resume, eval, export) calls it.
+void check_checkpoint_finite(const CheckpointData& ckpt);
 
 // ---- File helpers shared by the I/O layer (checkpoints and exports) ----
-// "<path>.tmp.<pid>": where an atomic write puts its bytes before commit_file.
+// "<path>.tmp.<host>.<pid>": where an atomic write puts its bytes before commit_file. Host and
+// pid tell a later run whether the writer is still alive (train/run_dir.cpp removes the others).
 std::string temp_path(const std::string& path);
+// This host's name, as temp_path and the run-directory lock write it.
+std::string host_name();
 // fsyncs tmp, renames it to path, fsyncs path's directory. On failure removes tmp and throws.
 void commit_file(const std::string& tmp, const std::string& path);
 // Writes bytes to path atomically (temp_path, write, commit_file).

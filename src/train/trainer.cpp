@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <csignal>
+#include <cstring>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -19,6 +20,7 @@
 #include "io/checkpoint.h"
 #include "io/export.h"
 #include "model/mamba2.h"
+#include "train/run_dir.h"
 #include "train/schedule.h"
 
 namespace fs = std::filesystem;
@@ -30,18 +32,10 @@ std::atomic<int> g_stop_signal{0};
 
 void on_stop_signal(int sig) { g_stop_signal.store(sig); }
 
-// Writes a small text file atomically (temp name, then rename).
+// Writes a small text file atomically through the checked I/O path (io/checkpoint.h), which
+// names errno (ENOSPC...) and removes its temp file on any failure.
 void write_text_atomic(const fs::path& path, const std::string& text) {
-  fs::path tmp = path;
-  tmp += ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::trunc);
-    if (!f) fail("cannot write '", tmp.string(), "'");
-    f << text;
-    f.flush();
-    if (!f) fail("error writing '", tmp.string(), "'");
-  }
-  fs::rename(tmp, path);
+  write_file_atomic(path.string(), text);
 }
 
 // Keeps only the metrics lines of steps <= last_step (a resumed run rewrites what follows).
@@ -114,6 +108,8 @@ class Trainer {
     if (!grid_->is_root()) return;
     metrics_ << json << "\n";
     metrics_.flush();
+    if (!metrics_)  // e.g. the disk filled up: stop rather than lose the record silently
+      fail("cannot write ", cfg_.run.dir, "/metrics.jsonl: ", std::strerror(errno));
   }
   std::pair<double, double> evaluate();
   Communicator& world() { return grid_->host(Group::World); }
@@ -172,7 +168,13 @@ void Trainer::start_state() {
     agree(grid_->base(), [&] {
       if (!grid_->is_root()) return;
       ck = read_checkpoint(resume_from);
+      // The stored config first: "model.d_model differs" says more than a shape mismatch.
+      for (const auto& note : check_resume_config(cfg_, ck.config_yaml, resume_from)) log(note);
       check_checkpoint_shapes(ck, param_shapes(model_->table()));
+      check_checkpoint_finite(ck);
+      if (!tc.init_from.empty())
+        log("note: train.init_from=" + tc.init_from + " is ignored: resuming the run from " +
+            resume_from + " (init_from only starts a run that has no checkpoint yet)");
       auto get = [&](const char* key, int64_t fallback) {
         auto it = ck.state.find(key);
         return it != ck.state.end() && it->second.size() == 1 ? static_cast<int64_t>(it->second[0])
@@ -235,6 +237,10 @@ void Trainer::save_checkpoint() {
     ck.step = step_;
     ck.config_yaml = config_to_yaml(cfg_);
     ck.params = model_->named_params_to_host();
+    if (!std::isfinite(be_->sum_squares(model_->params())))
+      fail_all("step ", step_, ": the update made the parameters non-finite; no checkpoint written. "
+               "The last good checkpoint is ", last_ckpt_.empty() ? std::string("(none written yet)")
+               : last_ckpt_, ". Lower train.lr.");
     for (size_t i = 0; i < ck.params.size(); ++i) {
       ck.adam_m.push_back({ck.params[i].name, ck.params[i].shape, std::move(m[i])});
       ck.adam_v.push_back({ck.params[i].name, ck.params[i].shape, std::move(v[i])});
@@ -269,13 +275,18 @@ std::pair<double, double> Trainer::evaluate() {
 TrainResult Trainer::run() {
   const auto& tc = cfg_.train;
   TrainResult res;
+  // The run directory: made only now that the config, data and backend are known good; locked
+  // before any checkpoint of it is read (run_dir.h).
+  RunDir run_dir;
+  agree(grid_->base(), [&] {
+    if (grid_->is_root()) run_dir = open_run_dir(cfg_);
+  });
+  for (const auto& note : run_dir.notes) log(note);
   start_state();
 
   if (layout_.world > 1)
     for (const auto& line : grid_->describe_ranks()) log(line);
-  // The run directory: made only now that the config, data and backend are known good.
   if (grid_->is_root()) {
-    fs::create_directories(cfg_.run.dir);
     write_text_atomic(fs::path(cfg_.run.dir) / "config.yaml", config_to_yaml(cfg_));
     fs::path mpath = fs::path(cfg_.run.dir) / "metrics.jsonl";
     truncate_metrics(mpath, step_);
@@ -321,13 +332,19 @@ TrainResult Trainer::run() {
     const double gnorm = sync_->grad_norm();
     if (!std::isfinite(loss) || !std::isfinite(gnorm)) {
       if (tc.on_nan == "stop")
-        fail("step ", step, ": loss is ", loss, " and gradient norm ", gnorm,
+        fail_all("step ", step, ": loss is ", loss, " and gradient norm ", gnorm,
              " (not finite); stopping. The last good checkpoint is ",
              last_ckpt_.empty() ? std::string("(none written yet)") : last_ckpt_,
              ". Lower train.lr, or set train.on_nan=skip to skip such steps.");
       ++skipped_;
       log("warning: step " + std::to_string(step) + " has a non-finite loss/gradient; update skipped (train.on_nan=skip)");
+      if (skipped_ > tc.max_skipped_steps)
+        fail_all("step ", step, ": ", skipped_, " steps skipped for a non-finite loss or gradient, more "
+             "than train.max_skipped_steps=", tc.max_skipped_steps, "; stopping. The last good "
+             "checkpoint is ", last_ckpt_.empty() ? std::string("(none written yet)") : last_ckpt_,
+             ". Lower train.lr, or raise train.max_skipped_steps.");
       step_ = step;
+      if (step == tc.max_steps) save_checkpoint();  // the last step is always saved
       continue;
     }
     AdamWHyper h;
@@ -376,8 +393,10 @@ TrainResult Trainer::run() {
       res.last_eval_loss = el;
       res.last_eval_acc = ea;
       char line[256];
-      std::snprintf(line, sizeof line, "eval step %lld | loss %.4f%s", (long long)step, el,
-                    acc_metric ? (" | acc " + std::to_string(ea).substr(0, 5)).c_str() : "");
+      std::snprintf(line, sizeof line, "eval step %lld%s | loss %.4f%s", (long long)step,
+                    data_->eval_is_training_data()
+                        ? " (no held-out data, data.val_fraction=0: on training data)" : "",
+                    el, acc_metric ? (" | acc " + std::to_string(ea).substr(0, 5)).c_str() : "");
       log(line);
       char js[256];
       std::snprintf(js, sizeof js, "{\"step\": %lld, \"eval_loss\": %.6f, \"eval_acc\": %.6f}",
@@ -495,6 +514,10 @@ void install_stop_handlers() {
   sigaction(SIGTERM, &sa, nullptr);
   sigaction(SIGINT, &sa, nullptr);
   sigaction(SIGUSR1, &sa, nullptr);
+  sigaction(SIGHUP, &sa, nullptr);  // a closed terminal or ssh session: stop like SIGTERM
+  // `ssdtrain train | head`: a closed stdout must not kill the run; writes then fail with EPIPE
+  // and the log just goes nowhere (checkpoints and metrics.jsonl are files).
+  signal(SIGPIPE, SIG_IGN);
 }
 
 bool stop_requested(int* sig) {

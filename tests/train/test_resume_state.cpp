@@ -58,12 +58,12 @@ TEST(ResumeState, WithoutOptimizerStateResumesWithFreshMoments) {
   ck.adam_v.clear();
   fs::create_directories(b / "checkpoints");
   write_checkpoint(checkpoint_path((b / "checkpoints").string(), 4), ck);
-  TrainResult r = train(cfg(b, {"train.max_steps=8"}));
+  TrainResult r = train(cfg(b, {"train.max_steps=8", "train.resume_config=override"}));
   EXPECT_EQ(r.steps_done, 8);
   ASSERT_EQ(r.losses.size(), 4u);
   for (double l : r.losses) EXPECT_TRUE(std::isfinite(l));
   // Fresh moments change the trajectory: not the run that kept them.
-  TrainResult full = train(cfg(a, {"train.max_steps=8"}));
+  TrainResult full = train(cfg(a, {"train.max_steps=8", "train.resume_config=override"}));
   EXPECT_NE(full.last_loss, r.last_loss);
   fs::remove_all(a);
   fs::remove_all(b);

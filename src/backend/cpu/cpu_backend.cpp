@@ -1,5 +1,7 @@
 // The CPU backend: shape and dtype checks, then the templated reference kernels of cpu_ops.h.
 // One dtype for everything (f32 to train, f64 for gradient checks), host memory.
+#include <cblas.h>
+
 #include <cstdlib>
 #include <cstring>
 
@@ -257,6 +259,14 @@ class CpuBackend final : public Backend {
 }  // namespace
 
 std::unique_ptr<Backend> make_cpu_backend(DType dtype) {
+  // The CPU ops parallelise with OpenMP (over heads, rows, blocks) and call GEMMs from inside
+  // those regions. A multi-threaded OpenBLAS on top starts its own pool per call: on 2 cores
+  // that oversubscribed them (the default run took 60 s instead of 28 s), and its results
+  // depended on its thread count (it splits work differently), so losses changed with it.
+  // One BLAS thread: every GEMM's arithmetic is fixed, and OpenMP alone decides the threads;
+  // the OpenMP reductions use fixed blocks summed in order, so losses do not depend on
+  // OMP_NUM_THREADS either (tests/train/test_threads.cpp).
+  openblas_set_num_threads(1);
   return std::make_unique<CpuBackend>(dtype);
 }
 
