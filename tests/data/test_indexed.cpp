@@ -19,6 +19,7 @@
 #include "core/error.h"
 #include "data/data.h"
 #include "data/indexed_file.h"
+#include "data/metrics.h"
 #include "data/permutation.h"
 #include "io/json.h"
 
@@ -406,6 +407,20 @@ TEST_F(Indexed, ErrorsNameTheFileKeyAndPosition) {
   EXPECT_NE(e.find("pairs of weight and prefix"), std::string::npos) << e;
   e = error_of([&] { ssd::parse_config("", {"data.kind=indexed"}, "t"); });
   EXPECT_NE(e.find("data.path' is required"), std::string::npos) << e;
+}
+
+}  // namespace
+
+namespace {
+
+TEST(EvalMetrics, PerplexityForTokensBitsPerByteForText) {
+  ssd::Config c;
+  c.data.kind = "indexed";
+  EXPECT_EQ(ssd::eval_metrics_text(c, 2.0), "perplexity 7.389");  // e^2
+  c.data.kind = "text";
+  EXPECT_EQ(ssd::eval_metrics_text(c, 1.5 * 0.6931471805599453), "bits/byte 1.5000");
+  c.data.kind = "mqar";
+  EXPECT_EQ(ssd::eval_metrics_text(c, 1.0), "");
 }
 
 }  // namespace
