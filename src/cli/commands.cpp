@@ -193,8 +193,10 @@ int cmd_eval(const std::vector<std::string>& in) {
   const double loss = s[0] / std::max(1.0, s[1]);
   std::printf("eval %s (step %lld): %s\n", ckpt.c_str(), (long long)ck.step,
               data->describe().c_str());
+  std::string extra = eval_metrics_text(cfg, loss);
+  if (!extra.empty()) extra = ", " + extra;
   std::printf("eval %s (step %lld): loss %.4f%s, accuracy %.4f over %.0f tokens\n", ckpt.c_str(),
-              (long long)ck.step, loss, eval_metrics_text(cfg, loss).c_str(),
+              (long long)ck.step, loss, extra.c_str(),
               s[2] / std::max(1.0, s[1]), s[1]);
   if (data->eval_is_training_data()) std::printf("(no held-out data: evaluated on training data)\n");
   if (!std::isfinite(loss))

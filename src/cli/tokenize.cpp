@@ -186,12 +186,17 @@ int cmd_tokenize(const std::vector<std::string>& in) {
   std::vector<Doc> batch;
   int64_t batch_bytes = 0;
   auto flush = [&] {
+    // Largest documents first, so no thread is left with a long one at the end of the batch.
+    std::vector<size_t> order(batch.size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(),
+                     [&](size_t x, size_t y) { return batch[x].text.size() > batch[y].text.size(); });
     std::atomic<size_t> next{0};
     std::vector<std::exception_ptr> errors(threads);
     auto work = [&](int64_t t) {
       try {
         for (size_t i; (i = next.fetch_add(1)) < batch.size();) {
-          Doc& d = batch[i];
+          Doc& d = batch[order[i]];
           if (d.json_line) d.text = text_of_line(d, key);
           d.empty = d.text.empty();
           if (!d.empty) tok->encode(d.text, d.ids, &caches[t]);

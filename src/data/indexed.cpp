@@ -79,7 +79,7 @@ void read_span(const IndexedFile& f, const Split& s, int64_t at, int64_t n, int3
 class Indexed final : public DataSource {
  public:
   Indexed(const Config& cfg, uint64_t seed)
-      : seqlen_(cfg.train.seq_len), vocab_(cfg.model.vocab_size), path_(cfg.data.path) {
+      : seqlen_(cfg.train.seq_len), vocab_(cfg.model.vocab_size) {
     const double vf = cfg.data.val_fraction;
     for (const BlendPart& bp : parse_blend(cfg.data.path)) {
       Part p;
@@ -182,19 +182,18 @@ class Indexed final : public DataSource {
   }
 
  private:
+  // A local buffer, so samples can be made from several threads at once.
   void window(const Part& p, const Split& s, int64_t k, int32_t* tok, int32_t* tgt) const {
-    buf_.resize(seqlen_ + 1);
-    read_span(*p.file, s, k * seqlen_, seqlen_ + 1, buf_.data(), vocab_);
-    std::copy(buf_.begin(), buf_.end() - 1, tok);
-    std::copy(buf_.begin() + 1, buf_.end(), tgt);
+    std::vector<int32_t> buf(seqlen_ + 1);
+    read_span(*p.file, s, k * seqlen_, seqlen_ + 1, buf.data(), vocab_);
+    std::copy(buf.begin(), buf.end() - 1, tok);
+    std::copy(buf.begin() + 1, buf.end(), tgt);
   }
 
   int64_t seqlen_, vocab_;
-  std::string path_;
   std::vector<Part> parts_;
   std::vector<int32_t> slot_part_;
   std::vector<int64_t> slot_rank_, per_period_;
-  mutable std::vector<int32_t> buf_;
 };
 
 }  // namespace

@@ -9,7 +9,7 @@
 
 namespace ssd {
 
-// ", perplexity 12.34" / ", bits/byte 1.234" / "" (ready to append to a "loss X" line).
+// "perplexity 12.345" / "bits/byte 1.2345" / "" (MQAR), for the caller to join to its line.
 std::string eval_metrics_text(const Config& cfg, double mean_loss);
 
 }  // namespace ssd

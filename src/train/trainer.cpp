@@ -11,6 +11,7 @@
 #include <sstream>
 
 #include "data/data.h"
+#include "data/metrics.h"
 #include <cstring>
 #include <numeric>
 
@@ -397,7 +398,8 @@ TrainResult Trainer::run() {
                     data_->eval_is_training_data()
                         ? " (no held-out data, data.val_fraction=0: on training data)" : "",
                     el, acc_metric ? (" | acc " + std::to_string(ea).substr(0, 5)).c_str() : "");
-      log(line);
+      const std::string extra = eval_metrics_text(cfg_, el);
+      log(std::string(line) + (extra.empty() ? "" : " | " + extra));
       char js[256];
       std::snprintf(js, sizeof js, "{\"step\": %lld, \"eval_loss\": %.6f, \"eval_acc\": %.6f}",
                     (long long)step, el, ea);

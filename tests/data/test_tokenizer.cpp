@@ -108,19 +108,22 @@ class TokenizerErrors : public ::testing::Test {
     fs::create_directories(dir_);
   }
   void TearDown() override { fs::remove_all(dir_); }
-  // A minimal valid byte-level tokenizer.json with `edit` spliced in.
+  // A minimal byte-level tokenizer.json (256 byte tokens and "ab") with the given parts
+  // spliced in: extra model keys, a pre_tokenizer, extra top-level keys.
   std::string write(const std::string& model_extra, const std::string& pre = "",
                     const std::string& top_extra = "") {
+    // Every byte's character (two-byte UTF-8 at most: the map stays below U+0800).
     std::string vocab;
     for (int b = 0; b < 256; ++b) {
-      vocab += (b ? ", " : "") + ssd::json::dump(ssd::json::Value(
-                                     [&] {
-                                       uint32_t cp = ssd::byte_to_codepoint(static_cast<uint8_t>(b));
-                                       std::string u;
-                                       if (cp < 0x80) u += char(cp);
-                                       else { u += char(0xC0 | (cp >> 6)); u += char(0x80 | (cp & 0x3F)); }
-                                       return u;
-                                     }())) + ": " + std::to_string(b);
+      const uint32_t cp = ssd::byte_to_codepoint(static_cast<uint8_t>(b));
+      std::string u;
+      if (cp < 0x80) {
+        u += static_cast<char>(cp);
+      } else {
+        u += static_cast<char>(0xC0 | (cp >> 6));
+        u += static_cast<char>(0x80 | (cp & 0x3F));
+      }
+      vocab += (b ? ", " : "") + ssd::json::dump(ssd::json::Value(u)) + ": " + std::to_string(b);
     }
     const std::string text =
         "{" + top_extra + "\"pre_tokenizer\": " +
