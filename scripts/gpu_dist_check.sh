@@ -43,8 +43,10 @@ done
 compare /tmp/sgd_nccl /tmp/sgd_plain "NCCL zero=0 vs plain"
 compare /tmp/sgd_nccl_z1 /tmp/sgd_plain "NCCL zero=1 vs plain"
 
+# QUICK=1: the correctness runs only (no 130m timings, no 1.3b memory runs).
+[ "${QUICK:-0}" = 1 ] && reps="" || reps="1 2 3"
 step "130m step time: plain vs NCCL zero 0 / zero 1 (tokens/s of steps 21-60, 3 runs each)"
-for rep in 1 2 3; do
+for rep in $reps; do
   for v in "plain mpi 0" "nccl nccl 0" "nccl_z1 nccl 1"; do
     set -- $v
     rm -rf /tmp/s130_$1
@@ -80,7 +82,8 @@ for n in 50 100 200; do
 done
 
 step "1.3b at a long sequence: per-rank memory, cp=1 vs cp=2 (two processes sharing the GPU)"
-for L in 16384 32768; do
+[ "${QUICK:-0}" = 1 ] && lens="" || lens="16384"
+for L in $lens; do
   "$bin" bench train --config configs/mamba2-1.3b.yaml --steps 2 --set train.seq_len=$L \
     --set train.micro_batch=1 > "$OUT/b13_cp1_$L.log" 2>&1
   echo "cp=1 L=$L: $(grep -E '^step median' "$OUT/b13_cp1_$L.log")"
