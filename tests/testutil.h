@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
+#include <sstream>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -69,6 +70,14 @@ inline double dot(const std::vector<double>& w, const std::vector<double>& y) {
 }
 
 // step -> loss of the training lines of a run's metrics.jsonl.
+// The whole of a file as bytes ("" when it cannot be read).
+inline std::string read_file(const std::filesystem::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
 inline std::map<int, double> read_losses(const std::filesystem::path& metrics) {
   std::map<int, double> out;
   std::ifstream f(metrics);

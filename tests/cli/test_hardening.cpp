@@ -22,16 +22,13 @@
 #include "io/checkpoint.h"
 #include "train/run_dir.h"
 
+#include "testutil.h"
+
 namespace fs = std::filesystem;
 
 namespace {
 
-std::string read_file(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
+using ssdtest::read_file;
 
 std::string quote(const std::string& s) {
   std::string out = "'";

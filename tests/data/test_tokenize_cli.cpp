@@ -13,16 +13,12 @@
 #include "data/split_regex.h"
 #include "data/tokenizer.h"
 
+#include "testutil.h"
+
 namespace fs = std::filesystem;
 
 namespace {
 
-std::string slurp(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
 
 class TokenizeCli : public ::testing::Test {
  protected:
@@ -39,7 +35,7 @@ class TokenizeCli : public ::testing::Test {
   int run(const std::string& args, std::string* err = nullptr) {
     const std::string e = (dir_ / "stderr.txt").string();
     const int rc = std::system((std::string("'") + SSD_BINARY + "' tokenize " + args + " >/dev/null 2>'" + e + "'").c_str());
-    if (err) *err = slurp(e);
+    if (err) *err = ssdtest::read_file(e);
     fs::remove(e);
     return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128;
   }
@@ -85,8 +81,8 @@ TEST_F(TokenizeCli, DocumentsAreEncodedAndEndWithEos) {
   const std::string out1 = (dir_ / "one").string();
   ASSERT_EQ(run("--tokenizer '" + tokenizer_ + "' --input '" + (dir_ / "in").string() + "' '" +
                 (dir_ / "docs.jsonl").string() + "' --out '" + out1 + "' --threads 1"), 0);
-  EXPECT_EQ(slurp(out1 + ".bin"), slurp(out + ".bin"));
-  EXPECT_EQ(slurp(out1 + ".idx"), slurp(out + ".idx"));
+  EXPECT_EQ(ssdtest::read_file(out1 + ".bin"), ssdtest::read_file(out + ".bin"));
+  EXPECT_EQ(ssdtest::read_file(out1 + ".idx"), ssdtest::read_file(out + ".idx"));
 }
 
 TEST_F(TokenizeCli, FailuresNameTheCauseAndLeaveNoFiles) {
@@ -101,7 +97,7 @@ TEST_F(TokenizeCli, FailuresNameTheCauseAndLeaveNoFiles) {
   EXPECT_NE(err.find("line 1: no key 'body'"), std::string::npos) << err;
 
   // A tokenizer without an end-of-document token.
-  std::string j = slurp(tokenizer_);
+  std::string j = ssdtest::read_file(tokenizer_);
   const std::string eos = "<|endoftext|>";
   for (size_t p; (p = j.find(eos)) != std::string::npos;) j.replace(p, eos.size(), "<|something|>");
   put(dir_ / "noeos" / "tokenizer.json", j);

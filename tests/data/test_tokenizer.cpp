@@ -15,16 +15,12 @@
 #include "data/tokenizer.h"
 #include "io/json.h"
 
+#include "testutil.h"
+
 namespace fs = std::filesystem;
 
 namespace {
 
-std::string slurp(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
 
 std::string unhex(const std::string& h) {
   std::string out;
@@ -41,7 +37,7 @@ std::string show(const std::vector<int32_t>& v) {
 // Compares every case of a cases.json with the C++ tokenizer; returns the number checked.
 int check_cases(const fs::path& tokenizer, const fs::path& cases_file) {
   auto tok = ssd::Tokenizer::load(tokenizer.string());
-  auto j = ssd::json::parse(slurp(cases_file), cases_file.string());
+  auto j = ssd::json::parse(ssdtest::read_file(cases_file), cases_file.string());
   const bool roundtrip = j.find("roundtrip")->as_bool();
   int n = 0, bad = 0;
   ssd::BpeCache cache;  // one cache over all cases: cached and fresh merges must agree
