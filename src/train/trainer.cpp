@@ -114,7 +114,6 @@ class Trainer {
   }
   std::pair<double, double> evaluate();
   Communicator& world() { return grid_->host(Group::World); }
-  Communicator& dpcp() { return grid_->host(Group::DpCp); }
 
   Config cfg_;
   Layout layout_;
