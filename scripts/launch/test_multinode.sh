@@ -42,7 +42,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 ssdtrain="$root/build/ssdtrain"
 work=""
-checks="${SSD_MN_CHECKS:-a,b,c,l,d}"
+checks="${SSD_MN_CHECKS:-a,b,c,l,d,t,w}"
 strict="${SSD_MN_STRICT:-0}"
 keep=0
 while [ $# -gt 0 ]; do
@@ -217,9 +217,21 @@ mpi_run() {
   local nh=$1 sl=$2 log=$3 t=$4; shift 4
   local hf; hf="$(hostfile "$nh" "$sl")"
   local common; mapfile -t common < <(mpi_common)
-  echo "+ mpirun --hostfile $hf -np $((nh * sl)) --map-by ppr:$sl:node ${common[*]} $*" > "$log"
-  timeout -k 10 "$t" mpirun --hostfile "$hf" -np $((nh * sl)) --map-by "ppr:$sl:node" \
-    "${common[@]}" "$@" >> "$log" 2>&1
+  local try rc
+  for try in 1 2; do
+    echo "+ mpirun --hostfile $hf -np $((nh * sl)) --map-by ppr:$sl:node ${common[*]} $*" > "$log"
+    timeout -k 10 "$t" mpirun --hostfile "$hf" -np $((nh * sl)) --map-by "ppr:$sl:node" \
+      "${common[@]}" "$@" >> "$log" 2>&1
+    rc=$?
+    # OpenMPI's TCP transport sometimes fails to open a connection between two hosts on a loaded
+    # machine ("failed to TCP connect to a peer"): a fault of the launch, not of ssdtrain, which
+    # the watchdog then ends. Run such a job once more.
+    if [ $rc -ne 0 ] && [ $try = 1 ] && grep -q "failed to TCP connect to a peer" "$log"; then
+      say "$(basename "$log"): OpenMPI could not open a TCP connection between hosts; running it again"
+      continue
+    fi
+    return $rc
+  done
 }
 run_one() {  # LOG TIMEOUT_S CMD... : one process, no mpirun
   local log=$1 t=$2; shift 2
@@ -587,6 +599,35 @@ if has d; then
   lose_host d1-ranks-killed kill 90
   lose_host d2-link-down link 90
   say "d took $((SECONDS - t0)) s"
+fi
+# t: tensor-parallel groups stay on one host. 2 hosts x 1 slot with tp=2 must be refused naming
+# both hosts; 2 hosts x 2 slots puts each tp pair on one host (grid lines), then this version
+# refuses tp itself.
+if has t; then
+  t0=$SECONDS
+  mpi_run 2 1 "$work/logs/t1-across.log" 60 "$ssdtrain" train "${tiny[@]}" --set parallel.tp=2 \
+    --set run.dir="$work/runs/t1"
+  rc=$?
+  if [ $rc -ne 0 ] && grep -q "tensor-parallel group on hosts $prefix-h1 and $prefix-h2" "$work/logs/t1-across.log" &&
+     [ "$(grep -c "tensor-parallel group on hosts" "$work/logs/t1-across.log")" = 1 ]; then
+    record "t1 tp across hosts" PASS "tp=2 over 2 hosts x 1: refused once, naming both hosts (exit $rc)"
+  else
+    record "t1 tp across hosts" FAIL "exit $rc, no single message naming both hosts"; show_tail "$work/logs/t1-across.log"
+  fi
+  mpi_run 2 2 "$work/logs/t2-inside.log" 60 "$ssdtrain" train "${tiny[@]}" --set parallel.tp=2 \
+    --set run.dir="$work/runs/t2"
+  # tp pairs: ranks 2k and 2k+1 have tp ranks 0 and 1 on the same host
+  if msg="$(awk '/grid: rank/ { for (k = 1; k < NF; k++) kv[$k] = $(k + 1)
+                  r = kv["rank"]; h[r] = kv["host"]; t[r] = kv["tp"]; n++ }
+                END { if (n != 4) { print "  " n " grid lines"; exit 1 }
+                      for (r = 0; r < 4; r += 2)
+                        if (h[r] != h[r + 1] || t[r] != 0 || t[r + 1] != 1) { print "  ranks " r "," r + 1 ": " h[r] "/" t[r] " " h[r + 1] "/" t[r + 1]; bad = 1 }
+                      exit bad }' "$work/logs/t2-inside.log")"; then
+    record "t2 tp inside hosts" PASS "tp=2 over 2 hosts x 2: each tp pair on one host (grid lines); then refused: $(grep -o 'tensor parallelism is not available[^;]*' "$work/logs/t2-inside.log" | head -1)"
+  else
+    record "t2 tp inside hosts" FAIL "grid lines do not place tp pairs on one host"; echo "$msg"; show_tail "$work/logs/t2-inside.log"
+  fi
+  say "t took $((SECONDS - t0)) s"
 fi
 if has w; then
   t0=$SECONDS

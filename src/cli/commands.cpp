@@ -338,6 +338,7 @@ int bench_train(const std::vector<std::string>& in) {
   });
   if (breakdown && layout.world > 1) fail_all("bench train --breakdown times one process; run it without mpirun");
   ProcessGrid grid(layout);
+  check_layout_supported(layout);
   const int64_t align = std::lcm<int64_t>(64, layout.dp * layout.cp);
   Mamba2LM model(cfg.model, *be, cfg.train.micro_batch, cfg.train.seq_len / layout.cp,
                  cfg.train.recompute == "layers", align);

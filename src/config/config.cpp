@@ -389,6 +389,11 @@ void validate(const Config& c) {
   non_negative("train.global_batch", t.global_batch);
 }
 
+void check_layout_supported(const Layout& l) {
+  if (l.tp > 1)
+    fail_all("parallel.tp=", l.tp, ": tensor parallelism is not available in this version");
+}
+
 Layout resolve_layout(const Config& c, int64_t world, bool on_gpu) {
   const auto& p = c.parallel;
   const auto& t = c.train;
@@ -400,7 +405,6 @@ Layout resolve_layout(const Config& c, int64_t world, bool on_gpu) {
     fail("the job has ", world, " processes, which parallel.tp * parallel.cp = ", p.tp, " * ", p.cp,
          " = ", p.tp * p.cp, " does not divide; launch a multiple of ", p.tp * p.cp,
          " processes or change parallel.tp / parallel.cp");
-  if (p.tp > 1) fail("parallel.tp=", p.tp, ": tensor parallelism is not available in this version");
   if (p.cp > 1) {
     const int64_t seg = t.seq_len / p.cp;
     if (t.seq_len % p.cp != 0 || seg % c.model.chunk_size != 0)

@@ -129,5 +129,8 @@ struct Layout {
   int64_t comm_nccl = 0;     // 1: GPU collectives over NCCL (else MPI on host memory)
 };
 Layout resolve_layout(const Config& c, int64_t world, bool on_gpu);
+// What this version cannot train yet (tensor parallelism); called once the grid exists, so that
+// a layout's placement errors (a tensor-parallel group across hosts) come first.
+void check_layout_supported(const Layout& l);
 
 }  // namespace ssd

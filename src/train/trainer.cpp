@@ -84,6 +84,9 @@ class Trainer {
       layout_ = resolve_layout(cfg_, world, be_->device() == Device::CUDA);
     });
     grid_ = std::make_unique<ProcessGrid>(layout_, base);
+    if (layout_.world > 1)
+      for (const auto& line : grid_->describe_ranks()) log(line);
+    check_layout_supported(layout_);
     watchdog::configure(cfg_.parallel.timeout_s,
                         "rank " + std::to_string(grid_->rank()) + " (host " + me.host + ")");
     agree(base, [&] {
@@ -284,8 +287,6 @@ TrainResult Trainer::run() {
   for (const auto& note : run_dir.notes) log(note);
   start_state();
 
-  if (layout_.world > 1)
-    for (const auto& line : grid_->describe_ranks()) log(line);
   if (grid_->is_root()) {
     write_text_atomic(fs::path(cfg_.run.dir) / "config.yaml", config_to_yaml(cfg_));
     fs::path mpath = fs::path(cfg_.run.dir) / "metrics.jsonl";
