@@ -104,7 +104,7 @@ TEST(ConfigDefault, DefaultYamlValues) {
   EXPECT_EQ(c.model.d_model, 64);
   EXPECT_EQ(c.model.n_layer, 2);
   EXPECT_EQ(c.model.d_state, 64);
-  EXPECT_EQ(c.model.headdim, 32);
+  EXPECT_EQ(c.model.headdim, 16);
   EXPECT_EQ(c.model.expand, 2);
   EXPECT_EQ(c.model.ngroups, 1);
   EXPECT_EQ(c.model.d_conv, 4);
@@ -113,13 +113,13 @@ TEST(ConfigDefault, DefaultYamlValues) {
   EXPECT_EQ(c.model.pad_vocab_size_multiple, 16);
   EXPECT_EQ(c.model.padded_vocab(), 48);
   EXPECT_EQ(c.model.d_inner(), 128);
-  EXPECT_EQ(c.model.nheads(), 4);
+  EXPECT_EQ(c.model.nheads(), 8);
   EXPECT_EQ(c.train.device, "auto");
   EXPECT_EQ(c.train.seed, 1234);
   EXPECT_EQ(c.train.seq_len, 64);
   EXPECT_EQ(c.train.micro_batch, 32);
   EXPECT_EQ(c.train.grad_accum, 1);
-  EXPECT_EQ(c.train.max_steps, 600);
+  EXPECT_EQ(c.train.max_steps, 1500);
   EXPECT_DOUBLE_EQ(c.train.lr, 1e-2);
   EXPECT_DOUBLE_EQ(c.train.min_lr, 1e-3);
   EXPECT_EQ(c.train.warmup_steps, 20);
@@ -130,9 +130,9 @@ TEST(ConfigDefault, DefaultYamlValues) {
   EXPECT_EQ(c.data.mqar_key_vocab, 16);
   EXPECT_EQ(c.data.mqar_value_vocab, 16);
   EXPECT_EQ(c.run.name, "default");
-  EXPECT_EQ(c.run.log_every, 25);
-  EXPECT_EQ(c.run.eval_every, 200);
-  EXPECT_EQ(c.checkpoint.every, 200);
+  EXPECT_EQ(c.run.log_every, 50);
+  EXPECT_EQ(c.run.eval_every, 500);
+  EXPECT_EQ(c.checkpoint.every, 500);
   EXPECT_EQ(c.checkpoint.keep_last, 2);
   // Keys the file leaves out take the struct defaults.
   EXPECT_DOUBLE_EQ(c.model.norm_eps, 1e-5);
