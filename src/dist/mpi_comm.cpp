@@ -46,6 +46,13 @@ void no_bf16_reduce(DType dt, const std::string& group) {
   if (dt == DType::BF16) fail("internal: reduction of bf16 data on MPI group ", group);
 }
 
+// Calls fn(offset, n) for consecutive chunks of at most the chunk limit covering [0, count).
+template <class F>
+void for_chunks(int64_t count, F fn) {
+  for (int64_t off = 0; off < count; off += g_chunk)
+    fn(off, static_cast<int>(std::min(g_chunk, count - off)));
+}
+
 }  // namespace
 
 void MpiComm::set_chunk_limit(int64_t elements) { g_chunk = std::max<int64_t>(1, elements); }
@@ -86,11 +93,10 @@ void MpiComm::all_reduce(void* buf, int64_t count, DType dt, ReduceOp op) {
   watchdog::Scope w(what_, "all_reduce", count);
   char* p = static_cast<char*>(buf);
   const size_t es = dtype_size(dt);
-  for (int64_t off = 0; off < count; off += g_chunk) {
-    int n = static_cast<int>(std::min(g_chunk, count - off));
+  for_chunks(count, [&](int64_t off, int n) {
     check(MPI_Allreduce(MPI_IN_PLACE, p + off * es, n, mpi_type(dt), mpi_op(op), comm_),
           "all_reduce", name_);
-  }
+  });
 }
 
 void MpiComm::reduce_scatter(const void* send, void* recv, int64_t count, DType dt) {
@@ -162,30 +168,27 @@ void MpiComm::broadcast(void* buf, int64_t count, DType dt, int root) {
   watchdog::Scope w(what_, "broadcast", count);
   char* p = static_cast<char*>(buf);
   const size_t es = dtype_size(dt);
-  for (int64_t off = 0; off < count; off += g_chunk) {
-    int n = static_cast<int>(std::min(g_chunk, count - off));
+  for_chunks(count, [&](int64_t off, int n) {
     check(MPI_Bcast(p + off * es, n, mpi_type(dt), root, comm_), "broadcast", name_);
-  }
+  });
 }
 
 void MpiComm::send(const void* buf, int64_t count, DType dt, int peer) {
   watchdog::Scope w(what_, "send", count);
   const char* p = static_cast<const char*>(buf);
   const size_t es = dtype_size(dt);
-  for (int64_t off = 0; off < count; off += g_chunk) {
-    int n = static_cast<int>(std::min(g_chunk, count - off));
+  for_chunks(count, [&](int64_t off, int n) {
     check(MPI_Send(p + off * es, n, mpi_type(dt), peer, 0, comm_), "send", name_);
-  }
+  });
 }
 
 void MpiComm::recv(void* buf, int64_t count, DType dt, int peer) {
   watchdog::Scope w(what_, "recv", count);
   char* p = static_cast<char*>(buf);
   const size_t es = dtype_size(dt);
-  for (int64_t off = 0; off < count; off += g_chunk) {
-    int n = static_cast<int>(std::min(g_chunk, count - off));
+  for_chunks(count, [&](int64_t off, int n) {
     check(MPI_Recv(p + off * es, n, mpi_type(dt), peer, 0, comm_, MPI_STATUS_IGNORE), "recv", name_);
-  }
+  });
 }
 
 void MpiComm::barrier() {

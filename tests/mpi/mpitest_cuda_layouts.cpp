@@ -12,6 +12,7 @@
 #include "data/data.h"
 #include "dist/grid.h"
 #include "model/mamba2.h"
+#include "layout_step.h"
 #include "mpi_main.h"
 #include "testutil.h"
 #include "train/grad_sync.h"
@@ -30,30 +31,12 @@ const char* kModel =
     "data: {kind: mqar, mqar_num_pairs: 8, mqar_key_vocab: 64, mqar_value_vocab: 64}\n"
     "parallel: {comm: mpi, bucket_mb: 0.1}\n";
 
-struct Grads {
-  double loss = 0;
-  std::vector<std::vector<float>> g;
-};
+using Grads = LayoutGrads;
 
 Grads step(const std::vector<std::string>& sets, MPI_Comm comm, bool gpu) {
   Config cfg = parse_config(kModel, sets, "mpitest");
-  int n = 1;
-  MPI_Comm_size(comm, &n);
   auto be = gpu ? make_cuda_backend(0) : make_cpu_backend(DType::F32);
-  Layout l = resolve_layout(cfg, n, gpu);
-  ProcessGrid grid(l, comm);
-  grid.attach(*be);
-  auto data = make_data_source(cfg);
-  Mamba2LM model(cfg.model, *be, l.micro_batch, cfg.train.seq_len / l.cp, false,
-                 std::lcm<int64_t>(64, l.dp * l.cp));
-  model.init(7);
-  model.set_context_parallel(&grid.dev(Group::Cp));
-  GradSync sync(model, *be, grid, cfg.parallel, 0.0);
-  Tensor stats = model.new_stats();
-  Grads out;
-  out.loss = compute_gradients(model, sync, grid, *data, l, 0, cfg.train.seq_len, stats).loss;
-  out.g = sync.gathered_grads();
-  return out;
+  return layout_step(cfg, comm, *be, 7, 0);
 }
 
 }  // namespace

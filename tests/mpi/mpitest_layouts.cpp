@@ -13,6 +13,7 @@
 #include "data/data.h"
 #include "dist/grid.h"
 #include "model/mamba2.h"
+#include "layout_step.h"
 #include "mpi_main.h"
 #include "train/grad_sync.h"
 #include "train/trainer.h"
@@ -45,32 +46,12 @@ std::string tmpdir(const std::string& name) {
 
 Config config(const std::vector<std::string>& sets) { return parse_config(kSmall, sets, "mpitest"); }
 
-struct Grads {
-  double loss = 0;
-  std::vector<std::vector<float>> g;
-};
+using Grads = LayoutGrads;
 
 // One step's loss and reduced gradients at `position` under `cfg` over the ranks of `comm`.
 Grads step_gradients(const Config& cfg, MPI_Comm comm, int64_t position) {
-  int n = 1;
-  MPI_Comm_size(comm, &n);
   auto be = make_cpu_backend(DType::F32);
-  Layout l = resolve_layout(cfg, n, false);
-  ProcessGrid grid(l, comm);
-  grid.attach(*be);
-  auto data = make_data_source(cfg);
-  Mamba2LM model(cfg.model, *be, l.micro_batch, cfg.train.seq_len / l.cp, false,
-                 std::lcm<int64_t>(64, l.dp * l.cp));
-  model.init(cfg.train.seed);
-  model.set_context_parallel(&grid.dev(Group::Cp));
-  GradSync sync(model, *be, grid, cfg.parallel, cfg.train.weight_decay);
-  Tensor stats = model.new_stats();
-  Grads out;
-  out.loss = compute_gradients(model, sync, grid, *data, l,
-                               position, cfg.train.seq_len, stats)
-                 .loss;
-  out.g = sync.gathered_grads();
-  return out;
+  return layout_step(cfg, comm, *be, cfg.train.seed, position);
 }
 
 // |a - b| <= 1e-5 * max|b| over each tensor.

@@ -1,0 +1,40 @@
+// One optimizer step's loss and reduced gradients under a config's layout over the ranks of a
+// communicator: what the layout tests compare with the one-process run (MPI_COMM_SELF).
+#pragma once
+#include <mpi.h>
+
+#include <numeric>
+#include <vector>
+
+#include "config/config.h"
+#include "data/data.h"
+#include "dist/grid.h"
+#include "model/mamba2.h"
+#include "train/grad_sync.h"
+#include "train/trainer.h"
+
+struct LayoutGrads {
+  double loss = 0;
+  std::vector<std::vector<float>> g;  // full tensors, table order
+};
+
+inline LayoutGrads layout_step(const ssd::Config& cfg, MPI_Comm comm, ssd::Backend& be,
+                               uint64_t init_seed, int64_t position) {
+  using namespace ssd;
+  int n = 1;
+  MPI_Comm_size(comm, &n);
+  Layout l = resolve_layout(cfg, n, be.device() == Device::CUDA);
+  ProcessGrid grid(l, comm);
+  grid.attach(be);
+  auto data = make_data_source(cfg);
+  Mamba2LM model(cfg.model, be, l.micro_batch, cfg.train.seq_len / l.cp, false,
+                 std::lcm<int64_t>(64, l.dp * l.cp));
+  model.init(init_seed);
+  model.set_context_parallel(&grid.dev(Group::Cp));
+  GradSync sync(model, be, grid, cfg.parallel, cfg.train.weight_decay);
+  Tensor stats = model.new_stats();
+  LayoutGrads out;
+  out.loss = compute_gradients(model, sync, grid, *data, l, position, cfg.train.seq_len, stats).loss;
+  out.g = sync.gathered_grads();
+  return out;
+}
