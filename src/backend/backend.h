@@ -14,6 +14,7 @@
 //    CPU: both f32 (training) or both f64 (gradient checks). CUDA: bf16 compute, f32 accum.
 //  - Optional tensors are passed as pointers; nullptr means "not wanted / not given".
 #pragma once
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -53,6 +54,26 @@ struct SsdGrads {
   ColSlice ddt;           // [tokens, nheads], gradient w.r.t. the raw dt
   Tensor d_dt_bias, dA_log, dD;
   Tensor* d_initial_state = nullptr;  // [batch, nheads, headdim, dstate] or null
+};
+
+// Tensor parallelism over the vocabulary (the tied embedding and LM head): this rank's weight
+// holds rows [begin, begin + rows) of a vocabulary of `total` rows.
+struct VocabShard {
+  int64_t begin = 0, total = 0;
+  int ranks = 1;
+  // Gathers every rank's per-token partial statistics in rank order: `local` is [rows, 4] in
+  // accum dtype on the backend, `all` is [ranks, rows, 4]. The LM head calls it the same number
+  // of times, with the same rows, on every rank (the ranks share tokens and targets).
+  std::function<void(const Tensor& local, Tensor& all)> all_gather;
+};
+
+// Tensor parallelism with fewer norm groups than ranks: each group of the gated RMSNorm spans
+// `ranks` ranks, each holding group_size of its columns. `all_reduce` sums a
+// [tokens, D / group_size] accum-dtype tensor in place over those ranks; the forward calls it
+// once (sums of squares) and the backward once (the dot products), on every rank alike.
+struct NormSpan {
+  int64_t ranks = 1;
+  std::function<void(Tensor&)> all_reduce;
 };
 
 struct AdamWHyper {
@@ -110,9 +131,13 @@ class Backend {
   virtual std::string ssd_unsupported(const SsdDims&) const { return ""; }
 
   // ---- layers ----
-  // out[t, :] = weight[tokens[t], :]
-  virtual void embedding_fwd(const Tensor& tokens, const Tensor& weight, Tensor& out) = 0;
-  virtual void embedding_bwd(const Tensor& tokens, const Tensor& dout, Tensor& dweight) = 0;
+  // out[t, :] = weight[tokens[t], :]. With a vocabulary shard, tokens are checked against
+  // shard->total, weight row j is token shard->begin + j, tokens outside the shard give zero
+  // rows (forward) and no gradient (backward).
+  virtual void embedding_fwd(const Tensor& tokens, const Tensor& weight, Tensor& out,
+                             const VocabShard* shard = nullptr) = 0;
+  virtual void embedding_bwd(const Tensor& tokens, const Tensor& dout, Tensor& dweight,
+                             const VocabShard* shard = nullptr) = 0;
 
   // residual_out = x + residual_in (residual_in may be null: first layer);
   // y = residual_out * rsqrt(mean(residual_out^2) + eps) * weight; rstd [tokens] saved.
@@ -149,20 +174,29 @@ class Backend {
 
   // out = rmsnorm_groups(y * silu(z)) * weight, normalised over groups of group_size columns.
   // y, out: [tokens, D]; z: D columns; rstd: [tokens, D/group_size] saved for backward.
+  // With a span (tensor parallelism), the mean is over group_size * span->ranks columns, the
+  // other ranks' columns reached through span->all_reduce.
   virtual void gated_rmsnorm_fwd(const Tensor& y, const ColSlice& z, const Tensor& weight,
-                                 int64_t group_size, double eps, Tensor& out, Tensor& rstd) = 0;
+                                 int64_t group_size, double eps, Tensor& out, Tensor& rstd,
+                                 const NormSpan* span = nullptr) = 0;
   virtual void gated_rmsnorm_bwd(const Tensor& dout, const Tensor& y, const ColSlice& z,
                                  const Tensor& weight, int64_t group_size, const Tensor& rstd,
-                                 Tensor& dy, ColSlice& dz, Tensor& dweight) = 0;
+                                 Tensor& dy, ColSlice& dz, Tensor& dweight,
+                                 const NormSpan* span = nullptr) = 0;
 
   // Tied LM head + cross-entropy, never holding all logits at once.
   // logits = hidden[T, Dm] @ weight[V, Dm]^T; targets [T] int32, -1 = ignored.
   // stats (f64 [3], accumulated): += {sum of loss over counted tokens, counted tokens, argmax hits}.
   // If dhidden is given: dhidden = grad_scale * dloss/dhidden (overwritten) and
   // dweight += grad_scale * dloss/dweight, where loss is the SUM over counted tokens.
+  // With a vocabulary shard (weight = this rank's rows), the loss, the hits and the softmax are
+  // over the whole vocabulary, combined through shard->all_gather of per-token partial
+  // statistics (row max, sum of exponentials, target logit, argmax); full logits never exist
+  // on any rank. Every rank's stats are the full ones; dhidden is this rank's part (the sum
+  // over the ranks is the gradient; it may then be in accum dtype), dweight its rows'.
   virtual void lm_head_ce(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
-                          double grad_scale, Tensor& stats, Tensor* dhidden,
-                          Tensor* dweight) = 0;
+                          double grad_scale, Tensor& stats, Tensor* dhidden, Tensor* dweight,
+                          const VocabShard* shard = nullptr) = 0;
 
   // ---- optimizer ----
   // sum over tensors of sum(x^2), in double.

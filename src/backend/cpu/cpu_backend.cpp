@@ -81,7 +81,9 @@ class CpuBackend final : public Backend {
     else rows_op<float>(src, src_row, dst, dst_row, rows, accumulate);
   }
 
-  void embedding_fwd(const Tensor& tokens, const Tensor& w, Tensor& out) override {
+  void embedding_fwd(const Tensor& tokens, const Tensor& w, Tensor& out,
+                     const VocabShard* shard) override {
+    SSD_CHECK(!shard, "cpu embedding_fwd: vocabulary shards are not implemented yet");
     check_shape(out, {tokens.numel(), w.size(1)}, "embedding output");
     run([&](auto z) {
       using T = decltype(z);
@@ -89,7 +91,9 @@ class CpuBackend final : public Backend {
                             w.size(1), out.ptr<T>());
     });
   }
-  void embedding_bwd(const Tensor& tokens, const Tensor& dout, Tensor& dw) override {
+  void embedding_bwd(const Tensor& tokens, const Tensor& dout, Tensor& dw,
+                     const VocabShard* shard) override {
+    SSD_CHECK(!shard, "cpu embedding_bwd: vocabulary shards are not implemented yet");
     run([&](auto z) {
       using T = decltype(z);
       cpu::embedding_bwd<T>(tokens.ptr<int32_t>(), tokens.numel(), dout.ptr<T>(), dw.size(0),
@@ -190,7 +194,8 @@ class CpuBackend final : public Backend {
   }
 
   void gated_rmsnorm_fwd(const Tensor& y, const ColSlice& z, const Tensor& w, int64_t gs,
-                         double eps, Tensor& out, Tensor& rstd) override {
+                         double eps, Tensor& out, Tensor& rstd, const NormSpan* span) override {
+    SSD_CHECK(!span, "cpu gated_rmsnorm_fwd: norm spans are not implemented yet");
     const int64_t n = y.size(0), d = y.size(1);
     SSD_CHECK(z.width == d && d % gs == 0);
     check_shape(rstd, {n, d / gs}, "gated norm rstd");
@@ -202,7 +207,8 @@ class CpuBackend final : public Backend {
   }
   void gated_rmsnorm_bwd(const Tensor& dout, const Tensor& y, const ColSlice& z,
                          const Tensor& w, int64_t gs, const Tensor& rstd, Tensor& dy,
-                         ColSlice& dz, Tensor& dw) override {
+                         ColSlice& dz, Tensor& dw, const NormSpan* span) override {
+    SSD_CHECK(!span, "cpu gated_rmsnorm_bwd: norm spans are not implemented yet");
     const int64_t n = y.size(0), d = y.size(1);
     run([&](auto zz) {
       using T = decltype(zz);
@@ -213,7 +219,9 @@ class CpuBackend final : public Backend {
   }
 
   void lm_head_ce(const Tensor& hidden, const Tensor& w, const Tensor& targets,
-                  double grad_scale, Tensor& stats, Tensor* dhidden, Tensor* dw) override {
+                  double grad_scale, Tensor& stats, Tensor* dhidden, Tensor* dw,
+                  const VocabShard* shard) override {
+    SSD_CHECK(!shard, "cpu lm_head_ce: vocabulary shards are not implemented yet");
     SSD_CHECK(targets.numel() == hidden.size(0) && w.size(1) == hidden.size(1));
     check_shape(stats, {3}, "ce stats");
     run([&](auto z) {

@@ -298,8 +298,10 @@ class CudaBackend final : public Backend {
   }
 
   // ---- layers ----
-  void embedding_fwd(const Tensor& tokens, const Tensor& weight, Tensor& out) override {
+  void embedding_fwd(const Tensor& tokens, const Tensor& weight, Tensor& out,
+                     const VocabShard* shard) override {
     const char* op = "embedding_fwd";
+    if (shard) fail("cuda embedding_fwd: vocabulary shards are not implemented yet");
     auto prof = profile(op);
     need(op, "tokens", tokens, DType::I32, tokens.shape);
     need_2d(op, "weight", weight, {DType::BF16, DType::F32});
@@ -309,8 +311,10 @@ class CudaBackend final : public Backend {
                         out.dtype, stream_);
   }
 
-  void embedding_bwd(const Tensor& tokens, const Tensor& dout, Tensor& dweight) override {
+  void embedding_bwd(const Tensor& tokens, const Tensor& dout, Tensor& dweight,
+                     const VocabShard* shard) override {
     const char* op = "embedding_bwd";
+    if (shard) fail("cuda embedding_bwd: vocabulary shards are not implemented yet");
     auto prof = profile(op);
     need(op, "tokens", tokens, DType::I32, tokens.shape);
     need_2d(op, "dweight", dweight, {DType::F32});
@@ -465,8 +469,10 @@ class CudaBackend final : public Backend {
   }
 
   void gated_rmsnorm_fwd(const Tensor& y, const ColSlice& z, const Tensor& weight,
-                         int64_t group_size, double eps, Tensor& out, Tensor& rstd) override {
+                         int64_t group_size, double eps, Tensor& out, Tensor& rstd,
+                         const NormSpan* span) override {
     const char* op = "gated_rmsnorm_fwd";
+    if (span) fail("cuda gated_rmsnorm_fwd: norm spans are not implemented yet");
     auto prof = profile(op);
     need_2d(op, "y", y, {DType::BF16});
     const int64_t T = y.size(0), D = y.size(1);
@@ -482,8 +488,10 @@ class CudaBackend final : public Backend {
 
   void gated_rmsnorm_bwd(const Tensor& dout, const Tensor& y, const ColSlice& z,
                          const Tensor& weight, int64_t group_size, const Tensor& rstd,
-                         Tensor& dy, ColSlice& dz, Tensor& dweight) override {
+                         Tensor& dy, ColSlice& dz, Tensor& dweight,
+                         const NormSpan* span) override {
     const char* op = "gated_rmsnorm_bwd";
+    if (span) fail("cuda gated_rmsnorm_bwd: norm spans are not implemented yet");
     auto prof = profile(op);
     need_2d(op, "y", y, {DType::BF16});
     const int64_t T = y.size(0), D = y.size(1);
@@ -503,8 +511,10 @@ class CudaBackend final : public Backend {
   }
 
   void lm_head_ce(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
-                  double grad_scale, Tensor& stats, Tensor* dhidden, Tensor* dweight) override {
+                  double grad_scale, Tensor& stats, Tensor* dhidden, Tensor* dweight,
+                  const VocabShard* shard) override {
     const char* op = "lm_head_ce";
+    if (shard) fail("cuda lm_head_ce: vocabulary shards are not implemented yet");
     need_2d(op, "hidden", hidden, {DType::BF16});
     need_2d(op, "weight", weight, {DType::BF16});
     const int64_t T = hidden.size(0), Dm = hidden.size(1), V = weight.size(0);
