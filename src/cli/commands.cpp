@@ -338,13 +338,13 @@ int bench_train(const std::vector<std::string>& in) {
   });
   if (breakdown && layout.world > 1) fail_all("bench train --breakdown times one process; run it without mpirun");
   ProcessGrid grid(layout);
-  check_layout_supported(layout);
   const int64_t align = std::lcm<int64_t>(64, layout.dp * layout.cp);
   Mamba2LM model(cfg.model, *be, cfg.train.micro_batch, cfg.train.seq_len / layout.cp,
-                 cfg.train.recompute == "layers", align);
+                 cfg.train.recompute == "layers", align, layout.tp, grid.tp_rank());
   model.init(cfg.train.seed);
   grid.attach(*be);
   model.set_context_parallel(&grid.dev(Group::Cp));
+  model.set_tensor_parallel(&grid.dev(Group::Tp), &grid.dev(Group::TpSpan));
   GradSync sync(model, *be, grid, cfg.parallel, 0.0);
   auto data = make_data_source(cfg);
   const int64_t B = cfg.train.micro_batch, L = cfg.train.seq_len / layout.cp, T = B * L;
@@ -374,7 +374,12 @@ int bench_train(const std::vector<std::string>& in) {
     grid.host(Group::World).all_reduce(&t, 1, DType::F64, ReduceOp::Max);  // the slowest rank
     return t;
   };
+  const std::vector<std::pair<Group, const char*>> groups = {
+      {Group::DpCp, "dp x cp (gradients)"}, {Group::Tp, "tp"}, {Group::TpSpan, "tp span"},
+      {Group::Cp, "cp"}};
   for (int64_t s = 0; s < warmup + steps; ++s) {
+    if (s == warmup)
+      for (auto [g, _] : groups) grid.counted(g).reset_counts();
     const double t = one_step();
     if (s >= warmup) times.push_back(t);
   }
@@ -401,6 +406,26 @@ int bench_train(const std::vector<std::string>& in) {
     std::printf("context parallel: cp=%lld, segments of %lld tokens, %.1f KiB sent per layer and "
                 "step by each rank\n", (long long)layout.cp, (long long)L,
                 model.cp_bytes_per_layer() / 1024.0);
+  if (layout.tp > 1)
+    std::printf("tensor parallel: tp=%lld (%lld heads, %lld B/C group(s) per rank; a group shared "
+                "by %lld rank(s)); parameters %.1f MiB per rank\n",
+                (long long)layout.tp, (long long)model.tp_dims().nheads,
+                (long long)model.tp_dims().ngroups, (long long)layout.tp_span,
+                mib(model.param_buffer().nbytes()));
+  // What rank 0 handed to each kind of collective per step, by group.
+  for (auto [g, label] : groups) {
+    const CommBytes& c = grid.counted(g).counts();
+    std::string line;
+    for (int k = 0; k < kCommOps; ++k)
+      if (c.calls[k] > 0) {
+        char buf[160];
+        std::snprintf(buf, sizeof buf, "%s%s %.2f MiB in %.0f call(s)", line.empty() ? "" : ", ",
+                      comm_op_name(static_cast<CommOp>(k)), mib(double(c.bytes[k]) / steps),
+                      double(c.calls[k]) / steps);
+        line += buf;
+      }
+    if (!line.empty()) std::printf("collectives per step, %s: %s\n", label, line.c_str());
+  }
   std::printf("step median %.3f ms over %lld steps | %.0f tokens/s", med * 1e3, (long long)steps, tok_s);
   if (be->device() == Device::CUDA) std::printf(" | MFU %.1f%% (of 790 TFLOP/s per GPU)", mfu * 100);
   if (int64_t peak = be->peak_memory_bytes(); peak > 0)

@@ -389,11 +389,6 @@ void validate(const Config& c) {
   non_negative("train.global_batch", t.global_batch);
 }
 
-void check_layout_supported(const Layout& l) {
-  if (l.tp > 1)
-    fail_all("parallel.tp=", l.tp, ": tensor parallelism is not available in this version");
-}
-
 Layout resolve_layout(const Config& c, int64_t world, bool on_gpu) {
   const auto& p = c.parallel;
   const auto& t = c.train;
@@ -414,6 +409,22 @@ Layout resolve_layout(const Config& c, int64_t world, bool on_gpu) {
            p.cp * c.model.chunk_size);
     if (seg < c.model.d_conv - 1)
       fail("parallel.cp=", p.cp, ": segments of ", seg, " tokens are shorter than model.d_conv - 1");
+  }
+  if (p.tp > 1) {
+    // Each tensor-parallel rank owns whole heads, whole B/C groups (or one group shared by
+    // tp / ngroups ranks) and an equal slice of the (padded) vocabulary.
+    const auto& m = c.model;
+    if (m.nheads() % p.tp != 0)
+      fail("parallel.tp=", p.tp, " must divide the number of heads, model.expand * model.d_model / "
+           "model.headdim = ", m.nheads());
+    if (m.ngroups % p.tp != 0 && p.tp % m.ngroups != 0)
+      fail("parallel.tp=", p.tp, " and model.ngroups=", m.ngroups, ": one must divide the other "
+           "(each rank holds whole groups, or one group is shared by tp / ngroups ranks)");
+    if (m.padded_vocab() % p.tp != 0)
+      fail("parallel.tp=", p.tp, " must divide the padded vocabulary (", m.padded_vocab(),
+           " = model.vocab_size ", m.vocab_size, " rounded up to model.pad_vocab_size_multiple ",
+           m.pad_vocab_size_multiple, "); choose a pad_vocab_size_multiple that tp divides");
+    l.tp_span = m.ngroups % p.tp == 0 ? 1 : p.tp / m.ngroups;
   }
   l.dp = world / (p.tp * p.cp);
   l.micro_batch = t.micro_batch;

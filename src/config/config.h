@@ -127,10 +127,10 @@ struct Layout {
   int64_t micro_batch = 1, grad_accum = 1;
   int64_t global_batch = 1;  // sequences per optimizer step, all ranks together
   int64_t comm_nccl = 0;     // 1: GPU collectives over NCCL (else MPI on host memory)
+  // Tensor parallelism with fewer B/C groups than ranks: how many consecutive ranks of a
+  // tensor-parallel group share one group (1: each rank owns whole groups).
+  int64_t tp_span = 1;
 };
 Layout resolve_layout(const Config& c, int64_t world, bool on_gpu);
-// What this version cannot train yet (tensor parallelism); called once the grid exists, so that
-// a layout's placement errors (a tensor-parallel group across hosts) come first.
-void check_layout_supported(const Layout& l);
 
 }  // namespace ssd

@@ -130,7 +130,7 @@ ProcessGrid::ProcessGrid(const Layout& l, MPI_Comm base) : layout_(l), base_(bas
     return std::make_unique<MpiComm>(c, name);
   };
   const int tp = static_cast<int>(l.tp), cp = static_cast<int>(l.cp);
-  host_.resize(5);
+  host_.resize(6);
   {
     MPI_Comm w;
     MPI_Comm_dup(base, &w);
@@ -140,6 +140,9 @@ ProcessGrid::ProcessGrid(const Layout& l, MPI_Comm base) : layout_(l), base_(bas
   host_[int(Group::Tp)] = split(dp_rank_ * cp + cp_rank_, tp_rank_, "tp");
   host_[int(Group::Cp)] = split(dp_rank_ * tp + tp_rank_, cp_rank_, "cp");
   host_[int(Group::DpCp)] = split(tp_rank_, dp_rank_ * cp + cp_rank_, "dpcp");
+  const int span = static_cast<int>(l.tp_span);
+  host_[int(Group::TpSpan)] =
+      split((dp_rank_ * cp + cp_rank_) * (tp / span) + tp_rank_ / span, tp_rank_ % span, "tpspan");
 
   // A tensor-parallel group exchanges activations every layer: it must not cross hosts.
   agree(base, [&] {
@@ -161,16 +164,25 @@ Communicator& ProcessGrid::host(Group g) { return *host_[static_cast<int>(g)]; }
 
 Communicator& ProcessGrid::dev(Group g) {
   SSD_CHECK(attached_, "ProcessGrid::attach was not called");
-  // The CPU backend's memory is host memory: its communicators are the host ones.
-  return dev_.empty() ? host(g) : *dev_[static_cast<int>(g)];
+  return *dev_[static_cast<int>(g)];
 }
 
 void ProcessGrid::attach(Backend& be) {
   dev_.clear();
   attached_ = true;
-  if (be.device() == Device::CPU) return;
-  for (auto& h : host_)
-    dev_.push_back(layout_.comm_nccl ? make_nccl_comm(*h, be) : make_staged_comm(*h, be));
+  // The CPU backend's memory is host memory: its device communicators are the host ones.
+  for (auto& h : host_) {
+    if (be.device() == Device::CPU)
+      dev_.push_back(std::make_unique<CountingComm>(*h));
+    else
+      dev_.push_back(std::make_unique<CountingComm>(
+          layout_.comm_nccl ? make_nccl_comm(*h, be) : make_staged_comm(*h, be)));
+  }
+}
+
+CountingComm& ProcessGrid::counted(Group g) {
+  SSD_CHECK(attached_, "ProcessGrid::attach was not called");
+  return *dev_[static_cast<int>(g)];
 }
 
 std::vector<std::string> ProcessGrid::describe_ranks() {

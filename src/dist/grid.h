@@ -14,6 +14,7 @@
 #include "backend/backend.h"
 #include "config/config.h"
 #include "dist/comm.h"
+#include "dist/counting_comm.h"
 
 namespace ssd {
 
@@ -31,7 +32,10 @@ const ProcessInfo& process_info();
 // printed once), instead of some ranks going on into a collective that never completes.
 void agree(MPI_Comm comm, const std::function<void()>& fn);
 
-enum class Group { World, Dp, Tp, Cp, DpCp };
+// TpSpan: the ranks of a tensor-parallel group that share one B/C group (layout.tp_span of
+// them; the whole tp group when model.ngroups = 1, a group of one when each rank owns whole
+// groups).
+enum class Group { World, Dp, Tp, Cp, DpCp, TpSpan };
 
 class ProcessGrid {
  public:
@@ -57,6 +61,8 @@ class ProcessGrid {
   Communicator& dev(Group g);
   // Makes the device communicators for `be` (NCCL when the layout says so).
   void attach(Backend& be);
+  // The device communicator of a group with the bytes it has moved (bench train).
+  CountingComm& counted(Group g);
 
   // One line per rank, gathered on every rank: "grid: rank R host H local_rank L dp D tp T cp C".
   std::vector<std::string> describe_ranks();
@@ -65,7 +71,8 @@ class ProcessGrid {
   Layout layout_;
   MPI_Comm base_;
   int rank_ = 0, dp_rank_ = 0, tp_rank_ = 0, cp_rank_ = 0;
-  std::vector<std::unique_ptr<Communicator>> host_, dev_;  // indexed by Group
+  std::vector<std::unique_ptr<Communicator>> host_;  // indexed by Group
+  std::vector<std::unique_ptr<CountingComm>> dev_;   // indexed by Group
   bool attached_ = false;
 };
 

@@ -6,10 +6,12 @@
 namespace ssd {
 
 Mamba2LM::Mamba2LM(const ModelConfig& cfg, Backend& be, int64_t batch, int64_t seqlen,
-                   bool recompute_activations, int64_t flat_align)
+                   bool recompute_activations, int64_t flat_align, int64_t tp, int64_t tp_rank)
     : cfg_(cfg), be_(be), batch_(batch), seqlen_(seqlen), T_(batch * seqlen),
       recompute_(recompute_activations) {
   table_ = param_table(cfg_);
+  tpd_ = ssd::tp_dims(cfg_, tp, tp_rank);
+  for (const auto& spec : table_) shards_.push_back(shard_layout(spec, tpd_, cfg_));
   if (std::string why = be_.ssd_unsupported(ssd_dims()); !why.empty())
     fail("the ", be_.name(), " backend cannot run this model: ", why);
   const DType acc = be_.accum_dtype(), cmp = be_.compute_dtype();
@@ -22,18 +24,18 @@ Mamba2LM::Mamba2LM(const ModelConfig& cfg, Backend& be, int64_t batch, int64_t s
   int64_t flat_total = 0;
   for (int i : order) {
     flat_off_[i] = flat_total;
-    flat_total += (shape_numel(table_[i].shape) + flat_align - 1) / flat_align * flat_align;
+    flat_total += (shape_numel(shards_[i].local_shape) + flat_align - 1) / flat_align * flat_align;
   }
   grad_flat_ = be_.alloc({flat_total}, acc);
   param_flat_ = be_.alloc({flat_total}, acc);
   be_.zero(grad_flat_);
   be_.zero(param_flat_);
   for (size_t i = 0; i < table_.size(); ++i) {
-    const auto& s = table_[i];
-    params_.push_back(param_flat_.rows(flat_off_[i], shape_numel(s.shape)).view(s.shape));
-    grads_.push_back(grad_flat_.rows(flat_off_[i], shape_numel(s.shape)).view(s.shape));
+    const Shape& sh = shards_[i].local_shape;
+    params_.push_back(param_flat_.rows(flat_off_[i], shape_numel(sh)).view(sh));
+    grads_.push_back(grad_flat_.rows(flat_off_[i], shape_numel(sh)).view(sh));
     // GEMM weights get a compute-dtype copy when the dtypes differ; otherwise they alias.
-    compute_.push_back(s.gemm_weight && cmp != acc ? be_.alloc(s.shape, cmp) : params_.back());
+    compute_.push_back(table_[i].gemm_weight && cmp != acc ? be_.alloc(sh, cmp) : params_.back());
   }
   auto find = [&](const std::string& name) {
     for (size_t i = 0; i < table_.size(); ++i)
@@ -50,7 +52,7 @@ Mamba2LM::Mamba2LM(const ModelConfig& cfg, Backend& be, int64_t batch, int64_t s
                    find(m + "norm.weight"), find(m + "out_proj.weight")});
   }
 
-  const int64_t D = cfg_.d_model, Di = cfg_.d_inner();
+  const int64_t D = cfg_.d_model, Di = tpd_.d_inner;
   tokens_ = be_.alloc({T_}, DType::I32);
   targets_ = be_.alloc({T_}, DType::I32);
   x_ = be_.alloc({T_, D}, cmp);
@@ -62,10 +64,10 @@ Mamba2LM::Mamba2LM(const ModelConfig& cfg, Backend& be, int64_t batch, int64_t s
     LayerActs a;
     a.rstd = be_.alloc({T_}, acc);
     a.hidden = be_.alloc({T_, D}, cmp);
-    a.zxbcdt = be_.alloc({T_, cfg_.d_in_proj()}, cmp);
-    a.xBC = be_.alloc({T_, cfg_.conv_dim()}, cmp);
+    a.zxbcdt = be_.alloc({T_, tpd_.d_in_proj}, cmp);
+    a.xBC = be_.alloc({T_, tpd_.conv_dim}, cmp);
     a.y = be_.alloc({T_, Di}, cmp);
-    a.grstd = be_.alloc({T_, cfg_.ngroups}, acc);
+    a.grstd = be_.alloc({T_, Di / tpd_.norm_group}, acc);
     a.ynorm = be_.alloc({T_, Di}, cmp);
     if (const int64_t sb = be_.ssd_saved_bytes(ssd_dims()); sb > 0)
       a.ssd_saved = be_.alloc({(sb + 3) / 4}, DType::F32);
@@ -77,11 +79,63 @@ Mamba2LM::Mamba2LM(const ModelConfig& cfg, Backend& be, int64_t batch, int64_t s
   d_hidden_ = be_.alloc({T_, D}, cmp);
   d_ynorm_ = be_.alloc({T_, Di}, cmp);
   d_y_ = be_.alloc({T_, Di}, cmp);
-  d_xBC_ = be_.alloc({T_, cfg_.conv_dim()}, cmp);
-  d_zxbcdt_ = be_.alloc({T_, cfg_.d_in_proj()}, cmp);
+  d_xBC_ = be_.alloc({T_, tpd_.conv_dim}, cmp);
+  d_zxbcdt_ = be_.alloc({T_, tpd_.d_in_proj}, cmp);
   d_res_[0] = be_.alloc({T_, D}, acc);
   d_res_[1] = be_.alloc({T_, D}, acc);
   d_x_ = cmp == acc ? Tensor{} : be_.alloc({T_, D}, cmp);
+  if (tpd_.tp > 1) tp_red_ = be_.alloc({T_, D}, acc);
+}
+
+void Mamba2LM::set_tensor_parallel(Communicator* tp, Communicator* span) {
+  if (tpd_.tp == 1) return;
+  SSD_CHECK(tp && tp->size() == tpd_.tp && tp->rank() == tpd_.rank, "tensor-parallel group");
+  SSD_CHECK(span && span->size() == tpd_.span, "tensor-parallel span group");
+  tp_ = tp;
+  span_ = tpd_.span > 1 ? span : nullptr;
+  vshard_.begin = tpd_.vocab0;
+  vshard_.total = cfg_.padded_vocab();
+  vshard_.ranks = static_cast<int>(tpd_.tp);
+  vshard_.all_gather = [this](const Tensor& local, Tensor& all) {
+    tp_->all_gather(local.data, all.data, local.numel(), local.dtype);
+    tp_->join();
+  };
+  nspan_.ranks = tpd_.span;
+  nspan_.all_reduce = [this](Tensor& t) {
+    span_->all_reduce(t);
+    span_->join();
+  };
+}
+
+void Mamba2LM::tp_sum(Tensor& t) {
+  if (t.dtype == tp_red_.dtype) {
+    tp_->all_reduce(t);
+    tp_->join();
+    return;
+  }
+  be_.convert(t, tp_red_);
+  tp_->all_reduce(tp_red_);
+  tp_->join();
+  be_.convert(tp_red_, t);
+}
+
+void Mamba2LM::reduce_shared_grads(int i) {
+  if (!span_ || !reduce_shared_) return;
+  // The B and C rows shared by the span's ranks: each rank's backward gave the part of its heads.
+  const auto& p = lp_[i];
+  for (int idx : {p.in_proj, p.conv_w, p.conv_b}) {
+    const auto& blocks = shards_[idx].blocks;
+    int64_t lo = -1, hi = -1;
+    for (const auto& b : blocks)
+      if (b.shared) {
+        if (lo < 0) lo = b.local_row;
+        hi = b.local_row + b.rows;
+      }
+    SSD_CHECK(lo >= 0);
+    Tensor rows = grads_[idx].rows(lo, hi - lo);
+    span_->all_reduce(rows);
+  }
+  span_->join();
 }
 
 int Mamba2LM::ready_stage(int i) const {
@@ -92,9 +146,12 @@ int Mamba2LM::ready_stage(int i) const {
 
 void Mamba2LM::init(uint64_t seed) {
   std::vector<std::vector<float>> host;
-  for (const auto& s : table_) {
-    host.emplace_back(shape_numel(s.shape));
-    init_param(s, cfg_, seed, host.back().data());
+  std::vector<float> full;
+  for (size_t i = 0; i < table_.size(); ++i) {
+    full.resize(shape_numel(table_[i].shape));
+    init_param(table_[i], cfg_, seed, full.data());
+    host.emplace_back(shape_numel(shards_[i].local_shape));
+    shards_[i].to_local(full.data(), host.back().data());
   }
   params_from_host(host);
 }
@@ -129,6 +186,7 @@ void Mamba2LM::params_from_host(const std::vector<std::vector<float>>& values) {
 }
 
 std::vector<HostTensor> Mamba2LM::named_params_to_host() {
+  SSD_CHECK(tpd_.tp == 1, "named_params_to_host of a tensor-parallel model: use gather_full");
   auto values = params_to_host();
   std::vector<HostTensor> out;
   for (size_t i = 0; i < table_.size(); ++i)
@@ -142,7 +200,14 @@ void Mamba2LM::load_params(const std::vector<HostTensor>& tensors) {
   for (size_t i = 0; i < tensors.size(); ++i) {
     SSD_CHECK(tensors[i].name == table_[i].name, tensors[i].name, " where ", table_[i].name,
               " belongs");
-    values.push_back(tensors[i].data);
+    SSD_CHECK(static_cast<int64_t>(tensors[i].data.size()) == shape_numel(table_[i].shape),
+              table_[i].name);
+    if (tpd_.tp == 1) {
+      values.push_back(tensors[i].data);
+    } else {
+      values.emplace_back(shape_numel(shards_[i].local_shape));
+      shards_[i].to_local(tensors[i].data.data(), values.back().data());
+    }
   }
   params_from_host(values);
 }
@@ -170,9 +235,9 @@ SsdDims Mamba2LM::ssd_dims() const {
   SsdDims d;
   d.batch = batch_;
   d.seqlen = seqlen_;
-  d.nheads = cfg_.nheads();
+  d.nheads = tpd_.nheads;
   d.headdim = cfg_.headdim;
-  d.ngroups = cfg_.ngroups;
+  d.ngroups = tpd_.ngroups;
   d.dstate = cfg_.d_state;
   d.chunk = cfg_.chunk_size;
   return d;
@@ -182,7 +247,7 @@ SsdInputs Mamba2LM::ssd_inputs(int i, LayerActs& a) {
   const auto& p = lp_[i];
   SsdInputs in;
   in.xBC = a.xBC;
-  in.dt = cols(a.zxbcdt, cfg_.d_inner() + cfg_.conv_dim(), cfg_.nheads());
+  in.dt = cols(a.zxbcdt, tpd_.d_inner + tpd_.conv_dim, tpd_.nheads);
   in.dt_bias = params_[p.dt_bias];
   in.A_log = params_[p.A_log];
   in.D = params_[p.D];
@@ -198,7 +263,7 @@ void Mamba2LM::upload_tokens(const int32_t* tokens, const int32_t* targets) {
 
 void Mamba2LM::layer_forward(int i, bool with_output, bool exchange) {
   const double eps = cfg_.norm_eps;
-  const int64_t Di = cfg_.d_inner();
+  const int64_t Di = tpd_.d_inner;
   auto& a = acts(i);
   const auto& p = lp_[i];
   const Tensor* res_in = i == 0 ? nullptr : &residual_[i - 1];
@@ -216,14 +281,29 @@ void Mamba2LM::layer_forward(int i, bool with_output, bool exchange) {
     cp_->send(cp_final_.data, cp_final_.numel(), cp_final_.dtype, cp_rank_ + 1);
     cp_->join();
   }
-  be_.gated_rmsnorm_fwd(a.y, cols(a.zxbcdt, 0, Di), params_[p.gnorm], Di / cfg_.ngroups, eps,
-                        a.ynorm, a.grstd);
-  if (with_output) be_.linear_fwd(a.ynorm, w(p.out_proj), input(i + 1));
+  be_.gated_rmsnorm_fwd(a.y, cols(a.zxbcdt, 0, Di), params_[p.gnorm], tpd_.norm_group, eps,
+                        a.ynorm, a.grstd, span_ ? &nspan_ : nullptr);
+  if (!with_output) return;
+  if (!tp_) {
+    be_.linear_fwd(a.ynorm, w(p.out_proj), input(i + 1));
+    return;
+  }
+  // Row-parallel out_proj: each rank's heads give a part of the output; their sum is it.
+  Tensor& out = input(i + 1);
+  if (out.dtype == tp_red_.dtype) {
+    be_.linear_fwd(a.ynorm, w(p.out_proj), out);
+    tp_sum(out);
+  } else {  // sum the fp32 parts, round once (as the tp = 1 GEMM does)
+    be_.linear_fwd(a.ynorm, w(p.out_proj), tp_red_);
+    tp_->all_reduce(tp_red_);
+    tp_->join();
+    be_.convert(tp_red_, out);
+  }
 }
 
 void Mamba2LM::build_conv_ext(int i, LayerActs& a) {
   const int64_t H = cfg_.d_conv - 1, L = seqlen_;
-  const ColSlice pre = cols(a.zxbcdt, cfg_.d_inner(), cfg_.conv_dim());
+  const ColSlice pre = cols(a.zxbcdt, tpd_.d_inner, tpd_.conv_dim);
   for (int64_t b = 0; b < batch_; ++b) {
     be_.copy_rows(all_cols(cp_halo_[i]), b * H, all_cols(cp_ext_), b * (L + H), H, false);
     be_.copy_rows(pre, b * L, all_cols(cp_ext_), b * (L + H) + H, L, false);
@@ -232,7 +312,7 @@ void Mamba2LM::build_conv_ext(int i, LayerActs& a) {
 
 void Mamba2LM::conv_forward(int i, LayerActs& a, bool exchange) {
   const auto& p = lp_[i];
-  const ColSlice pre = cols(a.zxbcdt, cfg_.d_inner(), cfg_.conv_dim());
+  const ColSlice pre = cols(a.zxbcdt, tpd_.d_inner, tpd_.conv_dim);
   if (cp_ && exchange) {
     // The last d_conv-1 inputs of every sequence go to the next rank; ours come from the last.
     const int64_t H = cfg_.d_conv - 1, L = seqlen_;
@@ -259,7 +339,7 @@ void Mamba2LM::conv_forward(int i, LayerActs& a, bool exchange) {
 
 void Mamba2LM::conv_backward(int i, LayerActs& a) {
   const auto& p = lp_[i];
-  const int64_t Di = cfg_.d_inner(), conv_dim = cfg_.conv_dim();
+  const int64_t Di = tpd_.d_inner, conv_dim = tpd_.conv_dim;
   const ColSlice pre = cols(a.zxbcdt, Di, conv_dim);
   ColSlice din = cols(d_zxbcdt_, Di, conv_dim);
   const int64_t H = cfg_.d_conv - 1, L = seqlen_;
@@ -302,24 +382,29 @@ void Mamba2LM::set_context_parallel(Communicator* cp) {
     fail("context parallelism: each segment (", L, " tokens) must be a multiple of "
          "model.chunk_size (", cfg_.chunk_size, ") and at least model.d_conv - 1 long");
   const DType acc = be_.accum_dtype(), cmp = be_.compute_dtype();
-  const Shape st = {batch_, cfg_.nheads(), cfg_.headdim, cfg_.d_state};
+  const Shape st = {batch_, tpd_.nheads, cfg_.headdim, cfg_.d_state};
   for (int i = 0; i < cfg_.n_layer; ++i) {
     cp_init_.push_back(be_.alloc(st, acc));
     be_.zero(cp_init_.back());
-    cp_halo_.push_back(be_.alloc({batch_ * H, cfg_.conv_dim()}, cmp));
+    cp_halo_.push_back(be_.alloc({batch_ * H, tpd_.conv_dim}, cmp));
     be_.zero(cp_halo_.back());
   }
   cp_final_ = be_.alloc(st, acc);
   cp_dfinal_ = be_.alloc(st, acc);
   cp_dinit_ = be_.alloc(st, acc);
   for (Tensor* t : {&cp_ext_, &cp_ext_out_, &cp_ext_grad_})
-    *t = be_.alloc({batch_ * (L + H), cfg_.conv_dim()}, cmp);
-  cp_send_ = be_.alloc({batch_ * H, cfg_.conv_dim()}, cmp);
-  cp_recv_ = be_.alloc({batch_ * H, cfg_.conv_dim()}, cmp);
+    *t = be_.alloc({batch_ * (L + H), tpd_.conv_dim}, cmp);
+  cp_send_ = be_.alloc({batch_ * H, tpd_.conv_dim}, cmp);
+  cp_recv_ = be_.alloc({batch_ * H, tpd_.conv_dim}, cmp);
 }
 
 void Mamba2LM::forward() {
-  be_.embedding_fwd(tokens_, w(emb_), input(0));
+  if (tp_) {  // each rank looks up its vocabulary rows (zeros elsewhere): the sum is the lookup
+    be_.embedding_fwd(tokens_, w(emb_), input(0), &vshard_);
+    tp_sum(input(0));
+  } else {
+    be_.embedding_fwd(tokens_, w(emb_), input(0));
+  }
   for (int i = 0; i < cfg_.n_layer; ++i) layer_forward(i, true);
   be_.add_rmsnorm_fwd(x_, &residual_.back(), params_[norm_f_], cfg_.norm_eps, res_f_,
                       hidden_f_, rstd_f_);
@@ -328,10 +413,12 @@ void Mamba2LM::forward() {
 void Mamba2LM::forward_loss(const int32_t* tokens, const int32_t* targets, Tensor& stats) {
   upload_tokens(tokens, targets);
   forward();
-  be_.lm_head_ce(hidden_f_, w(emb_), targets_, 1.0, stats, nullptr, nullptr);
+  be_.lm_head_ce(hidden_f_, w(emb_), targets_, 1.0, stats, nullptr, nullptr,
+                 tp_ ? &vshard_ : nullptr);
 }
 
 std::vector<float> Mamba2LM::logits(const int32_t* tokens) {
+  SSD_CHECK(tpd_.tp == 1, "logits of a tensor-parallel model");
   upload_tokens(tokens, nullptr);
   forward();
   const int64_t V = cfg_.padded_vocab();
@@ -354,15 +441,23 @@ void Mamba2LM::forward_backward(const int32_t* tokens, const int32_t* targets,
                                 double grad_scale, Tensor& stats) {
   upload_tokens(tokens, targets);
   forward();
-  const int64_t Di = cfg_.d_inner();
-  const int64_t conv_dim = cfg_.conv_dim();
+  const int64_t Di = tpd_.d_inner;
+  const int64_t conv_dim = tpd_.conv_dim;
+  // Tensor parallelism: the hidden-state gradients (of the LM head, of each in_proj) are
+  // per-rank parts, summed over the group in accum dtype in tp_red_.
+  Tensor& dh = tp_ ? tp_red_ : d_hidden_;
 
-  // Head + loss: d_hidden_ = dL/d hidden_f.
-  be_.lm_head_ce(hidden_f_, w(emb_), targets_, grad_scale, stats, &d_hidden_, &grads_[emb_]);
+  // Head + loss: dh = dL/d hidden_f.
+  be_.lm_head_ce(hidden_f_, w(emb_), targets_, grad_scale, stats, &dh, &grads_[emb_],
+                 tp_ ? &vshard_ : nullptr);
+  if (tp_) {
+    tp_->all_reduce(dh);
+    tp_->join();
+  }
   // The residual stream's gradient, ping-ponged between two buffers: d_res_[cur] holds
   // dL/d residual after layer i's add, which is also dL/d (mixer output of layer i-1).
   int cur = 0;
-  be_.add_rmsnorm_bwd(d_hidden_, nullptr, res_f_, params_[norm_f_], rstd_f_, d_res_[cur],
+  be_.add_rmsnorm_bwd(dh, nullptr, res_f_, params_[norm_f_], rstd_f_, d_res_[cur],
                       grads_[norm_f_]);
   ready(0);
   for (int i = cfg_.n_layer - 1; i >= 0; --i) {
@@ -380,10 +475,11 @@ void Mamba2LM::forward_backward(const int32_t* tokens, const int32_t* targets,
     be_.linear_bwd(a.ynorm, w(p.out_proj), *dout, &d_ynorm_, grads_[p.out_proj]);
     ColSlice dz = cols(d_zxbcdt_, 0, Di);
     be_.gated_rmsnorm_bwd(d_ynorm_, a.y, cols(a.zxbcdt, 0, Di), params_[p.gnorm],
-                          Di / cfg_.ngroups, a.grstd, d_y_, dz, grads_[p.gnorm]);
+                          tpd_.norm_group, a.grstd, d_y_, dz, grads_[p.gnorm],
+                          span_ ? &nspan_ : nullptr);
     SsdGrads g;
     g.dxBC = d_xBC_;
-    g.ddt = cols(d_zxbcdt_, Di + conv_dim, cfg_.nheads());
+    g.ddt = cols(d_zxbcdt_, Di + conv_dim, tpd_.nheads);
     g.d_dt_bias = grads_[p.dt_bias];
     g.dA_log = grads_[p.A_log];
     g.dD = grads_[p.D];
@@ -402,9 +498,14 @@ void Mamba2LM::forward_backward(const int32_t* tokens, const int32_t* targets,
       cp_->join();
     }
     conv_backward(i, a);
-    be_.linear_bwd(a.hidden, w(p.in_proj), d_zxbcdt_, &d_hidden_, grads_[p.in_proj]);
+    be_.linear_bwd(a.hidden, w(p.in_proj), d_zxbcdt_, &dh, grads_[p.in_proj]);
+    if (tp_) {
+      tp_->all_reduce(dh);
+      tp_->join();
+      reduce_shared_grads(i);
+    }
     // Through this layer's add + norm: the residual gradient before layer i.
-    be_.add_rmsnorm_bwd(d_hidden_, &d_res_[cur], residual_[i], params_[p.norm], a.rstd,
+    be_.add_rmsnorm_bwd(dh, &d_res_[cur], residual_[i], params_[p.norm], a.rstd,
                         d_res_[1 - cur], grads_[p.norm]);
     cur = 1 - cur;
     ready(1 + static_cast<int>(cfg_.n_layer - 1 - i));
@@ -414,7 +515,7 @@ void Mamba2LM::forward_backward(const int32_t* tokens, const int32_t* targets,
     be_.convert(d_res_[cur], d_x_);
     demb = &d_x_;
   }
-  be_.embedding_bwd(tokens_, *demb, grads_[emb_]);
+  be_.embedding_bwd(tokens_, *demb, grads_[emb_], tp_ ? &vshard_ : nullptr);
   ready(static_cast<int>(cfg_.n_layer) + 1);
 }
 

@@ -20,12 +20,19 @@ class Mamba2LM {
  public:
   // flat_align: every parameter's offset in the flat buffers is a multiple of it (64, or a
   // multiple of 64 that the data-parallel group size divides, so buckets split evenly).
+  // tp, tp_rank: this model is tensor-parallel rank tp_rank of tp (params.h, TpDims): it holds
+  // its heads' part of every mixer, its slice of the vocabulary, and copies of the norms.
   Mamba2LM(const ModelConfig& cfg, Backend& be, int64_t batch, int64_t seqlen,
-           bool recompute_activations = false, int64_t flat_align = 64);
+           bool recompute_activations = false, int64_t flat_align = 64, int64_t tp = 1,
+           int64_t tp_rank = 0);
 
   const ModelConfig& config() const { return cfg_; }
   Backend& backend() { return be_; }
+  // The full model's table (names and full shapes: what checkpoints and exports hold). What
+  // this rank holds of parameter i is shard(i); params()[i] has shard(i).local_shape.
   const std::vector<ParamSpec>& table() const { return table_; }
+  const ShardLayout& shard(int i) const { return shards_[i]; }
+  const TpDims& tp_dims() const { return tpd_; }
   int64_t batch() const { return batch_; }
   int64_t seqlen() const { return seqlen_; }
 
@@ -60,13 +67,26 @@ class Mamba2LM {
     return cp_ ? 2 * (cp_final_.nbytes() + cp_send_.nbytes()) : 0;
   }
 
-  // Initialises every parameter from the table's rules (seeded; independent of backend).
+  // Tensor parallelism: the communicators of the tensor-parallel group and of its ranks that
+  // share a B/C group (both on the backend's memory). Each layer's forward sums out_proj's
+  // partial outputs over `tp` (and the embedding's), its backward in_proj's input gradient
+  // (and the LM head's); the gated norm of a group spanning ranks and the shared B/C
+  // gradients go over `span`. Needed when tp > 1.
+  void set_tensor_parallel(Communicator* tp, Communicator* span);
+  // Whether this micro-batch's backward sums the B/C gradients shared by span ranks (once per
+  // step, on its last micro-batch: GradSync sets it; true by default).
+  void set_reduce_shared_grads(bool on) { reduce_shared_ = on; }
+
+  // Initialises every parameter from the table's rules (seeded; independent of backend and of
+  // the tensor-parallel layout: each rank takes its part of the full tensors).
   void init(uint64_t seed);
-  // Host fp32 copies of the parameters, and loading from them (checkpoints, export, import).
+  // Host fp32 copies of the parameters this rank holds (local shapes), and loading them.
   std::vector<std::vector<float>> params_to_host();
   void params_from_host(const std::vector<std::vector<float>>& values);
-  // The same with names: tensors in table order, named as the table (checked).
+  // Full tensors with names, in table order (tp = 1 only; a tensor-parallel model's full
+  // tensors come from gather_full over its group).
   std::vector<HostTensor> named_params_to_host();
+  // Loads full tensors named as the table (checked); each rank keeps its part.
   void load_params(const std::vector<HostTensor>& tensors);
   // Re-derives the compute-dtype copies of the GEMM weights; call after changing params.
   void refresh_compute_weights();
@@ -117,11 +137,23 @@ class Mamba2LM {
   const Tensor& w(int idx) const { return compute_[idx]; }
   SsdDims ssd_dims() const;
   SsdInputs ssd_inputs(int layer, LayerActs& a);
+  // Tensor parallelism: t (on the backend) summed over the tensor-parallel group, in accum
+  // dtype (through tp_red_ when t is in compute dtype).
+  void tp_sum(Tensor& t);
+  void reduce_shared_grads(int layer);
 
   ModelConfig cfg_;
   Backend& be_;
   int64_t batch_, seqlen_, T_;
   std::vector<ParamSpec> table_;
+  TpDims tpd_;
+  std::vector<ShardLayout> shards_;
+  Communicator* tp_ = nullptr;    // null: tp = 1
+  Communicator* span_ = nullptr;  // null: span = 1
+  bool reduce_shared_ = true;
+  VocabShard vshard_;
+  NormSpan nspan_;
+  Tensor tp_red_;  // [T, d_model] accum: partial sums of the tensor-parallel ranks
   std::vector<Tensor> params_, grads_, compute_;
   Tensor grad_flat_, param_flat_;
   std::vector<int64_t> flat_off_;

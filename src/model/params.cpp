@@ -1,8 +1,10 @@
 #include "model/params.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/rng.h"
+#include "dist/comm.h"
 
 namespace ssd {
 
@@ -74,6 +76,124 @@ int64_t count_params(const std::vector<ParamSpec>& table) {
   int64_t n = 0;
   for (const auto& p : table) n += shape_numel(p.shape);
   return n;
+}
+
+TpDims tp_dims(const ModelConfig& m, int64_t tp, int64_t rank) {
+  TpDims d;
+  d.tp = tp;
+  d.rank = rank;
+  const int64_t H = m.nheads(), G = m.ngroups, V = m.padded_vocab(), N = m.d_state;
+  if (H % tp != 0 || (G % tp != 0 && tp % G != 0) || V % tp != 0 || rank < 0 || rank >= tp)
+    fail("parallel.tp=", tp, " does not split this model (", H, " heads, model.ngroups=", G,
+         ", padded vocabulary ", V, ")");
+  d.span = G % tp == 0 ? 1 : tp / G;
+  d.nheads = H / tp;
+  d.ngroups = G % tp == 0 ? G / tp : 1;
+  d.d_inner = d.nheads * m.headdim;
+  d.conv_dim = d.d_inner + 2 * d.ngroups * N;
+  d.d_in_proj = 2 * d.d_inner + 2 * d.ngroups * N + d.nheads;
+  d.vocab = V / tp;
+  d.head0 = rank * d.nheads;
+  d.group0 = G % tp == 0 ? rank * d.ngroups : rank / d.span;
+  d.vocab0 = rank * d.vocab;
+  d.norm_group = m.d_inner() / G / d.span;
+  return d;
+}
+
+ShardLayout shard_layout(const ParamSpec& spec, const TpDims& d, const ModelConfig& m) {
+  ShardLayout s;
+  s.full_shape = spec.shape;
+  s.local_shape = spec.shape;
+  const int64_t rows = spec.shape[0];
+  if (d.tp == 1) {
+    s.blocks = {{0, 0, rows, false}};
+    return s;
+  }
+  const int64_t Di = m.d_inner(), Dl = d.d_inner, GN = m.ngroups * m.d_state;
+  const int64_t gn = d.ngroups * m.d_state, g0 = d.group0 * m.d_state;
+  const bool shared = d.span > 1;
+  switch (spec.shard) {
+    case Shard::Replicated:
+      s.blocks = {{0, 0, rows, false}};
+      s.replicas = d.tp;
+      break;
+    case Shard::InProj:  // [z | x | B | C | dt] rows
+      s.blocks = {{d.rank * Dl, 0, Dl, false},
+                  {Di + d.rank * Dl, Dl, Dl, false},
+                  {2 * Di + g0, 2 * Dl, gn, shared},
+                  {2 * Di + GN + g0, 2 * Dl + gn, gn, shared},
+                  {2 * Di + 2 * GN + d.head0, 2 * Dl + 2 * gn, d.nheads, false}};
+      s.local_shape[0] = d.d_in_proj;
+      break;
+    case Shard::ConvChannels:  // [x | B | C] channels
+      s.blocks = {{d.rank * Dl, 0, Dl, false},
+                  {Di + g0, Dl, gn, shared},
+                  {Di + GN + g0, Dl + gn, gn, shared}};
+      s.local_shape[0] = d.conv_dim;
+      break;
+    case Shard::Heads:
+    case Shard::Vocab: {
+      const int64_t n = rows / d.tp;
+      s.blocks = {{d.rank * n, 0, n, false}};
+      s.local_shape[0] = n;
+      break;
+    }
+    case Shard::OutProjRows:  // [d_model, d_inner]: this rank's input columns
+      SSD_CHECK(spec.shape.size() == 2);
+      s.blocks = {{0, 0, rows, false}};
+      s.col0 = d.rank * Dl;
+      s.cols = Dl;
+      s.local_shape[1] = Dl;
+      break;
+  }
+  return s;
+}
+
+void ShardLayout::to_local(const float* full, float* local) const {
+  const int64_t row = shape_numel(full_shape) / std::max<int64_t>(1, full_shape[0]);
+  if (cols > 0) {
+    for (int64_t r = 0; r < full_shape[0]; ++r)
+      std::copy_n(full + r * row + col0, cols, local + r * cols);
+    return;
+  }
+  for (const auto& b : blocks)
+    std::copy_n(full + b.full_row * row, b.rows * row, local + b.local_row * row);
+}
+
+void ShardLayout::to_full(const float* local, float* full) const {
+  const int64_t row = shape_numel(full_shape) / std::max<int64_t>(1, full_shape[0]);
+  if (cols > 0) {
+    for (int64_t r = 0; r < full_shape[0]; ++r)
+      std::copy_n(local + r * cols, cols, full + r * row + col0);
+    return;
+  }
+  for (const auto& b : blocks)
+    std::copy_n(local + b.local_row * row, b.rows * row, full + b.full_row * row);
+}
+
+std::vector<std::vector<float>> gather_full(Communicator& tp, const std::vector<ParamSpec>& table,
+                                            const ModelConfig& m,
+                                            const std::vector<std::vector<float>>& local) {
+  SSD_CHECK(local.size() == table.size());
+  const int64_t size = tp.size(), me = tp.rank();
+  std::vector<std::vector<float>> full;
+  if (me == 0) full.resize(table.size());
+  for (size_t i = 0; i < table.size(); ++i) {
+    if (me == 0) {
+      full[i].assign(shape_numel(table[i].shape), 0.f);
+      shard_layout(table[i], tp_dims(m, size, 0), m).to_full(local[i].data(), full[i].data());
+      std::vector<float> part;
+      for (int64_t q = 1; q < size; ++q) {
+        const ShardLayout sl = shard_layout(table[i], tp_dims(m, size, q), m);
+        part.resize(shape_numel(sl.local_shape));
+        tp.recv(part.data(), static_cast<int64_t>(part.size()), DType::F32, static_cast<int>(q));
+        sl.to_full(part.data(), full[i].data());
+      }
+    } else {
+      tp.send(local[i].data(), static_cast<int64_t>(local[i].size()), DType::F32, 0);
+    }
+  }
+  return full;
 }
 
 }  // namespace ssd

@@ -48,11 +48,12 @@ GradSync::GradSync(Mamba2LM& model, Backend& be, ProcessGrid& grid, const Parall
   Tensor& P = model_.param_buffer();
   Tensor& G = model_.grad_buffer();
   for (size_t i = 0; i < table.size(); ++i) {
-    const int64_t off = model_.flat_offset(static_cast<int>(i)), n = shape_numel(table[i].shape);
+    const Shape& sh = model_.params()[i].shape;  // this rank's part (tensor parallelism)
+    const int64_t off = model_.flat_offset(static_cast<int>(i)), n = shape_numel(sh);
     const double wd = table[i].weight_decay ? weight_decay : 0.0;
     if (!zero_) {
-      slots_.push_back({model_.params()[i], model_.grads()[i], m_.rows(off, n).view(table[i].shape),
-                        v_.rows(off, n).view(table[i].shape), wd});
+      slots_.push_back({model_.params()[i], model_.grads()[i], m_.rows(off, n).view(sh),
+                        v_.rows(off, n).view(sh), wd});
       continue;
     }
     for (const auto& b : buckets_) {
@@ -65,13 +66,46 @@ GradSync::GradSync(Mamba2LM& model, Backend& be, ProcessGrid& grid, const Parall
     }
   }
   for (auto& s : slots_) slot_grads_.push_back(s.grad);
+  if (model_.tp_dims().tp > 1) build_norm_groups();
   model_.set_ready_hook([this](int stage) { on_ready(stage); });
+}
+
+void GradSync::build_norm_groups() {
+  // Under tensor parallelism some gradients are on several ranks of the tp group: the
+  // replicated parameters' (norms) on all tp of them, the shared B/C rows' on span of them.
+  // The norm counts each once: the gradients held here, grouped by how many ranks hold them.
+  const TpDims& d = model_.tp_dims();
+  std::vector<std::pair<int64_t, int64_t>> owned;  // flat ranges whose reduced sums are here
+  if (zero_)
+    for (const auto& b : buckets_) owned.push_back({own_lo(b, rank_), part(b)});
+  else
+    owned.push_back({0, model_.grad_buffer().numel()});
+  Tensor& G = model_.grad_buffer();
+  auto add = [&](int64_t lo, int64_t len, int64_t copies) {
+    for (auto [olo, olen] : owned) {
+      const int64_t a = std::max(lo, olo), b = std::min(lo + len, olo + olen);
+      if (b > a) norm_groups_[copies].push_back(G.rows(a, b - a));
+    }
+  };
+  for (size_t i = 0; i < model_.table().size(); ++i) {
+    const ShardLayout& sl = model_.shard(static_cast<int>(i));
+    const int64_t off = model_.flat_offset(static_cast<int>(i));
+    const int64_t n = shape_numel(sl.local_shape);
+    if (sl.replicas > 1 || sl.cols > 0) {
+      add(off, n, sl.replicas);
+      continue;
+    }
+    const int64_t row = n / std::max<int64_t>(1, sl.local_shape[0]);
+    for (const auto& b : sl.blocks)
+      add(off + b.local_row * row, b.rows * row, b.shared ? d.span : 1);
+  }
 }
 
 int64_t GradSync::unsharded_moment_bytes() const { return 2 * model_.grad_buffer().numel() * 4; }
 
 void GradSync::before_micro_batch(bool last) {
   armed_ = last;
+  model_.set_reduce_shared_grads(last);
   if (last)
     for (auto& b : buckets_) b.launched = false;
 }
@@ -103,8 +137,14 @@ void GradSync::finish_backward() {
 }
 
 double GradSync::grad_norm() {
-  double ss = be_.sum_squares(slot_grads_);
+  double ss = 0;
+  if (norm_groups_.empty()) {
+    ss = be_.sum_squares(slot_grads_);
+  } else {
+    for (const auto& [copies, ts] : norm_groups_) ss += be_.sum_squares(ts) / double(copies);
+  }
   if (zero_) grid_.host(Group::DpCp).all_reduce(&ss, 1, DType::F64, ReduceOp::Sum);
+  if (!norm_groups_.empty()) grid_.host(Group::Tp).all_reduce(&ss, 1, DType::F64, ReduceOp::Sum);
   return std::sqrt(ss);
 }
 
@@ -184,7 +224,7 @@ void GradSync::moments_to_root(std::vector<std::vector<float>>& m,
   }
   if (rank_ != 0) return;
   for (size_t i = 0; i < table.size(); ++i) {
-    const int64_t off = model_.flat_offset(static_cast<int>(i)), n = shape_numel(table[i].shape);
+    const int64_t off = model_.flat_offset(static_cast<int>(i)), n = model_.params()[i].numel();
     m.emplace_back(fm.begin() + off, fm.begin() + off + n);
     v.emplace_back(fv.begin() + off, fv.begin() + off + n);
   }
@@ -252,7 +292,7 @@ std::vector<std::vector<float>> GradSync::gathered_grads() {
   }
   std::vector<std::vector<float>> out;
   for (size_t i = 0; i < table.size(); ++i) {
-    const int64_t off = model_.flat_offset(static_cast<int>(i)), n = shape_numel(table[i].shape);
+    const int64_t off = model_.flat_offset(static_cast<int>(i)), n = model_.params()[i].numel();
     out.emplace_back(full.begin() + off, full.begin() + off + n);
   }
   return out;

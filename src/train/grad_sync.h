@@ -12,6 +12,7 @@
 // all-gathered back into every rank's parameters.
 #pragma once
 #include <cstdint>
+#include <map>
 #include <vector>
 
 #include "backend/backend.h"
@@ -35,12 +36,14 @@ class GradSync {
   // model's compute copies refreshed.
   void step(const AdamWHyper& h);
 
-  // Full per-parameter moments (table order) on the group's rank 0 (empty elsewhere), and
-  // loading them from there (`m`/`v` only read on rank 0). Collective over the dp x cp group.
+  // Per-parameter moments (table order; this tensor-parallel rank's parts) on the group's
+  // rank 0 (empty elsewhere), and loading them from there (`m`/`v` only read on rank 0).
+  // Collective over the dp x cp group.
   void moments_to_root(std::vector<std::vector<float>>& m, std::vector<std::vector<float>>& v);
   void moments_from_root(const std::vector<std::vector<float>>& m,
                          const std::vector<std::vector<float>>& v);
-  // The reduced gradients as full host tensors (table order) on every rank; for tests.
+  // The reduced gradients (this tensor-parallel rank's parts) as host tensors in table order,
+  // on every rank; for tests.
   std::vector<std::vector<float>> gathered_grads();
 
   // Bytes of AdamW moments this rank holds, and what it would hold without sharding.
@@ -56,6 +59,7 @@ class GradSync {
     bool launched = false;
   };
   void on_ready(int stage);
+  void build_norm_groups();
   void launch(Bucket& b);
   // This rank's part of bucket b: [own_lo, own_lo + part) of the flat buffers.
   int64_t part(const Bucket& b) const { return b.len / group_; }
@@ -75,6 +79,9 @@ class GradSync {
   int64_t shard_len_ = 0;  // elements of m_ (and v_)
   std::vector<AdamWSlot> slots_;
   std::vector<Tensor> slot_grads_;
+  // Tensor parallelism: the gradients this rank sums for the norm, by how many ranks of the
+  // tp group hold the same values (empty when tp = 1: slot_grads_ are all of them).
+  std::map<int64_t, std::vector<Tensor>> norm_groups_;
 };
 
 }  // namespace ssd

@@ -86,7 +86,6 @@ class Trainer {
     grid_ = std::make_unique<ProcessGrid>(layout_, base);
     if (layout_.world > 1)
       for (const auto& line : grid_->describe_ranks()) log(line);
-    check_layout_supported(layout_);
     watchdog::configure(cfg_.parallel.timeout_s,
                         "rank " + std::to_string(grid_->rank()) + " (host " + me.host + ")");
     agree(base, [&] {
@@ -94,10 +93,12 @@ class Trainer {
       const int64_t align = std::lcm<int64_t>(64, layout_.dp * layout_.cp);
       model_ = std::make_unique<Mamba2LM>(cfg_.model, *be_, layout_.micro_batch,
                                           cfg_.train.seq_len / layout_.cp,
-                                          cfg_.train.recompute == "layers", align);
+                                          cfg_.train.recompute == "layers", align, layout_.tp,
+                                          grid_->tp_rank());
     });
     grid_->attach(*be_);
     model_->set_context_parallel(&grid_->dev(Group::Cp));
+    model_->set_tensor_parallel(&grid_->dev(Group::Tp), &grid_->dev(Group::TpSpan));
     sync_ = std::make_unique<GradSync>(*model_, *be_, *grid_, cfg_.parallel, cfg_.train.weight_decay);
     stats_ = model_->new_stats();
   }
@@ -107,6 +108,9 @@ class Trainer {
  private:
   void start_state();
   void save_checkpoint();
+  // The ranks of dp 0 and cp 0: the tensor-parallel group that assembles and spreads full
+  // tensors for checkpoints (rank 0 among them).
+  bool in_root_tp_group() const { return grid_->dp_rank() == 0 && grid_->cp_rank() == 0; }
   void log(const std::string& s) { if (grid_->is_root()) std::printf("%s\n", s.c_str()), std::fflush(stdout); }
   void metric(const std::string& json) {
     if (!grid_->is_root()) return;
@@ -116,6 +120,8 @@ class Trainer {
       fail("cannot write ", cfg_.run.dir, "/metrics.jsonl: ", std::strerror(errno));
   }
   std::pair<double, double> evaluate();
+  // Sum of the squared parameters of the whole model (each tensor-parallel copy counted once).
+  double param_sumsq();
   Communicator& world() { return grid_->host(Group::World); }
 
   Config cfg_;
@@ -212,6 +218,21 @@ void Trainer::start_state() {
       if (grid_->is_root())
         for (size_t i = 0; i < table.size(); ++i)
           m.push_back(std::move(ck.adam_m[i].data)), v.push_back(std::move(ck.adam_v[i].data));
+      if (layout_.tp > 1 && in_root_tp_group()) {
+        // Rank 0's full moments to its tensor-parallel group; each keeps its part.
+        Communicator& tp = grid_->host(Group::Tp);
+        for (auto* mv : {&m, &v}) {
+          mv->resize(table.size());
+          for (size_t i = 0; i < table.size(); ++i) {
+            auto& full = (*mv)[i];
+            full.resize(shape_numel(table[i].shape));
+            tp.broadcast(full.data(), static_cast<int64_t>(full.size()), DType::F32, 0);
+            std::vector<float> part(shape_numel(model_->shard(static_cast<int>(i)).local_shape));
+            model_->shard(static_cast<int>(i)).to_local(full.data(), part.data());
+            full = std::move(part);
+          }
+        }
+      }
       // Every dp x cp group (one per tensor-parallel rank) loads from its own rank 0.
       sync_->moments_from_root(m, v);
     } else {
@@ -230,8 +251,18 @@ void Trainer::start_state() {
 
 void Trainer::save_checkpoint() {
   // Moments gathered to rank 0 (ZeRO shards included); every rank holds the full parameters.
-  std::vector<std::vector<float>> m, v;
+  std::vector<std::vector<float>> m, v, params;
   sync_->moments_to_root(m, v);
+  if (layout_.tp > 1) {  // full tensors from the parts of the root's tensor-parallel group
+    if (in_root_tp_group()) {
+      Communicator& tp = grid_->host(Group::Tp);
+      params = gather_full(tp, model_->table(), cfg_.model, model_->params_to_host());
+      m = gather_full(tp, model_->table(), cfg_.model, m);
+      v = gather_full(tp, model_->table(), cfg_.model, v);
+    }
+  } else if (grid_->is_root()) {
+    params = model_->params_to_host();
+  }
   std::string path = checkpoint_path(cfg_.checkpoint.dir, step_);
   // A failed write (disk full, say) ends every rank with the message, not with a hang.
   agree(grid_->base(), [&] {
@@ -239,8 +270,12 @@ void Trainer::save_checkpoint() {
     CheckpointData ck;
     ck.step = step_;
     ck.config_yaml = config_to_yaml(cfg_);
-    ck.params = model_->named_params_to_host();
-    if (!std::isfinite(be_->sum_squares(model_->params())))
+    double sumsq = 0;
+    for (size_t i = 0; i < params.size(); ++i) {
+      for (float x : params[i]) sumsq += double(x) * x;
+      ck.params.push_back({model_->table()[i].name, model_->table()[i].shape, std::move(params[i])});
+    }
+    if (!std::isfinite(sumsq))
       fail_all("step ", step_, ": the update made the parameters non-finite; no checkpoint written. "
                "The last good checkpoint is ", last_ckpt_.empty() ? std::string("(none written yet)")
                : last_ckpt_, ". Lower train.lr.");
@@ -257,6 +292,30 @@ void Trainer::save_checkpoint() {
   });
   last_ckpt_ = path;
   log("checkpoint " + path);
+}
+
+double Trainer::param_sumsq() {
+  if (layout_.tp == 1) return be_->sum_squares(model_->params());
+  const auto local = model_->params_to_host();
+  double s = 0;
+  for (size_t i = 0; i < local.size(); ++i) {
+    const ShardLayout& sl = model_->shard(static_cast<int>(i));
+    if (sl.replicas > 1 || sl.cols > 0) {
+      double t = 0;
+      for (float x : local[i]) t += double(x) * x;
+      s += t / double(sl.replicas);
+      continue;
+    }
+    const int64_t row = static_cast<int64_t>(local[i].size()) / sl.local_shape[0];
+    for (const auto& b : sl.blocks) {
+      double t = 0;
+      for (int64_t k = b.local_row * row; k < (b.local_row + b.rows) * row; ++k)
+        t += double(local[i][k]) * local[i][k];
+      s += t / double(b.shared ? layout_.tp_span : 1);
+    }
+  }
+  grid_->host(Group::Tp).all_reduce(&s, 1, DType::F64, ReduceOp::Sum);
+  return s;
 }
 
 std::pair<double, double> Trainer::evaluate() {
@@ -424,7 +483,7 @@ TrainResult Trainer::run() {
     }
   }
   res.steps_done = step_;
-  res.param_sumsq = be_->sum_squares(model_->params());
+  res.param_sumsq = param_sumsq();
   if (steps_this_run == 0 && !res.stopped_early)
     log("nothing to do: the run is already at step " + std::to_string(step_) + " of " +
         std::to_string(tc.max_steps) + " (raise train.max_steps to continue it)");

@@ -28,13 +28,24 @@ inline LayoutGrads layout_step(const ssd::Config& cfg, MPI_Comm comm, ssd::Backe
   grid.attach(be);
   auto data = make_data_source(cfg);
   Mamba2LM model(cfg.model, be, l.micro_batch, cfg.train.seq_len / l.cp, false,
-                 std::lcm<int64_t>(64, l.dp * l.cp));
+                 std::lcm<int64_t>(64, l.dp * l.cp), l.tp, grid.tp_rank());
   model.init(init_seed);
   model.set_context_parallel(&grid.dev(Group::Cp));
+  model.set_tensor_parallel(&grid.dev(Group::Tp), &grid.dev(Group::TpSpan));
   GradSync sync(model, be, grid, cfg.parallel, cfg.train.weight_decay);
   Tensor stats = model.new_stats();
   LayoutGrads out;
   out.loss = compute_gradients(model, sync, grid, *data, l, position, cfg.train.seq_len, stats).loss;
   out.g = sync.gathered_grads();
+  if (l.tp > 1) {  // the tensor-parallel parts as full tensors, on every rank of the group
+    Communicator& tp = grid.host(Group::Tp);
+    auto full = gather_full(tp, model.table(), cfg.model, out.g);
+    full.resize(model.table().size());
+    for (size_t i = 0; i < full.size(); ++i) {
+      full[i].resize(shape_numel(model.table()[i].shape));
+      tp.broadcast(full[i].data(), static_cast<int64_t>(full[i].size()), DType::F32, 0);
+    }
+    out.g = std::move(full);
+  }
   return out;
 }
