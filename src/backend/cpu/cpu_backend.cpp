@@ -4,6 +4,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <utility>
 
 #include "backend/backend.h"
 #include "backend/cpu/cpu_ops.h"
@@ -83,21 +84,21 @@ class CpuBackend final : public Backend {
 
   void embedding_fwd(const Tensor& tokens, const Tensor& w, Tensor& out,
                      const VocabShard* shard) override {
-    SSD_CHECK(!shard, "cpu embedding_fwd: vocabulary shards are not implemented yet");
     check_shape(out, {tokens.numel(), w.size(1)}, "embedding output");
+    const auto [vocab, row0] = vocab_rows(shard, w.size(0), "embedding_fwd");
     run([&](auto z) {
       using T = decltype(z);
-      cpu::embedding_fwd<T>(tokens.ptr<int32_t>(), tokens.numel(), w.ptr<T>(), w.size(0),
-                            w.size(1), out.ptr<T>());
+      cpu::embedding_fwd<T>(tokens.ptr<int32_t>(), tokens.numel(), w.ptr<T>(), vocab, row0,
+                            w.size(0), w.size(1), out.ptr<T>());
     });
   }
   void embedding_bwd(const Tensor& tokens, const Tensor& dout, Tensor& dw,
                      const VocabShard* shard) override {
-    SSD_CHECK(!shard, "cpu embedding_bwd: vocabulary shards are not implemented yet");
+    const auto [vocab, row0] = vocab_rows(shard, dw.size(0), "embedding_bwd");
     run([&](auto z) {
       using T = decltype(z);
-      cpu::embedding_bwd<T>(tokens.ptr<int32_t>(), tokens.numel(), dout.ptr<T>(), dw.size(0),
-                            dw.size(1), dw.ptr<T>());
+      cpu::embedding_bwd<T>(tokens.ptr<int32_t>(), tokens.numel(), dout.ptr<T>(), vocab, row0,
+                            dw.size(0), dw.size(1), dw.ptr<T>());
     });
   }
 
@@ -195,40 +196,52 @@ class CpuBackend final : public Backend {
 
   void gated_rmsnorm_fwd(const Tensor& y, const ColSlice& z, const Tensor& w, int64_t gs,
                          double eps, Tensor& out, Tensor& rstd, const NormSpan* span) override {
-    SSD_CHECK(!span, "cpu gated_rmsnorm_fwd: norm spans are not implemented yet");
     const int64_t n = y.size(0), d = y.size(1);
     SSD_CHECK(z.width == d && d % gs == 0);
     check_shape(rstd, {n, d / gs}, "gated norm rstd");
     run([&](auto zz) {
       using T = decltype(zz);
-      cpu::gated_rmsnorm_fwd<T>(y.ptr<T>(), z.t.ptr<T>() + z.off, z.ld(), w.ptr<T>(), n, d, gs,
-                                eps, out.ptr<T>(), rstd.ptr<T>());
+      if (span)
+        cpu::gated_rmsnorm_fwd_span<T>(y.ptr<T>(), z.t.ptr<T>() + z.off, z.ld(), w.ptr<T>(), n,
+                                       d, gs, eps, out.ptr<T>(), rstd.ptr<T>(), *span);
+      else
+        cpu::gated_rmsnorm_fwd<T>(y.ptr<T>(), z.t.ptr<T>() + z.off, z.ld(), w.ptr<T>(), n, d,
+                                  gs, eps, out.ptr<T>(), rstd.ptr<T>());
     });
   }
   void gated_rmsnorm_bwd(const Tensor& dout, const Tensor& y, const ColSlice& z,
                          const Tensor& w, int64_t gs, const Tensor& rstd, Tensor& dy,
                          ColSlice& dz, Tensor& dw, const NormSpan* span) override {
-    SSD_CHECK(!span, "cpu gated_rmsnorm_bwd: norm spans are not implemented yet");
     const int64_t n = y.size(0), d = y.size(1);
     run([&](auto zz) {
       using T = decltype(zz);
-      cpu::gated_rmsnorm_bwd<T>(dout.ptr<T>(), y.ptr<T>(), z.t.ptr<T>() + z.off, z.ld(),
-                                w.ptr<T>(), rstd.ptr<T>(), n, d, gs, dy.ptr<T>(),
-                                dz.t.ptr<T>() + dz.off, dz.ld(), dw.ptr<T>());
+      if (span)
+        cpu::gated_rmsnorm_bwd_span<T>(dout.ptr<T>(), y.ptr<T>(), z.t.ptr<T>() + z.off, z.ld(),
+                                       w.ptr<T>(), rstd.ptr<T>(), n, d, gs, dy.ptr<T>(),
+                                       dz.t.ptr<T>() + dz.off, dz.ld(), dw.ptr<T>(), *span);
+      else
+        cpu::gated_rmsnorm_bwd<T>(dout.ptr<T>(), y.ptr<T>(), z.t.ptr<T>() + z.off, z.ld(),
+                                  w.ptr<T>(), rstd.ptr<T>(), n, d, gs, dy.ptr<T>(),
+                                  dz.t.ptr<T>() + dz.off, dz.ld(), dw.ptr<T>());
     });
   }
 
   void lm_head_ce(const Tensor& hidden, const Tensor& w, const Tensor& targets,
                   double grad_scale, Tensor& stats, Tensor* dhidden, Tensor* dw,
                   const VocabShard* shard) override {
-    SSD_CHECK(!shard, "cpu lm_head_ce: vocabulary shards are not implemented yet");
     SSD_CHECK(targets.numel() == hidden.size(0) && w.size(1) == hidden.size(1));
     check_shape(stats, {3}, "ce stats");
     run([&](auto z) {
       using T = decltype(z);
-      cpu::lm_head_ce<T>(hidden.ptr<T>(), w.ptr<T>(), targets.ptr<int32_t>(), hidden.size(0),
-                         hidden.size(1), w.size(0), grad_scale, stats.ptr<double>(),
-                         dhidden ? dhidden->ptr<T>() : nullptr, dw ? dw->ptr<T>() : nullptr);
+      T* dh = dhidden ? dhidden->ptr<T>() : nullptr;
+      T* dwp = dw ? dw->ptr<T>() : nullptr;
+      if (shard)
+        cpu::lm_head_ce_shard<T>(hidden.ptr<T>(), w.ptr<T>(), targets.ptr<int32_t>(),
+                                 hidden.size(0), hidden.size(1), w.size(0), *shard, grad_scale,
+                                 stats.ptr<double>(), dh, dwp);
+      else
+        cpu::lm_head_ce<T>(hidden.ptr<T>(), w.ptr<T>(), targets.ptr<int32_t>(), hidden.size(0),
+                           hidden.size(1), w.size(0), grad_scale, stats.ptr<double>(), dh, dwp);
     });
   }
 
@@ -255,6 +268,15 @@ class CpuBackend final : public Backend {
   void run(F&& f) {
     if (dt_ == DType::F64) f(double{});
     else f(float{});
+  }
+  // {vocabulary size, token of weight row 0} for an embedding weight of `rows` rows.
+  static std::pair<int64_t, int64_t> vocab_rows(const VocabShard* shard, int64_t rows,
+                                                const char* op) {
+    if (!shard) return {rows, 0};
+    SSD_CHECK(shard->begin >= 0 && shard->begin + rows <= shard->total, "cpu ", op,
+              ": vocabulary shard rows [", shard->begin, ", ", shard->begin + rows, ") outside [0, ",
+              shard->total, ")");
+    return {shard->total, shard->begin};
   }
   static void check_ssd(const SsdDims& d, const SsdInputs& in) {
     SSD_CHECK(d.nheads % d.ngroups == 0 && d.chunk > 0);

@@ -10,13 +10,25 @@
 
 namespace ssd::cpu {
 
-// embedding.cpp
+// embedding.cpp: tokens checked against [0, vocab); weight / dweight hold rows [row0, row0 +
+// rows) (all of them: row0 = 0, rows = vocab); other tokens give zero rows and no gradient.
 template <class T>
 void embedding_fwd(const int32_t* tokens, int64_t ntok, const T* weight, int64_t vocab,
-                   int64_t dim, T* out);
+                   int64_t row0, int64_t rows, int64_t dim, T* out);
 template <class T>
 void embedding_bwd(const int32_t* tokens, int64_t ntok, const T* dout, int64_t vocab,
-                   int64_t dim, T* dweight);
+                   int64_t row0, int64_t rows, int64_t dim, T* dweight);
+// The whole vocabulary.
+template <class T>
+void embedding_fwd(const int32_t* tokens, int64_t ntok, const T* weight, int64_t vocab,
+                   int64_t dim, T* out) {
+  embedding_fwd(tokens, ntok, weight, vocab, 0, vocab, dim, out);
+}
+template <class T>
+void embedding_bwd(const int32_t* tokens, int64_t ntok, const T* dout, int64_t vocab,
+                   int64_t dim, T* dweight) {
+  embedding_bwd(tokens, ntok, dout, vocab, 0, vocab, dim, dweight);
+}
 
 // rmsnorm.cpp
 template <class T>
@@ -69,6 +81,15 @@ template <class T>
 void gated_rmsnorm_bwd(const T* dout, const T* y, const T* z, int64_t ld_z, const T* weight,
                        const T* rstd, int64_t ntok, int64_t dim, int64_t group_size, T* dy,
                        T* dz, int64_t ld_dz, T* dweight);
+// The same with each group spanning span.ranks ranks (span.all_reduce called once in each).
+template <class T>
+void gated_rmsnorm_fwd_span(const T* y, const T* z, int64_t ld_z, const T* weight, int64_t ntok,
+                            int64_t dim, int64_t group_size, double eps, T* out, T* rstd,
+                            const NormSpan& span);
+template <class T>
+void gated_rmsnorm_bwd_span(const T* dout, const T* y, const T* z, int64_t ld_z, const T* weight,
+                            const T* rstd, int64_t ntok, int64_t dim, int64_t group_size, T* dy,
+                            T* dz, int64_t ld_dz, T* dweight, const NormSpan& span);
 
 // cross_entropy.cpp: tied LM head + cross-entropy, logits computed a block of rows at a time.
 // stats[0..2] += {sum loss, counted tokens, argmax hits}; dhidden/dweight may be null (eval).
@@ -76,6 +97,12 @@ template <class T>
 void lm_head_ce(const T* hidden, const T* weight, const int32_t* targets, int64_t ntok,
                 int64_t dim, int64_t vocab, double grad_scale, double* stats, T* dhidden,
                 T* dweight);
+// Vocabulary-parallel: weight is rows [shard.begin, shard.begin + vocab) of shard.total; stats
+// are the full ones, dhidden this rank's part, dweight its rows (backend.h).
+template <class T>
+void lm_head_ce_shard(const T* hidden, const T* weight, const int32_t* targets, int64_t ntok,
+                      int64_t dim, int64_t vocab, const VocabShard& shard, double grad_scale,
+                      double* stats, T* dhidden, T* dweight);
 
 // adamw.cpp
 template <class T>
