@@ -3,7 +3,8 @@
 // (parallel.comm=mpi, staged through host memory): this checks the CUDA kernels at the shapes a
 // layout gives them (SSD segments that start from a handed-on state and return its gradient, the
 // conv halo's row copies) against the one-process CPU reference, at the bf16 tolerance of the
-// GPU-vs-CPU model test.
+// GPU-vs-CPU model test. Tensor parallelism runs the kernels on a rank's heads, with the
+// vocabulary-parallel LM head and (ngroups 1) the gated norm spanning ranks.
 #include <gtest/gtest.h>
 
 #include <numeric>
@@ -44,17 +45,27 @@ Grads step(const std::vector<std::string>& sets, MPI_Comm comm, bool gpu) {
 TEST(CudaLayouts, ShardedShapesMatchTheCpuReference) {
   if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA GPU here (or built without CUDA)";
   const int r = process_info().rank;
-  const Grads ref = step({}, MPI_COMM_SELF, false);
-  struct Case { int n; std::vector<std::string> sets; };
-  for (const Case& k : {Case{1, {}}, Case{2, {}}, Case{2, {"parallel.cp=2"}},
-                        Case{4, {"parallel.cp=4"}}, Case{4, {"parallel.cp=2", "parallel.zero=1"}}}) {
+  // model: keys that change the model (its own CPU reference); sets: the layout.
+  struct Case { int n; std::vector<std::string> sets; std::vector<std::string> model; };
+  const std::vector<std::string> g1 = {"model.ngroups=1"};
+  for (const Case& k : {Case{1, {}, {}}, Case{2, {}, {}}, Case{2, {"parallel.cp=2"}, {}},
+                        Case{4, {"parallel.cp=4"}, {}},
+                        Case{4, {"parallel.cp=2", "parallel.zero=1"}, {}},
+                        // tensor parallelism: 2 of the 4 heads per rank, one B/C group each,
+                        // or (ngroups 1) the group shared, its norm spanning the ranks
+                        Case{2, {"parallel.tp=2"}, {}}, Case{4, {"parallel.tp=4"}, {}},
+                        Case{4, {"parallel.tp=2", "parallel.cp=2"}, {}},
+                        Case{2, {"parallel.tp=2"}, g1}, Case{4, {"parallel.tp=4"}, g1}}) {
+    const Grads ref = step(k.model, MPI_COMM_SELF, false);
     MPI_Comm c;
     MPI_Comm_split(MPI_COMM_WORLD, r / k.n, r, &c);
-    Grads got = step(k.sets, c, true);
+    std::vector<std::string> sets = k.sets;
+    sets.insert(sets.end(), k.model.begin(), k.model.end());
+    Grads got = step(sets, c, true);
     std::string what = "np=" + std::to_string(k.n);
-    for (const auto& s : k.sets) what += " " + s;
+    for (const auto& s : sets) what += " " + s;
     EXPECT_NEAR(got.loss, ref.loss, 1e-2 * ref.loss) << what;
-    const auto table = param_table(parse_config(kModel, {}, "t").model);
+    const auto table = param_table(parse_config(kModel, k.model, "t").model);
     double worst = 0;
     for (size_t i = 0; i < ref.g.size(); ++i) {
       const double e = ssdtest::rel_err(got.g[i], ref.g[i]);

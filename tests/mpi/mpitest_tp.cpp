@@ -47,15 +47,15 @@ std::string tmpdir(const std::string& name) { return "/tmp/ssdtrain_mpitest_tp/"
 
 Config config(std::vector<std::string> sets) { return parse_config(kSmall, sets, "mpitest_tp"); }
 
-LayoutGrads step(const Config& cfg, MPI_Comm comm, int64_t position) {
-  auto be = make_cpu_backend(DType::F32);
+LayoutGrads step(const Config& cfg, MPI_Comm comm, int64_t position, DType dt = DType::F32) {
+  auto be = make_cpu_backend(dt);
   return layout_step(cfg, comm, *be, cfg.train.seed, position);
 }
 
-// Every gradient within 1e-5 of its tensor's max |g|; the worst ratio printed for the record.
+// Every gradient within tol of its tensor's max |g|; the worst ratio printed for the record.
 void expect_close(const LayoutGrads& got, const LayoutGrads& ref, const Config& cfg,
-                  const std::string& what) {
-  EXPECT_NEAR(got.loss, ref.loss, 1e-5 * ref.loss) << what;
+                  const std::string& what, double tol = 1e-5) {
+  EXPECT_NEAR(got.loss, ref.loss, tol * ref.loss) << what;
   auto table = param_table(cfg.model);
   ASSERT_EQ(got.g.size(), ref.g.size());
   double worst = 0;
@@ -67,7 +67,7 @@ void expect_close(const LayoutGrads& got, const LayoutGrads& ref, const Config& 
     for (size_t j = 0; j < got.g[i].size(); ++j) {
       const double d = std::fabs(double(got.g[i][j]) - ref.g[i][j]);
       diff = std::max(diff, d);
-      ASSERT_LE(d, 1e-5 * mx) << what << ": " << table[i].name << "[" << j << "] "
+      ASSERT_LE(d, tol * mx) << what << ": " << table[i].name << "[" << j << "] "
                               << got.g[i][j] << " vs " << ref.g[i][j];
     }
     worst = std::max(worst, diff / mx);
@@ -103,22 +103,32 @@ std::string read_all(const fs::path& p) {
 
 }  // namespace
 
+// In fp32 the split changes the order of a few sums (out_proj's two partial GEMMs, the LM head's
+// vocabulary halves), and gradients that nearly cancel (D's with 8 groups: max |g| 6e-5 from
+// terms of 1e-2) then differ by a few 1e-5 of their own maximum; in fp64 every gradient of every
+// layout, rounded to fp32, is the one-process value (difference 0 at 1e-10), which shows the
+// sharded math is the one-process math. fp32 at 1e-5 is
+// checked for ngroups 1, 2 and 4 and in the composition test below.
 TEST(TensorParallel, LossAndGradientsEqualOneProcessForEveryGroupCount) {
   ASSERT_EQ(process_info().size, 4) << "run under mpirun -np 4";
-  for (int g : {1, 2, 4, 8}) {
-    const std::string G = "model.ngroups=" + std::to_string(g);
-    for (int64_t position : {0, 12}) {
-      const LayoutGrads ref = step(config({G}), MPI_COMM_SELF, position);
-      for (int tp : {2, 4}) {
-        MPI_Comm c = groups_of(tp);
-        const Config cfg = config({G, "parallel.tp=" + std::to_string(tp)});
-        expect_close(step(cfg, c, position), ref, cfg,
-                     "tp=" + std::to_string(tp) + " ngroups=" + std::to_string(g) + " position " +
-                         std::to_string(position));
-        MPI_Comm_free(&c);
+  for (DType dt : {DType::F64, DType::F32})
+    for (int g : {1, 2, 4, 8}) {
+      if (dt == DType::F32 && g == 8) continue;
+      const std::string G = "model.ngroups=" + std::to_string(g);
+      for (int64_t position : {0, 12}) {
+        const LayoutGrads ref = step(config({G}), MPI_COMM_SELF, position, dt);
+        for (int tp : {2, 4}) {
+          MPI_Comm c = groups_of(tp);
+          const Config cfg = config({G, "parallel.tp=" + std::to_string(tp)});
+          expect_close(step(cfg, c, position, dt), ref, cfg,
+                       std::string(dt == DType::F64 ? "f64" : "f32") + " tp=" +
+                           std::to_string(tp) + " ngroups=" + std::to_string(g) + " position " +
+                           std::to_string(position),
+                       dt == DType::F64 ? 1e-10 : 1e-5);
+          MPI_Comm_free(&c);
+        }
       }
     }
-  }
 }
 
 TEST(TensorParallel, ComposesWithDataAndContextParallelismAndZero) {
@@ -140,11 +150,18 @@ TEST(TensorParallel, ComposesWithDataAndContextParallelismAndZero) {
   }
 }
 
+// Training compares losses at 1e-5 for 20 steps. AdamW's update of an element is about
+// lr * sign(g) while |g| >> adam_eps, so an element whose gradient is ~1e-7 of the tensor's
+// largest (and changes sign under fp32 reordering) moves by lr one way or the other; with the
+// default eps 1e-8 one such element of out_proj (ngroups 2) sent the tp=2 losses 1e-4 away for
+// a few steps. eps 1e-6 (still far below the gradients that matter) keeps the comparison about
+// the layout, not about that amplification.
 TEST(TensorParallel, TrainsTheOneProcessLossesAndKeepsReplicasEqual) {
   clean();
   const int r = world_rank();
   auto cfg = [&](const std::string& dir, std::vector<std::string> extra) {
     extra.push_back("train.max_steps=20");
+    extra.push_back("train.adam_eps=1e-6");
     extra.push_back("run.dir=" + tmpdir(dir));
     return config(extra);
   };
@@ -178,6 +195,7 @@ TEST(TensorParallel, ResumesAcrossTensorParallelLayouts) {
   const int r = world_rank();
   auto cfg = [&](const std::string& dir, std::vector<std::string> extra) {
     extra.push_back("train.max_steps=16");
+    extra.push_back("train.adam_eps=1e-6");  // see TrainsTheOneProcessLosses...
     extra.push_back("checkpoint.every=0");
     extra.push_back("run.dir=" + tmpdir(dir));
     return config(extra);
