@@ -9,6 +9,10 @@
 // dw and dbias are deterministic: each block writes one partial (its segments added in a fixed
 // order), then param_grad_sum_k adds the partials in a fixed order. The number of partials
 // depends only on the shape.
+//
+// Packed documents (reset flags, kReset instantiations): a row that begins a document restarts
+// the window of past inputs as a sequence start does, and the taps of the first rows of a walk
+// see back only to their document's start (doc_pos). Without flags the kernels are unchanged.
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
@@ -112,8 +116,25 @@ __device__ __forceinline__ void load_taps(const float* __restrict__ w,
   }
 }
 
+// How far back row r (at position pos of its sequence) sees inside its document: the distance
+// to the nearest row at or before it that begins a document, else pos. Only values below K-1
+// are exact; the taps need no more.
+__device__ __forceinline__ int64_t doc_pos(const int32_t* __restrict__ reset, int64_t r,
+                                           int64_t pos, int K) {
+  for (int64_t j = 0; j < K - 1 && j < pos; ++j)
+    if (reset[r - j]) return j;
+  return pos;
+}
+// Bit i: row r0 + i (i < n <= 64) begins a document.
+__device__ __forceinline__ uint64_t start_bits(const int32_t* __restrict__ reset, int64_t r0,
+                                               int n) {
+  uint64_t m = 0;
+  for (int i = 0; i < n; ++i) m |= static_cast<uint64_t>(reset[r0 + i] != 0) << i;
+  return m;
+}
+
 // win[k] = input row -(K-1)+k (relative to src, the segment's first row) when it lies in that
-// row's sequence (pos: the first row's position in it), else 0.
+// row's sequence (pos: the first row's position in it, or in its document), else 0.
 template <int K, int V>
 __device__ __forceinline__ void load_window(const bf16* __restrict__ src, int ld, int pos,
                                             float (&win)[K - 1][V]) {
@@ -160,11 +181,12 @@ __device__ __forceinline__ void shift_in(float (&a)[K - 1][V], const float (&x)[
 // through its shared-memory ring. pos, the row's position in its sequence, is kept
 // incrementally (no division per row). Offsets inside a segment are 32-bit (the host checks the
 // strides), which saves registers.
-template <int K, int V, int R>
+template <int K, int V, int R, bool kReset>
 __global__ void __launch_bounds__(kVecThreads, kFwdMinBlocks)
     conv1d_silu_fwd_vec_k(const bf16* __restrict__ in, int ld_in, int64_t ntok, int seqlen,
                           int64_t C, const float* __restrict__ w, const float* __restrict__ bias,
-                          bf16* __restrict__ out) {
+                          bf16* __restrict__ out, const int32_t* __restrict__ reset) {
+  static_assert(R <= 64, "start_bits holds 64 rows");
   __shared__ __align__(16) float sw[32 * V * K];
   __shared__ __align__(16) float sb[32 * V];
   __shared__ Bf16Vec<V> ring[kRing][kVecThreads];
@@ -183,8 +205,16 @@ __global__ void __launch_bounds__(kVecThreads, kFwdMinBlocks)
   // starts without waiting for them.
   for (int i = 0; i < kAhead; ++i) fetch(i);
   int pos = active ? static_cast<int>(r0 % seqlen) : 0;
+  int dpos = pos;        // the first row's position in its document
+  uint64_t starts = 0;   // bit i: row i begins a document
+  if constexpr (kReset) {
+    if (active) {
+      starts = start_bits(reset, r0, n);
+      dpos = static_cast<int>(doc_pos(reset, r0, pos, K));
+    }
+  }
   float win[K - 1][V];
-  if (active) load_window<K, V>(src, ld_in, pos, win);
+  if (active) load_window<K, V>(src, ld_in, dpos, win);
   float wk[K][V], b[V];
   load_taps<K, V>(w, bias, C, sw, sb, wk, b);  // the block's only barrier
   if (!active) return;
@@ -196,6 +226,8 @@ __global__ void __launch_bounds__(kVecThreads, kFwdMinBlocks)
     cp_async_wait<kAhead>();  // row i has landed
     if (pos == seqlen) pos = 0;
     if (pos == 0) clear<K, V>(win);
+    if constexpr (kReset)
+      if ((starts >> i) & 1) clear<K, V>(win);
     float x[V], o[V];
     unpack(ring[i & (kRing - 1)][tid], x);
 #pragma unroll
@@ -218,14 +250,16 @@ __global__ void __launch_bounds__(kVecThreads, kFwdMinBlocks)
 // complete after row i and is stored when it is one of the segment's. Rows past ntok read as
 // zeros: their dA is 0 and they only finish the last rows. At the end the block adds its
 // segments' dw/dbias in order into one partial.
-template <int K, int V, int R>
+template <int K, int V, int R, bool kReset>
 __global__ void __launch_bounds__(kVecThreads, kBwdMinBlocks)
     conv1d_silu_bwd_vec_k(const bf16* __restrict__ in, int ld_in, int64_t ntok, int seqlen,
                           int64_t C, const float* __restrict__ w, const float* __restrict__ bias,
                           const bf16* __restrict__ dout, bf16* __restrict__ din, int ld_din,
-                          float* __restrict__ part_w, float* __restrict__ part_b) {
+                          float* __restrict__ part_w, float* __restrict__ part_b,
+                          const int32_t* __restrict__ reset) {
   constexpr int NI = R + K - 1;  // rows walked
   static_assert(R >= K - 1 && NI % (K - 1) == 0);
+  static_assert(NI <= 64, "start_bits holds 64 rows");
   __shared__ __align__(16) float sw[32 * V * K];
   __shared__ __align__(16) float sb[32 * V];
   __shared__ Bf16Vec<V> ring[kRing][2][kVecThreads];  // per row: in, dout
@@ -249,8 +283,16 @@ __global__ void __launch_bounds__(kVecThreads, kBwdMinBlocks)
   };
   for (int i = 0; i < kAhead; ++i) fetch(i);  // before the barrier, as in the forward
   int pos = active ? static_cast<int>(r0 % seqlen) : 0;
+  int dpos0 = pos;       // the first row's position in its document
+  uint64_t starts = 0;   // bit i: row i begins a document
+  if constexpr (kReset) {
+    if (active) {
+      starts = start_bits(reset, r0, nrd);
+      dpos0 = static_cast<int>(doc_pos(reset, r0, pos, K));
+    }
+  }
   float win[K - 1][V];
-  if (active) load_window<K, V>(src, ld_in, pos, win);
+  if (active) load_window<K, V>(src, ld_in, dpos0, win);
   float wk[K][V], b[V];
   load_taps<K, V>(w, bias, C, sw, sb, wk, b);
   float accw[K][V], accb[V];
@@ -265,12 +307,18 @@ __global__ void __launch_bounds__(kVecThreads, kBwdMinBlocks)
     bf16* dst = din + r0 * ld_din + c;
     float pend[K - 1][V];
     clear<K, V>(pend);
+    int dpos = dpos0 - 1;  // kReset: row i's position in its document (set at row i)
 #pragma unroll (K - 1)
     for (int i = 0; i < NI; ++i) {
       fetch(i + kAhead);
       cp_async_wait<kAhead>();  // row i has landed
       if (pos == seqlen) pos = 0;
       if (pos == 0) clear<K, V>(win);
+      if constexpr (kReset) {
+        const bool start = pos == 0 || ((starts >> i) & 1);
+        if (start) clear<K, V>(win);
+        dpos = start ? 0 : dpos + 1;
+      }
       float x[V], g[V];
       Bf16Vec<V> xv{}, dv{};
       if (i < nrd) xv = ring[i & (kRing - 1)][0][tid], dv = ring[i & (kRing - 1)][1][tid];
@@ -291,10 +339,11 @@ __global__ void __launch_bounds__(kVecThreads, kBwdMinBlocks)
           accw[K - 1][j] = fmaf(g[j], x[j], accw[K - 1][j]);
         }
       }
-      // din: the open rows of i's sequence get their tap of dA; row i opens with tap K-1.
+      // din: the open rows of i's sequence (document) get their tap of dA; row i opens with
+      // tap K-1.
 #pragma unroll
       for (int k = 0; k < K - 1; ++k) {
-        if (pos >= K - 1 - k) {
+        if ((kReset ? dpos : pos) >= K - 1 - k) {
 #pragma unroll
           for (int j = 0; j < V; ++j) pend[k][j] = fmaf(wk[k][j], g[j], pend[k][j]);
         }
@@ -380,6 +429,11 @@ constexpr int kBwdBatch = 4;
 // time t - (K-1) + k of the current row t's sequence (0 before the sequence starts).
 // At a new sequence (pos wraps to 0) the window restarts empty.
 template <int NK>
+__device__ __forceinline__ void window_clear(float (&win)[NK]) {
+#pragma unroll
+  for (int k = 0; k < NK; ++k) win[k] = 0.f;
+}
+template <int NK>
 __device__ __forceinline__ void window_restart(float (&win)[NK], int64_t& pos, int64_t seqlen) {
   if (pos == seqlen) pos = 0;
   if (pos == 0) {
@@ -411,11 +465,12 @@ __device__ __forceinline__ void window_push(float (&win)[NK], float x, int K) {
 // Block (column tile, row chunk); each thread walks its column down the chunk with the last K
 // inputs in registers, so every input is read once (plus K-1 rows of halo per chunk).
 // Positions inside the sequence are tracked incrementally (no per-element division).
-template <int KT>  // KT > 0: the kernel width at compile time; 0: runtime K (<= kMaxConvWidth)
+// KT > 0: the kernel width at compile time; 0: runtime K (<= kMaxConvWidth).
+template <int KT, bool kReset>
 __global__ void __launch_bounds__(kCols)
     conv1d_silu_fwd_k(const bf16* __restrict__ in, int64_t ld_in, int64_t ntok, int64_t seqlen,
                       int64_t C, const float* __restrict__ w, const float* __restrict__ bias,
-                      int K_rt, bf16* __restrict__ out) {
+                      int K_rt, bf16* __restrict__ out, const int32_t* __restrict__ reset) {
   constexpr int NK = KT > 0 ? KT : kMaxConvWidth;  // register array sizes / unroll bounds
   const int K = KT > 0 ? KT : K_rt;
   const int64_t c = blockIdx.x * (int64_t)kCols + threadIdx.x;
@@ -423,12 +478,14 @@ __global__ void __launch_bounds__(kCols)
   if (c >= C) return;
   float wk[NK], win[NK];  // win[k]: input at time t - (K-1) + k
   int64_t pos = r0 % seqlen;
+  const int64_t dpos = kReset ? doc_pos(reset, r0, pos, K) : pos;
 #pragma unroll
   for (int k = 0; k < NK; ++k) {
     wk[k] = k < K ? w[c * K + k] : 0.f;
     // halo: win[k] for k < K-1 holds time r0 - (K-1) + k, if inside the same sequence
+    // (and document)
     const int64_t back = K - 1 - k;
-    win[k] = (k < K - 1 && pos >= back) ? to_f(in[(r0 - back) * ld_in + c]) : 0.f;
+    win[k] = (k < K - 1 && dpos >= back) ? to_f(in[(r0 - back) * ld_in + c]) : 0.f;
   }
   const float b = bias[c];
   const int64_t r1 = min(r0 + kRows, ntok);
@@ -441,6 +498,8 @@ __global__ void __launch_bounds__(kCols)
       const int64_t r = rb + i;
       if (r >= r1) break;
       window_restart(win, pos, seqlen);
+      if constexpr (kReset)
+        if (reset[r]) window_clear(win);
       const float x = xs[i];
       const float a = window_preact(wk, win, x, b, K);
       out[r * C + c] = from_f<bf16>(a * sigmoidf_(a));
@@ -454,12 +513,13 @@ __global__ void __launch_bounds__(kCols)
 // dA[u] = dout * silu'(pre) goes to shared memory (own column only: no barrier needed), and for
 // the chunk's own rows dw[k] += dA[u] * in[u-K+1+k], dbias += dA[u]. Then din[r] =
 // sum_j w[K-1-j] * dA[r+j] over taps inside r's sequence, read back from shared memory.
-template <int KT>
+template <int KT, bool kReset>
 __global__ void __launch_bounds__(kCols)
     conv1d_silu_bwd_k(const bf16* __restrict__ in, int64_t ld_in, int64_t ntok, int64_t seqlen,
                       int64_t C, const float* __restrict__ w, const float* __restrict__ bias,
                       int K_rt, const bf16* __restrict__ dout, bf16* __restrict__ din,
-                      int64_t ld_din, float* __restrict__ part_w, float* __restrict__ part_b) {
+                      int64_t ld_din, float* __restrict__ part_w, float* __restrict__ part_b,
+                      const int32_t* __restrict__ reset) {
   constexpr int NK = KT > 0 ? KT : kMaxConvWidth;  // register array sizes / unroll bounds
   __shared__ float dA[kRows + NK - 1][kCols];
   const int K = KT > 0 ? KT : K_rt;
@@ -468,12 +528,13 @@ __global__ void __launch_bounds__(kCols)
   if (c >= C) return;
   float wk[NK], wr[NK], win[NK];
   const int64_t pos0 = r0 % seqlen;
+  const int64_t dpos0 = kReset ? doc_pos(reset, r0, pos0, K) : pos0;
 #pragma unroll
   for (int k = 0; k < NK; ++k) {
     wk[k] = k < K ? w[c * K + k] : 0.f;
     wr[k] = k < K ? w[c * K + K - 1 - k] : 0.f;
     const int64_t back = K - 1 - k;
-    win[k] = (k < K - 1 && pos0 >= back) ? to_f(in[(r0 - back) * ld_in + c]) : 0.f;
+    win[k] = (k < K - 1 && dpos0 >= back) ? to_f(in[(r0 - back) * ld_in + c]) : 0.f;
   }
   const float b = bias[c];
   float accw[NK];
@@ -502,6 +563,8 @@ __global__ void __launch_bounds__(kCols)
         continue;
       }
       window_restart(win, pos, seqlen);
+      if constexpr (kReset)
+        if (reset[u]) window_clear(win);
       const float x = xs[i];
       const float a = window_preact(wk, win, x, b, K);
       const float s = sigmoidf_(a);
@@ -523,9 +586,15 @@ __global__ void __launch_bounds__(kCols)
     if (pos == seqlen) pos = 0;
     const int r_loc = static_cast<int>(r - r0);
     float d = 0.f;
+    bool open = true;  // kReset: no document begins in rows (r, r + j]
 #pragma unroll
-    for (int j = 0; j < NK; ++j)
-      if (j < K && pos + j < seqlen) d += wr[j] * dA[r_loc + j][threadIdx.x];
+    for (int j = 0; j < NK; ++j) {
+      if (j < K && pos + j < seqlen) {
+        if constexpr (kReset)
+          if (j > 0 && reset[r + j]) open = false;
+        if (open) d += wr[j] * dA[r_loc + j][threadIdx.x];
+      }
+    }
     din[r * ld_din + c] = from_f<bf16>(d);
     ++pos;
   }
@@ -566,7 +635,8 @@ int64_t bwd_parts(int64_t ntok, bool vec) {
 }  // namespace
 
 void conv1d_silu_fwd(const bf16* in, int64_t ld_in, int64_t batch, int64_t seqlen, int64_t C,
-                     const float* w, const float* bias, int K, bf16* out, cudaStream_t stream) {
+                     const float* w, const float* bias, int K, bf16* out, cudaStream_t stream,
+                     const int32_t* reset) {
   const int64_t ntok = batch * seqlen;
   if (ntok <= 0 || C <= 0) return;
   if (K < 1 || K > kMaxConvWidth)
@@ -578,8 +648,11 @@ void conv1d_silu_fwd(const bf16* in, int64_t ld_in, int64_t batch, int64_t seqle
     if (tiles > 65535) fail("cuda conv1d_silu_fwd: too many tokens (", ntok, ")");
     const dim3 grid(static_cast<unsigned>((C + 32 * V - 1) / (32 * V)),
                     static_cast<unsigned>(tiles));
-    conv1d_silu_fwd_vec_k<kVecK, V, kFwdSeg><<<grid, dim3(32, kSegs), 0, stream>>>(
-        in, static_cast<int>(ld_in), ntok, static_cast<int>(seqlen), C, w, bias, out);
+    auto kernel = reset ? conv1d_silu_fwd_vec_k<kVecK, V, kFwdSeg, true>
+                        : conv1d_silu_fwd_vec_k<kVecK, V, kFwdSeg, false>;
+    kernel<<<grid, dim3(32, kSegs), 0, stream>>>(in, static_cast<int>(ld_in), ntok,
+                                                  static_cast<int>(seqlen), C, w, bias, out,
+                                                  reset);
     check_launch("conv1d_silu_fwd");
     return;
   }
@@ -587,9 +660,12 @@ void conv1d_silu_fwd(const bf16* in, int64_t ld_in, int64_t batch, int64_t seqle
   if (chunks > 65535) fail("cuda conv1d_silu_fwd: too many tokens (", ntok, ")");
   dim3 grid(static_cast<unsigned>((C + kCols - 1) / kCols), static_cast<unsigned>(chunks));
   auto go = [&](auto kernel) {
-    kernel<<<grid, kCols, 0, stream>>>(in, ld_in, ntok, seqlen, C, w, bias, K, out);
+    kernel<<<grid, kCols, 0, stream>>>(in, ld_in, ntok, seqlen, C, w, bias, K, out, reset);
   };
-  with_width(K, [&](auto kt) { go(conv1d_silu_fwd_k<decltype(kt)::value>); });
+  with_width(K, [&](auto kt) {
+    if (reset) go(conv1d_silu_fwd_k<decltype(kt)::value, true>);
+    else go(conv1d_silu_fwd_k<decltype(kt)::value, false>);
+  });
   check_launch("conv1d_silu_fwd");
 }
 
@@ -601,7 +677,8 @@ size_t conv1d_silu_bwd_workspace_bytes(int64_t ntok, int64_t C, int K) {
 
 void conv1d_silu_bwd(const bf16* in, int64_t ld_in, int64_t batch, int64_t seqlen, int64_t C,
                      const float* w, const float* bias, int K, const bf16* dout, bf16* din,
-                     int64_t ld_din, float* dw, float* dbias, void* ws, cudaStream_t stream) {
+                     int64_t ld_din, float* dw, float* dbias, void* ws, cudaStream_t stream,
+                     const int32_t* reset) {
   const int64_t ntok = batch * seqlen;
   if (ntok <= 0 || C <= 0) return;
   if (K < 1 || K > kMaxConvWidth)
@@ -617,16 +694,22 @@ void conv1d_silu_bwd(const bf16* in, int64_t ld_in, int64_t batch, int64_t seqle
   if (vec) {
     const dim3 grid(static_cast<unsigned>((C + 32 * V - 1) / (32 * V)),
                     static_cast<unsigned>(parts));
-    conv1d_silu_bwd_vec_k<kVecK, V, kBwdSeg><<<grid, dim3(32, kSegs), 0, stream>>>(
-        in, static_cast<int>(ld_in), ntok, static_cast<int>(seqlen), C, w, bias, dout, din,
-        static_cast<int>(ld_din), part_w, part_b);
+    auto kernel = reset ? conv1d_silu_bwd_vec_k<kVecK, V, kBwdSeg, true>
+                        : conv1d_silu_bwd_vec_k<kVecK, V, kBwdSeg, false>;
+    kernel<<<grid, dim3(32, kSegs), 0, stream>>>(in, static_cast<int>(ld_in), ntok,
+                                                  static_cast<int>(seqlen), C, w, bias, dout,
+                                                  din, static_cast<int>(ld_din), part_w, part_b,
+                                                  reset);
   } else {
     dim3 grid(static_cast<unsigned>((C + kCols - 1) / kCols), static_cast<unsigned>(parts));
     auto go = [&](auto kernel) {
       kernel<<<grid, kCols, 0, stream>>>(in, ld_in, ntok, seqlen, C, w, bias, K, dout, din,
-                                         ld_din, part_w, part_b);
+                                         ld_din, part_w, part_b, reset);
     };
-    with_width(K, [&](auto kt) { go(conv1d_silu_bwd_k<decltype(kt)::value>); });
+    with_width(K, [&](auto kt) {
+      if (reset) go(conv1d_silu_bwd_k<decltype(kt)::value, true>);
+      else go(conv1d_silu_bwd_k<decltype(kt)::value, false>);
+    });
   }
   check_launch("conv1d_silu_bwd");
   const int64_t n = C * (K + 1);

@@ -49,14 +49,18 @@ void add_rmsnorm_bwd(const void* dy, DType dy_dtype, const float* dres_next,
 
 // conv1d.cu: causal depthwise conv (kernel width K <= kMaxConvWidth) + SiLU.
 // out[t, c] = silu(bias[c] + sum_k w[c*K + k] * in[t - K + 1 + k, c]) within each sequence.
+// reset (may be null): device int32 [batch*seqlen], nonzero where a token begins a document;
+// then within each document too (a tap never reads across a document start).
 constexpr int kMaxConvWidth = 8;
 void conv1d_silu_fwd(const bf16* in, int64_t ld_in, int64_t batch, int64_t seqlen, int64_t C,
-                     const float* w, const float* bias, int K, bf16* out, cudaStream_t stream);
+                     const float* w, const float* bias, int K, bf16* out, cudaStream_t stream,
+                     const int32_t* reset = nullptr);
 size_t conv1d_silu_bwd_workspace_bytes(int64_t ntok, int64_t C, int K);
 // din (row stride ld_din) is written on its C columns only; dw [C, K] and dbias [C] accumulate.
 void conv1d_silu_bwd(const bf16* in, int64_t ld_in, int64_t batch, int64_t seqlen, int64_t C,
                      const float* w, const float* bias, int K, const bf16* dout, bf16* din,
-                     int64_t ld_din, float* dw, float* dbias, void* ws, cudaStream_t stream);
+                     int64_t ld_din, float* dw, float* dbias, void* ws, cudaStream_t stream,
+                     const int32_t* reset = nullptr);
 
 // gated_rmsnorm.cu: out = rmsnorm_groups(y * silu(z)) * weight; rstd [ntok, dim/group].
 void gated_rmsnorm_fwd(const bf16* y, const bf16* z, int64_t ld_z, const float* weight,

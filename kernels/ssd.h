@@ -44,10 +44,12 @@ size_t ssd_workspace_bytes(const SsdDims& d);
 size_t ssd_saved_bytes(const SsdDims& d);
 
 // saved: null, or ssd_saved_bytes of device memory that ssd_fwd fills for ssd_bwd.
+// reset: null, or device int32 [tokens], nonzero where a token begins a document (packed
+// sequences; SsdInputs::reset): no state crosses into it. Give ssd_bwd the same flags.
 void ssd_fwd(const SsdDims& d, const bf16* xBC, const bf16* dt, int64_t ld_dt,
              const float* dt_bias, const float* A_log, const float* D,
              const float* initial_state, bf16* y, float* final_state, void* workspace,
-             void* saved, cudaStream_t stream);
+             void* saved, cudaStream_t stream, const int32_t* reset = nullptr);
 
 // dxBC, ddt (columns [0, nheads) of each row) and d_initial_state are overwritten;
 // d_dt_bias, dA_log, dD accumulate. initial_state, dfinal_state, d_initial_state may be null.
@@ -57,6 +59,7 @@ void ssd_bwd(const SsdDims& d, const bf16* xBC, const bf16* dt, int64_t ld_dt,
              const float* dt_bias, const float* A_log, const float* D,
              const float* initial_state, const bf16* dy, const float* dfinal_state, bf16* dxBC,
              bf16* ddt, int64_t ld_ddt, float* d_dt_bias, float* dA_log, float* dD,
-             float* d_initial_state, void* workspace, const void* saved, cudaStream_t stream);
+             float* d_initial_state, void* workspace, const void* saved, cudaStream_t stream,
+             const int32_t* reset = nullptr);
 
 }  // namespace ssd::cuda

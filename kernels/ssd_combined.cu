@@ -2,6 +2,7 @@
 // one kernel file each (ssd_chunk_cumsum, ssd_chunk_bmm, ssd_chunk_state, ssd_state_passing,
 // ssd_chunk_scan; backward: ssd_state_passing_bwd, ssd_chunk_scan_bwd, ssd_chunk_state_bwd,
 // ssd_dt_bwd). The backward recomputes the forward's states from the inputs.
+// Packed documents (reset flags) touch one step only, chunk_cumsum: see its file comment.
 // Variant 2 (the default; ssd_set_variant / SSD_KERNEL_VARIANT) replaces the backward's dB
 // kernel, dC kernel and bc_reduce by ssd_chunk_bwd_dbdc_v2.cu's merged kernel and its
 // reduction; every other step, and the forward, are the same kernels in both variants.
@@ -94,7 +95,7 @@ size_t ssd_saved_bytes(const SsdDims& d) {
 void ssd_fwd(const SsdDims& d, const bf16* xBC, const bf16* dt, int64_t ld_dt,
              const float* dt_bias, const float* A_log, const float* D,
              const float* initial_state, bf16* y, float* final_state, void* workspace,
-             void* saved, cudaStream_t stream) {
+             void* saved, cudaStream_t stream, const int32_t* reset) {
   using namespace detail;
   check_dims(d);
   SsdWorkspace w;
@@ -102,7 +103,7 @@ void ssd_fwd(const SsdDims& d, const bf16* xBC, const bf16* dt, int64_t ld_dt,
   const int nc = static_cast<int>(d.nchunks());
   const int64_t d_inner = d.d_inner(), GN = d.ngroups * d.dstate;
   mark("start", stream);
-  launch_chunk_cumsum(d, dt, ld_dt, dt_bias, A_log, w.dt, w.cs, stream);
+  launch_chunk_cumsum(d, dt, ld_dt, dt_bias, A_log, reset, w.dt, w.cs, stream);
   mark("chunk_cumsum", stream);
   launch_chunk_bmm(d, xBC, d_inner + GN, d_inner, true, w.CB, stream);
   mark("chunk_bmm(CB)", stream);
@@ -121,7 +122,8 @@ void ssd_bwd(const SsdDims& d, const bf16* xBC, const bf16* dt, int64_t ld_dt,
              const float* dt_bias, const float* A_log, const float* D,
              const float* initial_state, const bf16* dy, const float* dfinal_state, bf16* dxBC,
              bf16* ddt, int64_t ld_ddt, float* d_dt_bias, float* dA_log, float* dD,
-             float* d_initial_state, void* workspace, const void* saved, cudaStream_t stream) {
+             float* d_initial_state, void* workspace, const void* saved, cudaStream_t stream,
+             const int32_t* reset) {
   using namespace detail;
   check_dims(d);
   const bool v2 = ssd_variant() == 2;
@@ -134,7 +136,7 @@ void ssd_bwd(const SsdDims& d, const bf16* xBC, const bf16* dt, int64_t ld_dt,
   // ddt_dir, dcs, dcs_last: slots no kernel writes (rows past seqlen) must read as 0
   cudaMemsetAsync(w.ddt_dir, 0, w.zero_bytes, stream);
   if (!saved) {  // recompute the forward's intermediates
-    launch_chunk_cumsum(d, dt, ld_dt, dt_bias, A_log, w.dt, w.cs, stream);
+    launch_chunk_cumsum(d, dt, ld_dt, dt_bias, A_log, reset, w.dt, w.cs, stream);
     mark("chunk_cumsum", stream);
     launch_chunk_bmm(d, xBC, d_inner + GN, d_inner, true, w.CB, stream);
   }

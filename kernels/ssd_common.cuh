@@ -172,10 +172,10 @@ inline size_t carve_workspace(const SsdDims& d, void* base, bool bwd, SsdWorkspa
 
 // ---- host launchers, one per step (defined in the .cu named after the step) ----
 
-// ssd_chunk_cumsum.cu
+// ssd_chunk_cumsum.cu. reset (may be null): device int32 [tokens], document starts.
 void launch_chunk_cumsum(const SsdDims& d, const bf16* dt_raw, int64_t ld_dt,
-                         const float* dt_bias, const float* A_log, float* dt, float* cs,
-                         cudaStream_t st);
+                         const float* dt_bias, const float* A_log, const int32_t* reset,
+                         float* dt, float* cs, cudaStream_t st);
 // ssd_chunk_bmm.cu: out[t][s] = X_t . Y_s per chunk and group; X, Y at column offsets xoff,
 // yoff (+ g*dstate) of xBC. lower: tiles with s-block <= t-block, else >=.
 void launch_chunk_bmm(const SsdDims& d, const bf16* xBC, int64_t xoff, int64_t yoff, bool lower,

@@ -43,6 +43,10 @@ struct SsdInputs {
   Tensor A_log;           // [nheads], A = -exp(A_log)
   Tensor D;               // [nheads]
   const Tensor* initial_state = nullptr;
+  // Optional: int32 [tokens], nonzero where a token begins a document (packed sequences).
+  // There the state entering the token (from the token before, or initial_state at t = 0) is
+  // dropped: no state crosses a document boundary. Null: one document per sequence.
+  const Tensor* reset = nullptr;
   // Optional: ssd_saved_bytes of device memory (any dtype) that ssd_fwd fills with its
   // intermediates and ssd_bwd, given the same inputs, reads instead of recomputing them.
   Tensor* saved = nullptr;
@@ -157,11 +161,15 @@ class Backend {
 
   // Causal depthwise conv over time for each sequence, then SiLU.
   // in: [batch*seqlen, >= C] columns; w: [C, 1, K]; bias: [C]; out: [batch*seqlen, C].
+  // reset (optional, as SsdInputs::reset): tap k of token t reads the input of token
+  // t-(K-1)+k only if no token in (t-(K-1)+k, t] begins a document (else it reads zero).
   virtual void conv1d_silu_fwd(const ColSlice& in, int64_t batch, int64_t seqlen,
-                               const Tensor& w, const Tensor& bias, Tensor& out) = 0;
+                               const Tensor& w, const Tensor& bias, Tensor& out,
+                               const Tensor* reset = nullptr) = 0;
   virtual void conv1d_silu_bwd(const ColSlice& in, int64_t batch, int64_t seqlen,
                                const Tensor& w, const Tensor& bias, const Tensor& dout,
-                               ColSlice& din, Tensor& dw, Tensor& dbias) = 0;
+                               ColSlice& din, Tensor& dw, Tensor& dbias,
+                               const Tensor* reset = nullptr) = 0;
 
   // The SSD layer: dt = softplus(dt_raw + dt_bias), per head h and step t
   //   state_t = exp(dt_t * A_h) * state_{t-1} + dt_t * x_t B_t^T,  y_t = state_t C_t + D_h x_t

@@ -183,11 +183,13 @@ int cmd_eval(const std::vector<std::string>& in) {
   model.load_params(ck.params);
   auto data = make_data_source(cfg);
   const int64_t B = cfg.train.micro_batch, L = cfg.train.seq_len;
-  std::vector<int32_t> tok(B * L), tgt(B * L);
+  std::vector<int32_t> tok(B * L), tgt(B * L), reset(B * L);
   Tensor stats = model.new_stats();
   for (int64_t i = 0; i < cfg.run.eval_batches; ++i) {
     data->eval_batch(i, tok.data(), tgt.data(), B, L);
-    model.forward_loss(tok.data(), tgt.data(), stats);
+    if (cfg.data.reset_at_eos) data->eval_resets(i, reset.data(), B, L);
+    model.forward_loss(tok.data(), tgt.data(), stats,
+                       cfg.data.reset_at_eos ? reset.data() : nullptr);
   }
   auto s = model.read_stats(stats);
   const double loss = s[0] / std::max(1.0, s[1]);
@@ -349,9 +351,13 @@ int bench_train(const std::vector<std::string>& in) {
   auto data = make_data_source(cfg);
   const int64_t B = cfg.train.micro_batch, L = cfg.train.seq_len / layout.cp, T = B * L;
   std::vector<int32_t> full_tok(B * cfg.train.seq_len), full_tgt(B * cfg.train.seq_len), tok, tgt;
+  std::vector<int32_t> full_reset(B * cfg.train.seq_len);
+  const bool resets = cfg.data.reset_at_eos;  // timed as training runs it
   fill_step(*data, 0, grid.dp_rank(), layout.dp, B, 1, cfg.train.seq_len, full_tok.data(),
-            full_tgt.data());
+            full_tgt.data(), resets ? full_reset.data() : nullptr);
   take_segment(full_tok, full_tgt, B, cfg.train.seq_len, layout.cp, grid.cp_rank(), tok, tgt);
+  const std::vector<int32_t> reset =
+      take_segment(full_reset, B, cfg.train.seq_len, layout.cp, grid.cp_rank());
   Tensor stats = model.new_stats();
   std::vector<double> times;
   const int64_t warmup = 2;
@@ -362,7 +368,8 @@ int bench_train(const std::vector<std::string>& in) {
     auto t0 = std::chrono::steady_clock::now();
     model.zero_grads();
     sync.before_micro_batch(true);
-    model.forward_backward(tok.data(), tgt.data(), 1.0 / T, stats);
+    model.forward_backward(tok.data(), tgt.data(), 1.0 / T, stats,
+                           resets ? reset.data() : nullptr);
     sync.finish_backward();
     AdamWHyper h;
     h.lr = 1e-4;

@@ -60,6 +60,8 @@ Field field(std::string key, T Config::*section, auto member) {
       (c.*section).*member = as<int64_t>(n, key, "integer");
     } else if constexpr (std::is_same_v<V, double>) {
       (c.*section).*member = as<double>(n, key, "number");
+    } else if constexpr (std::is_same_v<V, bool>) {
+      (c.*section).*member = as<bool>(n, key, "boolean (true or false)");
     } else {
       static_assert(sizeof(V) == 0, "unsupported config field type");
     }
@@ -119,6 +121,7 @@ const std::vector<Field>& fields() {
       field("data.kind", &Config::data, &DataConfig::kind),
       field("data.path", &Config::data, &DataConfig::path),
       field("data.val_fraction", &Config::data, &DataConfig::val_fraction),
+      field("data.reset_at_eos", &Config::data, &DataConfig::reset_at_eos),
       field("data.mqar_num_pairs", &Config::data, &DataConfig::mqar_num_pairs),
       field("data.mqar_key_vocab", &Config::data, &DataConfig::mqar_key_vocab),
       field("data.mqar_value_vocab", &Config::data, &DataConfig::mqar_value_vocab),
@@ -254,6 +257,11 @@ Config parse_config(const std::string& text, const std::vector<std::string>& ove
       }
     }
   }
+  // data.reset_at_eos defaults to whether the data marks documents.
+  const YAML::Node data_section = static_cast<const YAML::Node&>(root)["data"];  // no insert
+  if (!(data_section.IsDefined() && data_section.IsMap() &&
+        data_section["reset_at_eos"].IsDefined()))
+    c.data.reset_at_eos = c.data.kind == "indexed";
   if (c.run.name.empty()) c.run.name = std::filesystem::path(origin).stem().string();
   if (c.run.name.empty()) c.run.name = "run";
   if (c.run.dir.empty()) c.run.dir = "runs/" + c.run.name;
@@ -371,6 +379,10 @@ void validate(const Config& c) {
   } else {
     fail("config key 'data.kind' must be mqar, text or indexed, got '", d.kind, "'");
   }
+  if (d.reset_at_eos && d.kind != "indexed")
+    fail("config key 'data.reset_at_eos' is true, but data.kind=", d.kind, " has no "
+         "end-of-document tokens to reset at (only data.kind=indexed marks documents); set "
+         "data.reset_at_eos=false");
 
   positive("run.log_every", c.run.log_every);
   non_negative("run.eval_every", c.run.eval_every);

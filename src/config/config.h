@@ -68,6 +68,10 @@ struct DataConfig {
   std::string kind = "mqar";       // mqar | text
   std::string path = "";           // text: a file or directory of .txt files
   double val_fraction = 0.05;      // text: tail of the corpus held out for eval
+  // Packed documents: no SSD or conv state crosses a document boundary (each document's first
+  // token starts from a zero state). Defaults to true for indexed data (when the key is not
+  // given), false elsewhere; true needs data that marks documents (indexed).
+  bool reset_at_eos = false;
   // MQAR (multi-query associative recall)
   int64_t mqar_num_pairs = 8;
   int64_t mqar_key_vocab = 64;

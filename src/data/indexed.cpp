@@ -15,9 +15,13 @@
 // behind its share); global sample g is slot g mod 4096 of period g / 4096, and is the next
 // sample of that slot's dataset. Each global sample is thereby a pure function of its index.
 // Evaluation: held-out windows, tiled the same way, taken round-robin over the datasets.
+// Document starts (data.reset_at_eos): from the index's document boundaries, the token after
+// each document's end-of-document token; a window's flags mark those inside it.
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <tuple>
+#include <utility>
 
 #include "core/error.h"
 #include "core/rng.h"
@@ -35,6 +39,7 @@ constexpr int64_t kPeriod = 4096;
 struct Split {
   int64_t first_seq = 0;
   std::vector<int64_t> offset;  // offset[i]: tokens before sequence first_seq + i; back() = total
+  std::vector<int64_t> doc_offset;  // tokens before each document of the split (ascending)
   int64_t tokens() const { return offset.back(); }
   int64_t documents = 0;
 };
@@ -56,6 +61,8 @@ Split make_split(const IndexedFile& f, int64_t doc0, int64_t doc1) {
   s.offset.push_back(0);
   for (int64_t q = s.first_seq; q < last; ++q) s.offset.push_back(s.offset.back() + f.sequence_length(q));
   s.documents = doc1 - doc0;
+  s.doc_offset.reserve(s.documents);
+  for (int64_t d = doc0; d < doc1; ++d) s.doc_offset.push_back(s.offset[f.document_start(d) - s.first_seq]);
   return s;
 }
 
@@ -138,28 +145,30 @@ class Indexed final : public DataSource {
 
   void train_sample(int64_t index, int32_t* tokens, int32_t* targets, int64_t seqlen) override {
     SSD_CHECK(seqlen == seqlen_, "samples were cut for train.seq_len ", seqlen_);
-    SSD_CHECK(index >= 0);
-    const int64_t period = static_cast<int64_t>(slot_part_.size());
-    const int64_t slot = index % period;
-    const Part& p = parts_[slot_part_[slot]];
-    const int64_t local = index / period * per_period_[slot_part_[slot]] + slot_rank_[slot];
-    const int64_t epoch = local / p.samples;
-    uint64_t es = p.seed ^ (static_cast<uint64_t>(epoch) * 0xD1B54A32D192ED03ull);
-    const Permutation perm(static_cast<uint64_t>(p.samples), splitmix64(es));
-    const int64_t sample = static_cast<int64_t>(perm(static_cast<uint64_t>(local % p.samples)));
-    window(p, p.train, sample, tokens, targets);
+    const auto [p, sample] = train_window(index);
+    window(*p, p->train, sample, tokens, targets);
   }
 
   void eval_batch(int64_t i, int32_t* tokens, int32_t* targets, int64_t batch,
                   int64_t seqlen) override {
     SSD_CHECK(seqlen == seqlen_, "windows were cut for train.seq_len ", seqlen_);
     for (int64_t b = 0; b < batch; ++b) {
-      const int64_t j = i * batch + b;
-      const Part& p = parts_[j % parts_.size()];
-      const int64_t k = j / static_cast<int64_t>(parts_.size());
-      // Without held-out documents (val_fraction 0) evaluation reads training windows.
-      if (p.val_windows > 0) window(p, p.val, k % p.val_windows, tokens + b * seqlen, targets + b * seqlen);
-      else window(p, p.train, k % p.samples, tokens + b * seqlen, targets + b * seqlen);
+      const auto [p, s, k] = eval_window(i * batch + b);
+      window(*p, *s, k, tokens + b * seqlen, targets + b * seqlen);
+    }
+  }
+
+  bool has_documents() const override { return true; }
+  void train_resets(int64_t index, int32_t* reset, int64_t seqlen) override {
+    SSD_CHECK(seqlen == seqlen_, "samples were cut for train.seq_len ", seqlen_);
+    const auto [p, sample] = train_window(index);
+    window_resets(p->train, sample, reset);
+  }
+  void eval_resets(int64_t i, int32_t* reset, int64_t batch, int64_t seqlen) override {
+    SSD_CHECK(seqlen == seqlen_, "windows were cut for train.seq_len ", seqlen_);
+    for (int64_t b = 0; b < batch; ++b) {
+      const auto [p, s, k] = eval_window(i * batch + b);
+      window_resets(*s, k, reset + b * seqlen);
     }
   }
 
@@ -182,6 +191,34 @@ class Indexed final : public DataSource {
   }
 
  private:
+  // Training sample `index` of the global stream: its dataset and window of the training split.
+  std::pair<const Part*, int64_t> train_window(int64_t index) const {
+    SSD_CHECK(index >= 0);
+    const int64_t period = static_cast<int64_t>(slot_part_.size());
+    const int64_t slot = index % period;
+    const Part& p = parts_[slot_part_[slot]];
+    const int64_t local = index / period * per_period_[slot_part_[slot]] + slot_rank_[slot];
+    const int64_t epoch = local / p.samples;
+    uint64_t es = p.seed ^ (static_cast<uint64_t>(epoch) * 0xD1B54A32D192ED03ull);
+    const Permutation perm(static_cast<uint64_t>(p.samples), splitmix64(es));
+    return {&p, static_cast<int64_t>(perm(static_cast<uint64_t>(local % p.samples)))};
+  }
+  // Evaluation window j: round-robin over the datasets; without held-out documents
+  // (val_fraction 0) it reads training windows.
+  std::tuple<const Part*, const Split*, int64_t> eval_window(int64_t j) const {
+    const Part& p = parts_[j % parts_.size()];
+    const int64_t k = j / static_cast<int64_t>(parts_.size());
+    if (p.val_windows > 0) return {&p, &p.val, k % p.val_windows};
+    return {&p, &p.train, k % p.samples};
+  }
+  // reset[t] = 1 where token t of window k begins a document.
+  void window_resets(const Split& s, int64_t k, int32_t* reset) const {
+    std::fill_n(reset, seqlen_, 0);
+    const int64_t at = k * seqlen_;
+    for (auto it = std::lower_bound(s.doc_offset.begin(), s.doc_offset.end(), at);
+         it != s.doc_offset.end() && *it < at + seqlen_; ++it)
+      reset[*it - at] = 1;
+  }
   // A local buffer, so samples can be made from several threads at once.
   void window(const Part& p, const Split& s, int64_t k, int32_t* tok, int32_t* tgt) const {
     std::vector<int32_t> buf(seqlen_ + 1);

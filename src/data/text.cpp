@@ -99,12 +99,22 @@ std::unique_ptr<DataSource> make_data_source(const Config& cfg) {
 }
 
 void fill_step(DataSource& d, int64_t position, int64_t dp_rank, int64_t dp, int64_t micro_batch,
-               int64_t grad_accum, int64_t seqlen, int32_t* tokens, int32_t* targets) {
+               int64_t grad_accum, int64_t seqlen, int32_t* tokens, int32_t* targets,
+               int32_t* reset) {
   SSD_CHECK(dp_rank >= 0 && dp_rank < dp);
   const int64_t per_rank = micro_batch * grad_accum;
   const int64_t first = position + dp_rank * per_rank;
-  for (int64_t i = 0; i < per_rank; ++i)
+  for (int64_t i = 0; i < per_rank; ++i) {
     d.train_sample(first + i, tokens + i * seqlen, targets + i * seqlen, seqlen);
+    if (reset) d.train_resets(first + i, reset + i * seqlen, seqlen);
+  }
+}
+
+void DataSource::train_resets(int64_t, int32_t* reset, int64_t seqlen) {
+  std::fill_n(reset, seqlen, 0);
+}
+void DataSource::eval_resets(int64_t, int32_t* reset, int64_t batch, int64_t seqlen) {
+  std::fill_n(reset, batch * seqlen, 0);
 }
 
 }  // namespace ssd

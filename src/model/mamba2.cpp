@@ -55,6 +55,7 @@ Mamba2LM::Mamba2LM(const ModelConfig& cfg, Backend& be, int64_t batch, int64_t s
   const int64_t D = cfg_.d_model, Di = tpd_.d_inner;
   tokens_ = be_.alloc({T_}, DType::I32);
   targets_ = be_.alloc({T_}, DType::I32);
+  reset_ = be_.alloc({T_}, DType::I32);
   x_ = be_.alloc({T_, D}, cmp);
   for (int i = 0; i < cfg_.n_layer; ++i) {
     residual_.push_back(be_.alloc({T_, D}, acc));
@@ -253,12 +254,40 @@ SsdInputs Mamba2LM::ssd_inputs(int i, LayerActs& a) {
   in.D = params_[p.D];
   if (a.ssd_saved.defined()) in.saved = &a.ssd_saved;
   if (cp_ && cp_rank_ > 0) in.initial_state = &cp_init_[i];
+  in.reset = reset();  // a reset at our first token also drops the incoming state
   return in;
 }
 
-void Mamba2LM::upload_tokens(const int32_t* tokens, const int32_t* targets) {
+void Mamba2LM::upload_tokens(const int32_t* tokens, const int32_t* targets,
+                             const int32_t* reset) {
   be_.upload(tokens_, tokens);
   if (targets) be_.upload(targets_, targets);
+  has_reset_ = reset != nullptr;
+  if (!reset) return;
+  be_.upload(reset_, reset);
+  if (!cp_) return;
+  // Context parallelism: the conv of our first tokens reads the previous rank's last d_conv-1
+  // inputs, and a document may begin among them, so their flags come from that rank (once per
+  // micro-batch; every layer's halo shares them).
+  const int64_t H = cfg_.d_conv - 1, L = seqlen_;
+  std::vector<int32_t> halo(batch_ * H, 0);
+  if (cp_rank_ + 1 < cp_size_) {
+    for (int64_t b = 0; b < batch_; ++b)
+      std::copy_n(reset + b * L + L - H, H, halo.begin() + b * H);
+    be_.upload(cp_flags_send_, halo.data());
+    cp_->send(cp_flags_send_.data, cp_flags_send_.numel(), DType::I32, cp_rank_ + 1);
+  }
+  if (cp_rank_ > 0)
+    cp_->recv(cp_flags_recv_.data, cp_flags_recv_.numel(), DType::I32, cp_rank_ - 1);
+  cp_->join();
+  if (cp_rank_ == 0) return;
+  be_.download(halo.data(), cp_flags_recv_);
+  std::vector<int32_t> ext(batch_ * (L + H));  // per sequence: the halo's flags, then ours
+  for (int64_t b = 0; b < batch_; ++b) {
+    std::copy_n(halo.begin() + b * H, H, ext.begin() + b * (L + H));
+    std::copy_n(reset + b * L, L, ext.begin() + b * (L + H) + H);
+  }
+  be_.upload(reset_ext_, ext.data());
 }
 
 void Mamba2LM::layer_forward(int i, bool with_output, bool exchange) {
@@ -326,13 +355,14 @@ void Mamba2LM::conv_forward(int i, LayerActs& a, bool exchange) {
     cp_->join();
   }
   if (!cp_ || cp_rank_ == 0) {  // the sequence's start: zero history, the plain causal conv
-    be_.conv1d_silu_fwd(pre, batch_, seqlen_, params_[p.conv_w], params_[p.conv_b], a.xBC);
+    be_.conv1d_silu_fwd(pre, batch_, seqlen_, params_[p.conv_w], params_[p.conv_b], a.xBC,
+                        reset());
     return;
   }
   const int64_t H = cfg_.d_conv - 1, L = seqlen_;
   build_conv_ext(i, a);
   be_.conv1d_silu_fwd(all_cols(cp_ext_), batch_, L + H, params_[p.conv_w], params_[p.conv_b],
-                      cp_ext_out_);
+                      cp_ext_out_, reset_ext());
   for (int64_t b = 0; b < batch_; ++b)
     be_.copy_rows(all_cols(cp_ext_out_), b * (L + H) + H, all_cols(a.xBC), b * L, L, false);
 }
@@ -345,7 +375,7 @@ void Mamba2LM::conv_backward(int i, LayerActs& a) {
   const int64_t H = cfg_.d_conv - 1, L = seqlen_;
   if (!cp_ || cp_rank_ == 0) {
     be_.conv1d_silu_bwd(pre, batch_, seqlen_, params_[p.conv_w], params_[p.conv_b], d_xBC_, din,
-                        grads_[p.conv_w], grads_[p.conv_b]);
+                        grads_[p.conv_w], grads_[p.conv_b], reset());
   } else {
     // The halo rows' outputs belong to the previous rank: their output gradient is zero here.
     build_conv_ext(i, a);
@@ -354,7 +384,7 @@ void Mamba2LM::conv_backward(int i, LayerActs& a) {
       be_.copy_rows(all_cols(d_xBC_), b * L, all_cols(cp_ext_out_), b * (L + H) + H, L, false);
     ColSlice dext = all_cols(cp_ext_grad_);
     be_.conv1d_silu_bwd(all_cols(cp_ext_), batch_, L + H, params_[p.conv_w], params_[p.conv_b],
-                        cp_ext_out_, dext, grads_[p.conv_w], grads_[p.conv_b]);
+                        cp_ext_out_, dext, grads_[p.conv_w], grads_[p.conv_b], reset_ext());
     for (int64_t b = 0; b < batch_; ++b) {
       be_.copy_rows(dext, b * (L + H) + H, din, b * L, L, false);
       be_.copy_rows(dext, b * (L + H), all_cols(cp_send_), b * H, H, false);
@@ -396,6 +426,9 @@ void Mamba2LM::set_context_parallel(Communicator* cp) {
     *t = be_.alloc({batch_ * (L + H), tpd_.conv_dim}, cmp);
   cp_send_ = be_.alloc({batch_ * H, tpd_.conv_dim}, cmp);
   cp_recv_ = be_.alloc({batch_ * H, tpd_.conv_dim}, cmp);
+  reset_ext_ = be_.alloc({batch_ * (L + H)}, DType::I32);
+  cp_flags_send_ = be_.alloc({batch_ * H}, DType::I32);
+  cp_flags_recv_ = be_.alloc({batch_ * H}, DType::I32);
 }
 
 void Mamba2LM::forward() {
@@ -410,16 +443,17 @@ void Mamba2LM::forward() {
                       hidden_f_, rstd_f_);
 }
 
-void Mamba2LM::forward_loss(const int32_t* tokens, const int32_t* targets, Tensor& stats) {
-  upload_tokens(tokens, targets);
+void Mamba2LM::forward_loss(const int32_t* tokens, const int32_t* targets, Tensor& stats,
+                            const int32_t* reset) {
+  upload_tokens(tokens, targets, reset);
   forward();
   be_.lm_head_ce(hidden_f_, w(emb_), targets_, 1.0, stats, nullptr, nullptr,
                  tp_ ? &vshard_ : nullptr);
 }
 
-std::vector<float> Mamba2LM::logits(const int32_t* tokens) {
+std::vector<float> Mamba2LM::logits(const int32_t* tokens, const int32_t* reset) {
   SSD_CHECK(tpd_.tp == 1, "logits of a tensor-parallel model");
-  upload_tokens(tokens, nullptr);
+  upload_tokens(tokens, nullptr, reset);
   forward();
   const int64_t V = cfg_.padded_vocab();
   Tensor out = be_.alloc({T_, V}, be_.compute_dtype());
@@ -438,8 +472,8 @@ std::vector<float> Mamba2LM::logits(const int32_t* tokens) {
 }
 
 void Mamba2LM::forward_backward(const int32_t* tokens, const int32_t* targets,
-                                double grad_scale, Tensor& stats) {
-  upload_tokens(tokens, targets);
+                                double grad_scale, Tensor& stats, const int32_t* reset) {
+  upload_tokens(tokens, targets, reset);
   forward();
   const int64_t Di = tpd_.d_inner;
   const int64_t conv_dim = tpd_.conv_dim;

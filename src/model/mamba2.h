@@ -95,12 +95,17 @@ class Mamba2LM {
   // One micro-batch, forward and backward. tokens/targets: host int32 [batch*seqlen];
   // targets -1 are ignored. Gradients of grad_scale * (sum of token losses) accumulate into
   // grads(); stats (f64 [3] from new_stats()) accumulate {loss sum, tokens, argmax hits}.
+  // reset (optional): host int32 [batch*seqlen], nonzero where a token begins a document of a
+  // packed sequence: no conv or SSD state crosses into it, in every layer (also from the
+  // previous context-parallel segment when it is a segment's first token). Null: one document
+  // per sequence.
   void forward_backward(const int32_t* tokens, const int32_t* targets, double grad_scale,
-                        Tensor& stats);
+                        Tensor& stats, const int32_t* reset = nullptr);
   // Forward only (evaluation).
-  void forward_loss(const int32_t* tokens, const int32_t* targets, Tensor& stats);
+  void forward_loss(const int32_t* tokens, const int32_t* targets, Tensor& stats,
+                    const int32_t* reset = nullptr);
   // Logits [batch*seqlen, padded_vocab] as host fp32 (small inputs: tests and export checks).
-  std::vector<float> logits(const int32_t* tokens);
+  std::vector<float> logits(const int32_t* tokens, const int32_t* reset = nullptr);
 
   Tensor new_stats();                        // zeroed f64 [3] on the backend
   std::array<double, 3> read_stats(const Tensor& stats);
@@ -121,7 +126,11 @@ class Mamba2LM {
     int norm, in_proj, conv_w, conv_b, dt_bias, A_log, D, gnorm, out_proj;
   };
 
-  void upload_tokens(const int32_t* tokens, const int32_t* targets);
+  void upload_tokens(const int32_t* tokens, const int32_t* targets, const int32_t* reset);
+  // The reset flags of the micro-batch running (null: none), and with context parallelism on a
+  // rank > 0 those of the conv's extended rows (the previous rank's halo rows, then ours).
+  const Tensor* reset() const { return has_reset_ ? &reset_ : nullptr; }
+  const Tensor* reset_ext() const { return has_reset_ ? &reset_ext_ : nullptr; }
   void forward();
   // Layer i's forward from its input; the out_proj (the layer's output) only when asked.
   // exchange: talk to the neighbouring context-parallel ranks (false when recomputing: the
@@ -164,6 +173,9 @@ class Mamba2LM {
 
   bool recompute_ = false;
   Tensor tokens_, targets_;
+  Tensor reset_, reset_ext_;  // int32 [T] and, context-parallel, [batch * (seqlen + d_conv-1)]
+  bool has_reset_ = false;
+  Tensor cp_flags_send_, cp_flags_recv_;  // int32 [batch * (d_conv-1)]: the halo rows' flags
   Tensor x_;                 // embedding / mixer output, input of the next add [T, d_model]
   std::vector<Tensor> x_in_;      // recompute: each layer's input [T, d_model]
   std::vector<Tensor> residual_;  // residual stream after each layer's add (accum)

@@ -320,14 +320,18 @@ double Trainer::param_sumsq() {
 
 std::pair<double, double> Trainer::evaluate() {
   const int64_t B = layout_.micro_batch, L = cfg_.train.seq_len;
-  std::vector<int32_t> tok(B * L), tgt(B * L), stok, stgt;
+  std::vector<int32_t> tok(B * L), tgt(B * L), stok, stgt, reset(B * L);
+  const bool resets = cfg_.data.reset_at_eos;
   Tensor stats = model_->new_stats();
   // The eval batches split over the dp ranks (context- and tensor-parallel ranks share theirs):
   // the same batches as one process evaluates, whatever the layout.
   for (int64_t i = grid_->dp_rank(); i < cfg_.run.eval_batches; i += layout_.dp) {
     data_->eval_batch(i, tok.data(), tgt.data(), B, L);
     take_segment(tok, tgt, B, L, layout_.cp, grid_->cp_rank(), stok, stgt);
-    model_->forward_loss(stok.data(), stgt.data(), stats);
+    if (resets) data_->eval_resets(i, reset.data(), B, L);
+    const auto sreset = resets ? take_segment(reset, B, L, layout_.cp, grid_->cp_rank())
+                               : std::vector<int32_t>{};
+    model_->forward_loss(stok.data(), stgt.data(), stats, resets ? sreset.data() : nullptr);
   }
   auto s = model_->read_stats(stats);
   grid_->host(Group::DpCp).all_reduce(s.data(), 3, DType::F64, ReduceOp::Sum);
@@ -357,7 +361,8 @@ TrainResult Trainer::run() {
   const int64_t B = layout_.micro_batch, L = tc.seq_len, A = layout_.grad_accum;
   const int64_t tokens_per_step = layout_.global_batch * L;
   log("ssdtrain: " + std::to_string(count_params(model_->table())) + " parameters, backend " +
-      be_->name() + ", data " + data_->describe());
+      be_->name() + ", data " + data_->describe() +
+      (cfg_.data.reset_at_eos ? "; no state crosses a document start (data.reset_at_eos)" : ""));
   log("layout: " + std::to_string(layout_.world) + " rank(s) = dp " + std::to_string(layout_.dp) +
       " x cp " + std::to_string(layout_.cp) + " x tp " + std::to_string(layout_.tp) +
       "; global batch " + std::to_string(layout_.global_batch) + " = micro_batch " +
@@ -385,7 +390,7 @@ TrainResult Trainer::run() {
     const double lr = lr_at(step, tc.lr, tc.min_lr, tc.warmup_steps, tc.max_steps);
     // All micro-batches first: the loss is a mean over every scored token of the step.
     const StepResult sr = compute_gradients(*model_, *sync_, *grid_, *data_, layout_, position_,
-                                            L, stats_);
+                                            L, stats_, cfg_.data.reset_at_eos);
     position_ += layout_.global_batch;
     const double loss = sr.loss, acc = sr.accuracy;
 
@@ -506,14 +511,26 @@ void take_segment(const std::vector<int32_t>& tok, const std::vector<int32_t>& t
   }
 }
 
+std::vector<int32_t> take_segment(const std::vector<int32_t>& v, int64_t n, int64_t L,
+                                  int64_t cp, int64_t r) {
+  const int64_t S = L / cp;
+  std::vector<int32_t> out(n * S);
+  for (int64_t b = 0; b < n; ++b) std::copy_n(v.begin() + b * L + r * S, S, out.begin() + b * S);
+  return out;
+}
+
 StepResult compute_gradients(Mamba2LM& model, GradSync& sync, ProcessGrid& grid, DataSource& data,
-                             const Layout& layout, int64_t position, int64_t seqlen, Tensor& stats) {
+                             const Layout& layout, int64_t position, int64_t seqlen, Tensor& stats,
+                             bool reset_at_eos) {
   const int64_t B = layout.micro_batch, A = layout.grad_accum;
   std::vector<int32_t> full_tok(A * B * seqlen), full_tgt(A * B * seqlen), tok, tgt;
+  std::vector<int32_t> full_reset(reset_at_eos ? A * B * seqlen : 0), reset;
   fill_step(data, position, grid.dp_rank(), layout.dp, B, A, seqlen, full_tok.data(),
-            full_tgt.data());
-  // Context parallelism: this rank's segment of every sequence.
+            full_tgt.data(), reset_at_eos ? full_reset.data() : nullptr);
+  // Context parallelism: this rank's segment of every sequence. The document starts are cut
+  // from the whole sample, so a segment's first token is flagged when a document begins there.
   take_segment(full_tok, full_tgt, A * B, seqlen, layout.cp, grid.cp_rank(), tok, tgt);
+  if (reset_at_eos) reset = take_segment(full_reset, A * B, seqlen, layout.cp, grid.cp_rank());
   const int64_t L = seqlen / layout.cp;
   // The loss is the mean over every scored token of the global batch: scale by their count.
   double counted = 0;
@@ -525,7 +542,8 @@ StepResult compute_gradients(Mamba2LM& model, GradSync& sync, ProcessGrid& grid,
   for (int64_t a = 0; a < A; ++a) {
     sync.before_micro_batch(a == A - 1);
     model.forward_backward(tok.data() + a * B * L, tgt.data() + a * B * L,
-                           1.0 / std::max(1.0, counted), stats);
+                           1.0 / std::max(1.0, counted), stats,
+                           reset_at_eos ? reset.data() + a * B * L : nullptr);
   }
   sync.finish_backward();
   auto st = model.read_stats(stats);

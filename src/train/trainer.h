@@ -43,15 +43,20 @@ struct StepResult {
 };
 // One optimizer step's gradients: this rank's samples of the step at `position`, forward and
 // backward over its micro-batches, reduced over the data-parallel group (the optimizer not yet
-// run). `stats` is a model stats tensor used as scratch.
+// run). `stats` is a model stats tensor used as scratch. reset_at_eos: no state crosses the
+// data's document starts (data.reset_at_eos).
 StepResult compute_gradients(Mamba2LM& model, GradSync& sync, ProcessGrid& grid, DataSource& data,
-                             const Layout& layout, int64_t position, int64_t seqlen, Tensor& stats);
+                             const Layout& layout, int64_t position, int64_t seqlen, Tensor& stats,
+                             bool reset_at_eos = false);
 
 // Context parallelism: rank r's segment (tokens [r*L/cp, (r+1)*L/cp)) of each of n sequences of
 // length L, into stok/stgt.
 void take_segment(const std::vector<int32_t>& tok, const std::vector<int32_t>& tgt, int64_t n,
                   int64_t L, int64_t cp, int64_t r, std::vector<int32_t>& stok,
                   std::vector<int32_t>& stgt);
+// The same for one array (the reset flags), returned.
+std::vector<int32_t> take_segment(const std::vector<int32_t>& v, int64_t n, int64_t L,
+                                  int64_t cp, int64_t r);
 
 // Installs SIGTERM/SIGINT/SIGUSR1 handlers that ask the loop to stop after the current step.
 void install_stop_handlers();

@@ -276,6 +276,135 @@ TEST(CpuOps, Conv1dGradient) {
   expect_doubled("conv1d dbias", db0, db1, db);
 }
 
+// Packed documents: reset[t] = 1 where token t begins a document. The direct loop: tap k of
+// token t reads the input at t-(K-1)+k only when that is inside the sequence and no document
+// begins after it, up to t.
+V conv_naive_resets(const V& in, int64_t ld_in, int64_t off, int64_t batch, int64_t L, int64_t C,
+                    const V& w, const V& bias, int64_t K, const std::vector<int32_t>& reset) {
+  V out(batch * L * C);
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t t = 0; t < L; ++t)
+      for (int64_t c = 0; c < C; ++c) {
+        double s = bias[c];
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t src = t - (K - 1) + k;
+          bool seen = src >= 0;
+          for (int64_t u = src + 1; seen && u <= t; ++u) seen = !reset[b * L + u];
+          if (seen) s += w[c * K + k] * in[(b * L + src) * ld_in + off + c];
+        }
+        out[(b * L + t) * C + c] = silu(s);
+      }
+  return out;
+}
+
+std::vector<int32_t> doc_flags(int64_t batch, int64_t L,
+                               const std::vector<std::vector<int64_t>>& starts) {
+  std::vector<int32_t> r(batch * L, 0);
+  for (size_t b = 0; b < starts.size(); ++b)
+    for (int64_t t : starts[b]) r[b * L + t] = 1;
+  return r;
+}
+
+// Starts at 0, on consecutive tokens, closer together than K, the last token; none in row 2.
+const std::vector<std::vector<int64_t>> kConvStarts = {{0, 2, 3, 7, 12}, {5, 6, 10}, {}};
+
+TEST(CpuOps, Conv1dResetsForwardVsNaive) {
+  struct Case { int64_t L, C, K; };
+  for (Case cs : {Case{13, 6, 4}, Case{13, 5, 3}, Case{13, 3, 1}, Case{13, 4, 6}}) {
+    const int64_t batch = 3, ld = cs.C + 5, off = 3, rows = batch * cs.L;
+    const V in = randn<double>(rows * ld, 60);
+    const V w = randn<double>(cs.C * cs.K, 61, 0.5), bias = randn<double>(cs.C, 62, 0.3);
+    const auto reset = doc_flags(batch, cs.L, kConvStarts);
+    V out(rows * cs.C), plain(rows * cs.C);
+    cpu::conv1d_silu_fwd(in.data() + off, ld, batch, cs.L, cs.C, w.data(), bias.data(), cs.K,
+                         out.data(), reset.data());
+    cpu::conv1d_silu_fwd(in.data() + off, ld, batch, cs.L, cs.C, w.data(), bias.data(), cs.K,
+                         plain.data());
+    const V ref = conv_naive_resets(in, ld, off, batch, cs.L, cs.C, w, bias, cs.K, reset);
+    const double e = rel_err(out, ref);
+    EXPECT_LT(e, 1e-14) << "L " << cs.L << " C " << cs.C << " K " << cs.K;
+    if (cs.K > 1) EXPECT_GT(rel_err(plain, ref), 1e-3) << "the reset flags changed nothing";
+    std::printf("    [cmp] conv1d fwd, resets, K%ld         rel err %.3e\n", (long)cs.K, e);
+  }
+}
+
+TEST(CpuOps, Conv1dResetsGradient) {
+  const int64_t batch = 3, L = 13, C = 5, K = 4, rows = batch * L;
+  const int64_t ld_in = C + 5, off_in = 3, ld_din = C + 7, off_din = 2;
+  const auto reset = doc_flags(batch, L, kConvStarts);
+  V in = randn<double>(rows * ld_in, 70);
+  V w = randn<double>(C * K, 71, 0.5), bias = randn<double>(C, 72, 0.3);
+  const V wo = randn<double>(rows * C, 73);
+  auto loss = [&] {
+    return dot(wo, conv_naive_resets(in, ld_in, off_in, batch, L, C, w, bias, K, reset));
+  };
+  V din(rows * ld_din, 0.0), dw(C * K, 0.0), db(C, 0.0);
+  cpu::conv1d_silu_bwd(in.data() + off_in, ld_in, batch, L, C, w.data(), bias.data(), K,
+                       wo.data(), din.data() + off_din, ld_din, dw.data(), db.data(),
+                       reset.data());
+  V din_wide(rows * ld_in, 0.0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < C; ++c) din_wide[r * ld_in + off_in + c] = din[r * ld_din + off_din + c];
+  check_fd("conv1d din, resets", in, loss, din_wide);
+  check_fd("conv1d dw, resets", w, loss, dw);
+  check_fd("conv1d dbias, resets", bias, loss, db);
+}
+
+TEST(CpuOps, Conv1dResetsEqualDocumentsRunOneByOne) {
+  // Each document convolved as its own sequence (no flags), outputs and gradients, in float.
+  const int64_t batch = 3, L = 13, C = 6, K = 4, rows = batch * L;
+  const auto reset = doc_flags(batch, L, kConvStarts);
+  const auto in = cast<float>(randn<double>(rows * C, 80));
+  const auto w = cast<float>(randn<double>(C * K, 81, 0.5));
+  const auto bias = cast<float>(randn<double>(C, 82, 0.3));
+  const auto wo = cast<float>(randn<double>(rows * C, 83));
+  std::vector<float> out(rows * C), din(rows * C), dw(C * K, 0.f), db(C, 0.f);
+  cpu::conv1d_silu_fwd(in.data(), C, batch, L, C, w.data(), bias.data(), K, out.data(),
+                       reset.data());
+  cpu::conv1d_silu_bwd(in.data(), C, batch, L, C, w.data(), bias.data(), K, wo.data(),
+                       din.data(), C, dw.data(), db.data(), reset.data());
+  std::vector<float> out1(rows * C), din1(rows * C), dw1(C * K, 0.f), db1(C, 0.f);
+  for (int64_t b = 0; b < batch; ++b) {
+    std::vector<int64_t> cuts = {0};
+    for (int64_t t = 1; t < L; ++t)
+      if (reset[b * L + t]) cuts.push_back(t);
+    cuts.push_back(L);
+    for (size_t k = 0; k + 1 < cuts.size(); ++k) {
+      const int64_t r0 = b * L + cuts[k], n = cuts[k + 1] - cuts[k];
+      cpu::conv1d_silu_fwd(in.data() + r0 * C, C, 1, n, C, w.data(), bias.data(), K,
+                           out1.data() + r0 * C);
+      cpu::conv1d_silu_bwd(in.data() + r0 * C, C, 1, n, C, w.data(), bias.data(), K,
+                           wo.data() + r0 * C, din1.data() + r0 * C, C, dw1.data(), db1.data());
+    }
+  }
+  check_close("conv1d resets vs documents: out", rel_err(out, out1), 1e-6);
+  check_close("conv1d resets vs documents: din", rel_err(din, din1), 1e-6);
+  check_close("conv1d resets vs documents: dw", rel_err(dw, dw1), 1e-5);
+  check_close("conv1d resets vs documents: dbias", rel_err(db, db1), 1e-5);
+}
+
+TEST(CpuOps, Conv1dResetFlagsOfZerosChangeNothing) {
+  const int64_t batch = 2, L = 9, C = 6, K = 4, rows = batch * L;
+  const auto in = cast<float>(randn<double>(rows * C, 90));
+  const auto w = cast<float>(randn<double>(C * K, 91, 0.5));
+  const auto bias = cast<float>(randn<double>(C, 92, 0.3));
+  const auto wo = cast<float>(randn<double>(rows * C, 93));
+  const std::vector<int32_t> zeros(rows, 0);
+  std::vector<float> o0(rows * C), o1(rows * C), d0(rows * C), d1(rows * C);
+  std::vector<float> w0(C * K, 0.f), w1(C * K, 0.f), b0(C, 0.f), b1(C, 0.f);
+  cpu::conv1d_silu_fwd(in.data(), C, batch, L, C, w.data(), bias.data(), K, o0.data());
+  cpu::conv1d_silu_fwd(in.data(), C, batch, L, C, w.data(), bias.data(), K, o1.data(),
+                       zeros.data());
+  cpu::conv1d_silu_bwd(in.data(), C, batch, L, C, w.data(), bias.data(), K, wo.data(), d0.data(),
+                       C, w0.data(), b0.data());
+  cpu::conv1d_silu_bwd(in.data(), C, batch, L, C, w.data(), bias.data(), K, wo.data(), d1.data(),
+                       C, w1.data(), b1.data(), zeros.data());
+  EXPECT_EQ(o0, o1);
+  EXPECT_EQ(d0, d1);
+  EXPECT_EQ(w0, w1);
+  EXPECT_EQ(b0, b1);
+}
+
 // --------------------------------------------------------------------------- gated rmsnorm
 
 TEST(CpuOps, GatedRmsNormForwardAndGradient) {

@@ -1,5 +1,6 @@
 // The CPU SSD reference: the chunked forward against the plain recurrence, and the chunked
-// backward against finite differences of the recurrence.
+// backward against finite differences of the recurrence; both also with reset flags (packed
+// documents), and the op with flags against its documents run one by one without them.
 #include <gtest/gtest.h>
 #include <omp.h>
 
@@ -7,6 +8,7 @@
 #include <cmath>
 #include <cstdio>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "backend/cpu/cpu_ops.h"
@@ -23,8 +25,10 @@ struct Inputs {
   SsdDims d;
   int64_t ld_dt = 0, dt_off = 0;
   std::vector<T> xBC, dt_rows, dt_bias, A_log, D, init;  // init empty: no initial state
+  std::vector<int32_t> reset;                            // empty: no reset flags
   const T* dt() const { return dt_rows.data() + dt_off; }
   const T* init_ptr() const { return init.empty() ? nullptr : init.data(); }
+  const int32_t* reset_ptr() const { return reset.empty() ? nullptr : reset.data(); }
   int64_t state_numel() const { return d.batch * d.nheads * d.headdim * d.dstate; }
 };
 
@@ -53,8 +57,8 @@ std::vector<T> cast(const std::vector<double>& v) {
 
 template <class T>
 Inputs<T> cast_inputs(const Inputs<double>& in) {
-  return {in.d, in.ld_dt, in.dt_off, cast<T>(in.xBC), cast<T>(in.dt_rows),
-          cast<T>(in.dt_bias), cast<T>(in.A_log), cast<T>(in.D), cast<T>(in.init)};
+  return {in.d,           in.ld_dt,         in.dt_off,     cast<T>(in.xBC), cast<T>(in.dt_rows),
+          cast<T>(in.dt_bias), cast<T>(in.A_log), cast<T>(in.D), cast<T>(in.init), in.reset};
 }
 
 template <class T>
@@ -72,7 +76,7 @@ Out run_fwd(const Inputs<T>& in, bool naive) {
   std::vector<T> y(d.tokens() * d.d_inner()), fs(in.state_numel());
   auto f = naive ? &ssd::cpu::ssd_naive_fwd<T> : &ssd::cpu::ssd_fwd<T>;
   f(d, in.xBC.data(), in.dt(), in.ld_dt, in.dt_bias.data(), in.A_log.data(), in.D.data(),
-    in.init_ptr(), y.data(), fs.data());
+    in.init_ptr(), y.data(), fs.data(), in.reset_ptr());
   return {cast_to_double(y), cast_to_double(fs)};
 }
 
@@ -103,7 +107,8 @@ Grads<T> run_bwd(const Inputs<T>& in, const std::vector<T>& wy, const std::vecto
   ssd::cpu::ssd_bwd<T>(d, in.xBC.data(), in.dt(), in.ld_dt, in.dt_bias.data(), in.A_log.data(),
                        in.D.data(), in.init_ptr(), wy.data(), ws.empty() ? nullptr : ws.data(),
                        g.dxBC.data(), g.ddt_rows.data() + ddt_off, ld_ddt, g.d_dt_bias.data(),
-                       g.dA_log.data(), g.dD.data(), want_d_init ? g.d_init.data() : nullptr);
+                       g.dA_log.data(), g.dD.data(), want_d_init ? g.d_init.data() : nullptr,
+                       in.reset_ptr());
   return g;
 }
 
@@ -177,14 +182,25 @@ TEST(CpuSsd, ForwardEdgeShapes) {
   }
 }
 
+// Reset flags [batch * seqlen]: starts[b] lists the positions where documents begin in row b.
+std::vector<int32_t> flags(const SsdDims& d, const std::vector<std::vector<int64_t>>& starts) {
+  std::vector<int32_t> r(d.tokens(), 0);
+  for (size_t b = 0; b < starts.size(); ++b)
+    for (int64_t t : starts[b]) r[b * d.seqlen + t] = 1;
+  return r;
+}
+
 // L = sum(wy * y) + sum(ws * final_state), differentiated numerically through the recurrence
 // and analytically through ssd_bwd (dy = wy, dfinal_state = ws), for every input. dt lives in
 // columns [2, 2+nheads) of 7-wide rows, ddt in columns [1, 1+nheads) of 9-wide rows.
+// starts: reset flags (document starts per row), none when empty.
 // Returns the worst relative error over all inputs and chunk sizes.
-double check_gradients(double dt_lo, double dt_hi, uint64_t seed) {
+double check_gradients(double dt_lo, double dt_hi, uint64_t seed,
+                       const std::vector<std::vector<int64_t>>& starts = {}) {
   const int64_t ld_dt = 4 + 3, dt_off = 2, ld_ddt = 4 + 5, ddt_off = 1;
   const SsdDims d0 = dims(2, 7, 4, 3, 2, 4, 3);
   auto in = make_inputs(d0, seed, dt_lo, dt_hi, true, ld_dt, dt_off);
+  if (!starts.empty()) in.reset = flags(d0, starts);
   const auto wy = ssdtest::randn<double>(d0.tokens() * d0.d_inner(), seed + 10);
   const auto ws = ssdtest::randn<double>(in.state_numel(), seed + 11);
 
@@ -247,6 +263,188 @@ TEST(CpuSsd, BackwardMatchesFiniteDifferencesLargeDt) {
               worst);
 }
 
+// ---- packed documents (reset flags) ----
+
+// Document starts of the reset tests, for chunk 8 over 37 tokens (a partial last chunk): at 0,
+// on chunk boundaries (8, 24), inside chunks (3, 13), two in one chunk (17, 21), on
+// consecutive tokens (29, 30), on the last token (36); the third row has none.
+const std::vector<std::vector<int64_t>> kStarts = {{0, 3, 8, 17, 21, 29, 30}, {13, 24, 36}, {}};
+
+TEST(CpuSsd, ResetsChunkedForwardMatchesRecurrence) {
+  double worst_d = 0, worst_f = 0, least_effect = 1e300;
+  for (int64_t ngroups : {1, 2})
+    for (int64_t chunk : {8, 5, 1, 64})
+      for (bool with_init : {false, true})
+        for (int r = 0; r < 2; ++r) {
+          SCOPED_TRACE(testing::Message() << "ngroups " << ngroups << " chunk " << chunk
+                                          << " init " << with_init << " dt range " << r);
+          const SsdDims d = dims(3, 37, 4, 5, ngroups, 6, chunk);
+          auto in = make_inputs(d, 300 + 10 * chunk + 4 * ngroups + 2 * with_init + r,
+                                r ? 0.5 : 1e-3, r ? 3.0 : 1e-1, with_init);
+          const Out plain = run_fwd(in, /*naive=*/false);
+          in.reset = flags(d, kStarts);
+          const Out ref = run_fwd(in, /*naive=*/true);
+          const Out got = run_fwd(in, /*naive=*/false);
+          const Out got_f = run_fwd(cast_inputs<float>(in), /*naive=*/false);
+          const double ey = rel_err(got.y, ref.y), es = rel_err(got.final_state, ref.final_state);
+          const double ey_f = rel_err(got_f.y, ref.y);
+          const double es_f = rel_err(got_f.final_state, ref.final_state);
+          EXPECT_LT(ey, 1e-10);
+          EXPECT_LT(es, 1e-10);
+          EXPECT_LT(ey_f, 1e-4);
+          EXPECT_LT(es_f, 1e-4);
+          worst_d = std::max({worst_d, ey, es});
+          worst_f = std::max({worst_f, ey_f, es_f});
+          least_effect = std::min(least_effect, rel_err(plain.y, ref.y));  // flags matter
+        }
+  EXPECT_GT(least_effect, 1e-3) << "the reset flags changed nothing";
+  std::printf("[ssd fwd, resets] worst rel err vs recurrence: double %.3g, float %.3g "
+              "(without the flags: >= %.3g)\n", worst_d, worst_f, least_effect);
+}
+
+TEST(CpuSsd, ResetsBackwardMatchesFiniteDifferences) {
+  // Row 0: starts at 0 (the initial state dropped), 3 (a chunk boundary for chunk 3), 5
+  // (inside a chunk); row 1: 1 and 2 (consecutive), 6 (the last token, a partial chunk).
+  const std::vector<std::vector<int64_t>> starts = {{0, 3, 5}, {1, 2, 6}};
+  const double worst = std::max(check_gradients(1e-2, 3e-1, 142, starts),
+                                check_gradients(0.5, 2.0, 177, starts));
+  std::printf("[ssd bwd, resets] worst rel err vs finite differences (double): %.3g\n", worst);
+}
+
+// The op on a packed sequence against its documents, each its own sequence run through the
+// same op without flags (the initial state enters the first document only, unless a document
+// starts at 0; dfinal_state reaches the last document only): y, the final state and every
+// gradient. Returns the worst relative error.
+template <class T>
+double packed_vs_documents(const Inputs<double>& in64, const std::vector<double>& wy64,
+                           const std::vector<double>& ws64) {
+  const Inputs<T> in = cast_inputs<T>(in64);
+  const std::vector<T> wy = cast<T>(wy64), ws = cast<T>(ws64);
+  const SsdDims& d = in.d;
+  const int64_t cd = d.conv_dim(), di = d.d_inner(), PN = d.headdim * d.dstate;
+  const int64_t SN = d.nheads * PN;  // one row's state
+  const Out packed = run_fwd(in, false);
+  const Grads<T> gp = run_bwd(in, wy, ws, d.nheads, 0);
+  std::vector<double> y(packed.y.size()), fs(packed.final_state.size()), dxBC(gp.dxBC.size()),
+      ddt(gp.ddt_rows.size()), d_init(gp.d_init.size(), 0.0), dbias(d.nheads), dA(d.nheads),
+      dD(d.nheads);
+  for (int64_t b = 0; b < d.batch; ++b) {
+    std::vector<int64_t> cuts = {0};
+    for (int64_t t = 1; t < d.seqlen; ++t)
+      if (in.reset[b * d.seqlen + t]) cuts.push_back(t);
+    cuts.push_back(d.seqlen);
+    for (size_t k = 0; k + 1 < cuts.size(); ++k) {
+      const int64_t t0 = cuts[k], n = cuts[k + 1] - t0, row0 = b * d.seqlen + t0;
+      const bool first = k == 0, last = k + 2 == cuts.size();
+      // The (given or zero) initial state reaches the first document, unless one starts at 0.
+      const bool gets_init = first && !in.reset[b * d.seqlen];
+      Inputs<T> doc;
+      doc.d = d;
+      doc.d.batch = 1;
+      doc.d.seqlen = n;
+      doc.ld_dt = in.ld_dt;
+      doc.dt_off = in.dt_off;
+      doc.xBC.assign(in.xBC.begin() + row0 * cd, in.xBC.begin() + (row0 + n) * cd);
+      doc.dt_rows.assign(in.dt_rows.begin() + row0 * in.ld_dt,
+                         in.dt_rows.begin() + (row0 + n) * in.ld_dt);
+      doc.dt_bias = in.dt_bias;
+      doc.A_log = in.A_log;
+      doc.D = in.D;
+      if (gets_init && !in.init.empty())
+        doc.init.assign(in.init.begin() + b * SN, in.init.begin() + (b + 1) * SN);
+      const std::vector<T> wy_doc(wy.begin() + row0 * di, wy.begin() + (row0 + n) * di);
+      const std::vector<T> ws_doc = last ? std::vector<T>(ws.begin() + b * SN, ws.begin() + (b + 1) * SN)
+                                         : std::vector<T>{};
+      const Out o = run_fwd(doc, false);
+      const Grads<T> g = run_bwd(doc, wy_doc, ws_doc, d.nheads, 0, gets_init);
+      std::copy(o.y.begin(), o.y.end(), y.begin() + row0 * di);
+      if (last) std::copy(o.final_state.begin(), o.final_state.end(), fs.begin() + b * SN);
+      std::copy(g.dxBC.begin(), g.dxBC.end(), dxBC.begin() + row0 * cd);
+      std::copy(g.ddt_rows.begin(), g.ddt_rows.end(), ddt.begin() + row0 * d.nheads);
+      if (gets_init) std::copy(g.d_init.begin(), g.d_init.end(), d_init.begin() + b * SN);
+      for (int64_t h = 0; h < d.nheads; ++h) {
+        dbias[h] += g.d_dt_bias[h];
+        dA[h] += g.dA_log[h];
+        dD[h] += g.dD[h];
+      }
+    }
+  }
+  const double errs[] = {rel_err(packed.y, y),     rel_err(packed.final_state, fs),
+                         rel_err(gp.dxBC, dxBC),   rel_err(gp.ddt_rows, ddt),
+                         rel_err(gp.d_init, d_init), rel_err(gp.d_dt_bias, dbias),
+                         rel_err(gp.dA_log, dA),   rel_err(gp.dD, dD)};
+  const char* names[] = {"y", "final_state", "dxBC", "ddt", "d_initial_state", "d_dt_bias",
+                         "dA_log", "dD"};
+  double worst = 0;
+  const double tol = std::is_same_v<T, double> ? 1e-10 : 2e-5;
+  for (int i = 0; i < 8; ++i) {
+    EXPECT_LT(errs[i], tol) << names[i];
+    worst = std::max(worst, errs[i]);
+  }
+  return worst;
+}
+
+TEST(CpuSsd, ResetsEqualDocumentsRunOneByOne) {
+  double worst_d = 0, worst_f = 0;
+  for (int64_t ngroups : {1, 2})
+    for (int64_t chunk : {8, 5})
+      for (bool with_init : {false, true}) {
+        SCOPED_TRACE(testing::Message() << "ngroups " << ngroups << " chunk " << chunk
+                                        << " init " << with_init);
+        const SsdDims d = dims(3, 37, 4, 5, ngroups, 6, chunk);
+        auto in = make_inputs(d, 500 + chunk + 3 * ngroups + with_init, 1e-2, 3e-1, with_init);
+        in.reset = flags(d, kStarts);
+        const auto wy = ssdtest::randn<double>(d.tokens() * d.d_inner(), 600 + chunk);
+        const auto ws = ssdtest::randn<double>(in.state_numel(), 700 + chunk);
+        worst_d = std::max(worst_d, packed_vs_documents<double>(in, wy, ws));
+        worst_f = std::max(worst_f, packed_vs_documents<float>(in, wy, ws));
+      }
+  std::printf("[ssd, resets] packed vs documents one by one, outputs and gradients: double "
+              "%.3g, float %.3g\n", worst_d, worst_f);
+}
+
+TEST(CpuSsd, ResetsResultsIndependentOfThreadCount) {
+  const SsdDims d = dims(3, 37, 4, 4, 2, 4, 8);
+  auto in64 = make_inputs(d, 31, 1e-3, 1e-1, true);
+  in64.reset = flags(d, kStarts);
+  const auto in = cast_inputs<float>(in64);
+  const auto wy = cast<float>(ssdtest::randn<double>(d.tokens() * d.d_inner(), 32));
+  const auto ws = cast<float>(ssdtest::randn<double>(in.state_numel(), 33));
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(1);
+  const Out o1 = run_fwd(in, false);
+  const auto g1 = run_bwd(in, wy, ws, d.nheads, 0);
+  omp_set_num_threads(3);
+  const Out o3 = run_fwd(in, false);
+  const auto g3 = run_bwd(in, wy, ws, d.nheads, 0);
+  omp_set_num_threads(saved);
+  EXPECT_EQ(o1.y, o3.y);
+  EXPECT_EQ(o1.final_state, o3.final_state);
+  EXPECT_EQ(g1.dxBC, g3.dxBC);
+  EXPECT_EQ(g1.ddt_rows, g3.ddt_rows);
+  EXPECT_EQ(g1.dA_log, g3.dA_log);
+  EXPECT_EQ(g1.d_init, g3.d_init);
+}
+
+TEST(CpuSsd, ResetFlagsOfZerosChangeNothing) {
+  // All-zero flags: bitwise the results without flags.
+  const SsdDims d = dims(2, 37, 4, 5, 2, 6, 8);
+  auto in = cast_inputs<float>(make_inputs(d, 41, 1e-3, 1e-1, true));
+  const auto wy = cast<float>(ssdtest::randn<double>(d.tokens() * d.d_inner(), 42));
+  const auto ws = cast<float>(ssdtest::randn<double>(in.state_numel(), 43));
+  const Out o0 = run_fwd(in, false);
+  const auto g0 = run_bwd(in, wy, ws, d.nheads, 0);
+  in.reset.assign(d.tokens(), 0);
+  const Out o1 = run_fwd(in, false);
+  const auto g1 = run_bwd(in, wy, ws, d.nheads, 0);
+  EXPECT_EQ(o0.y, o1.y);
+  EXPECT_EQ(o0.final_state, o1.final_state);
+  EXPECT_EQ(g0.dxBC, g1.dxBC);
+  EXPECT_EQ(g0.ddt_rows, g1.ddt_rows);
+  EXPECT_EQ(g0.d_dt_bias, g1.d_dt_bias);
+  EXPECT_EQ(g0.d_init, g1.d_init);
+}
+
 TEST(CpuSsd, BackwardAccumulatesParameterGradientsOnly) {
   const SsdDims d = dims(2, 11, 4, 3, 2, 4, 4);
   const auto in = make_inputs(d, 5, 1e-3, 1e-1, true);
@@ -258,7 +456,7 @@ TEST(CpuSsd, BackwardAccumulatesParameterGradientsOnly) {
   ssd::cpu::ssd_bwd<double>(d, in.xBC.data(), in.dt(), in.ld_dt, in.dt_bias.data(),
                             in.A_log.data(), in.D.data(), in.init_ptr(), wy.data(), ws.data(),
                             g2.dxBC.data(), g2.ddt_rows.data(), d.nheads, g2.d_dt_bias.data(),
-                            g2.dA_log.data(), g2.dD.data(), g2.d_init.data());
+                            g2.dA_log.data(), g2.dD.data(), g2.d_init.data(), nullptr);
   for (int64_t h = 0; h < d.nheads; ++h) {
     EXPECT_EQ(g2.d_dt_bias[h], 2 * g1.d_dt_bias[h]);
     EXPECT_EQ(g2.dA_log[h], 2 * g1.dA_log[h]);

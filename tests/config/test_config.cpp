@@ -75,7 +75,7 @@ void expect_same(const Config& a, const Config& b) {
   SAME_D(train.beta1); SAME_D(train.beta2); SAME_D(train.adam_eps); SAME(train.resume);
   SAME(train.init_from); SAME(train.on_nan);
   SAME(data.kind); SAME(data.path); SAME_D(data.val_fraction); SAME(data.mqar_num_pairs);
-  SAME(data.mqar_key_vocab); SAME(data.mqar_value_vocab);
+  SAME(data.mqar_key_vocab); SAME(data.mqar_value_vocab); SAME(data.reset_at_eos);
   SAME(run.name); SAME(run.dir); SAME(run.log_every); SAME(run.eval_every);
   SAME(run.eval_batches);
   SAME(checkpoint.every); SAME(checkpoint.keep_last); SAME(checkpoint.dir);
@@ -605,7 +605,7 @@ TEST(ConfigRoundTrip, EveryKeyIsWritten) {
         "vocab_size", "pad_vocab_size_multiple", "norm_eps", "device", "seed", "seq_len",
         "micro_batch", "grad_accum", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay",
         "grad_clip", "beta1", "beta2", "adam_eps", "resume", "init_from", "on_nan", "kind",
-        "path", "val_fraction", "mqar_num_pairs", "mqar_key_vocab", "mqar_value_vocab", "name",
+        "path", "val_fraction", "reset_at_eos", "mqar_num_pairs", "mqar_key_vocab", "mqar_value_vocab", "name",
         "dir", "log_every", "eval_every", "eval_batches", "every", "keep_last"})
     EXPECT_NE(y.find(std::string(k) + ":"), std::string::npos) << k << " missing from\n" << y;
 }
@@ -665,4 +665,17 @@ TEST(ConfigRoundTrip, StringsThatLookLikeOtherYaml) {
 TEST(ConfigErrors, RecomputeMustBeNoneOrLayers) {
   expect_set_error({"train.recompute=all"}, {"train.recompute", "all"});
   EXPECT_NO_THROW(parse_config(default_yaml(), {"train.recompute=layers"}, "d"));
+}
+
+// data.reset_at_eos: a boolean, true by default for indexed data only, refused by name where the
+// data has no documents, and written back as given.
+TEST(ConfigErrors, ResetAtEosNeedsDocuments) {
+  EXPECT_FALSE(parse_config(default_yaml(), {}, "d").data.reset_at_eos);  // mqar
+  EXPECT_FALSE(parse_config(default_yaml(), {"data.reset_at_eos=false"}, "d").data.reset_at_eos);
+  expect_set_error({"data.reset_at_eos=true"}, {"data.reset_at_eos", "data.kind=mqar"});
+  expect_set_error({"data.reset_at_eos=maybe"}, {"data.reset_at_eos", "boolean"});
+  const std::string yaml = "data: {kind: mqar, reset_at_eos: true}\n";
+  expect_error([&] { parse_config(yaml, {}, "f.yaml"); }, {"f.yaml", "data.reset_at_eos"});
+  Config off = parse_config(default_yaml(), {"data.reset_at_eos=no"}, "d");
+  EXPECT_NE(ssd::config_to_yaml(off).find("reset_at_eos: false"), std::string::npos);
 }

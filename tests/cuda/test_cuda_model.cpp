@@ -101,3 +101,51 @@ TEST(CudaModel, TrainingTracksTheCpu) {
   EXPECT_LT(lg[200], lg[1] - 1.0);
   fs::remove_all(dir);
 }
+
+// Packed documents: one forward/backward with reset flags (documents starting inside chunks,
+// on a chunk boundary, on consecutive tokens) on the GPU against the CPU with the same flags,
+// with the SSD intermediates kept (recompute none) and with activation recomputation.
+TEST(CudaModel, PackedDocumentsMatchCpu) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA GPU here (or built without CUDA)";
+  Config c = parse_config(kModel, {}, "t");
+  auto cpu = make_cpu_backend(DType::F32);
+  auto gpu = make_cuda_backend(0);
+  const int64_t B = c.train.micro_batch, L = c.train.seq_len;
+  std::vector<int32_t> tok(B * L), tgt(B * L), reset(B * L, 0);
+  auto data = make_data_source(c);
+  data->eval_batch(0, tok.data(), tgt.data(), B, L);
+  for (int64_t i = 0; i + 1 < B * L; ++i) tgt[i] = (i + 1) % L ? tok[i + 1] : -1;
+  for (int64_t t : std::vector<int64_t>{0, 17, 64, 100, 101, 150, L + 40, L + 128}) reset[t] = 1;
+  const double scale = 1.0 / (B * L);
+  auto grads = [&](Backend& be, bool recompute, const int32_t* flags) {
+    Mamba2LM m(c.model, be, B, L, recompute);
+    m.init(21);
+    Tensor s = m.new_stats();
+    m.zero_grads();
+    m.forward_backward(tok.data(), tgt.data(), scale, s, flags);
+    std::vector<std::vector<float>> out;
+    for (auto& g : m.grads()) out.push_back(to_host(be, g));
+    out.push_back({static_cast<float>(m.read_stats(s)[0] * scale)});  // the loss, last
+    return out;
+  };
+  const auto ref = grads(*cpu, false, reset.data());
+  const auto leaky = grads(*cpu, false, nullptr);
+  const auto table = param_table(c.model);
+  double flags_matter = 0;
+  for (size_t i = 0; i < ref.size(); ++i)
+    flags_matter = std::max(flags_matter, ssdtest::rel_err(leaky[i], ref[i]));
+  EXPECT_GT(flags_matter, 0.1) << "the flags change the CPU's gradients too little to test";
+  for (bool recompute : {false, true}) {
+    const auto got = grads(*gpu, recompute, reset.data());
+    double worst = 0;
+    for (size_t i = 0; i < ref.size(); ++i) {
+      const double e = ssdtest::rel_err(got[i], ref[i]);
+      worst = std::max(worst, e);
+      EXPECT_LT(e, i + 1 < ref.size() ? 5e-2 : 1e-2)
+          << (i < table.size() ? table[i].name : std::string("loss"))
+          << (recompute ? " (recompute)" : "");
+    }
+    std::printf("packed documents%s: worst relative error GPU vs CPU %.3e (the flags change the "
+                "CPU's by up to %.3e)\n", recompute ? ", recompute" : "", worst, flags_matter);
+  }
+}

@@ -332,6 +332,51 @@ TEST_F(CudaOps, Conv1dSilu) {
   }
 }
 
+// Packed documents: the conv with reset flags (random document starts, about one token in
+// eight, so that starts fall on and just before the kernels' row segments and tiles), on the
+// vector path (K 4, aligned) and the scalar kernels (K 3, 5; unaligned).
+TEST_F(CudaOps, Conv1dSiluResets) {
+  struct Case { int64_t B, L, C, K; };
+  for (Case cs : {Case{3, 300, 264, 4}, Case{2, 130, 200, 3}, Case{2, 170, 40, 5},
+                  Case{1, 700, 1792, 4}}) {
+    const int64_t B = cs.B, L = cs.L, C = cs.C, K = cs.K, T = B * L;
+    const bool al = C % 8 == 0;
+    const int64_t ld_in = C + (al ? 40 : 30), off_in = al ? 16 : 20;
+    const int64_t ld_din = C + (al ? 24 : 20), off_din = al ? 8 : 7;
+    const Vf in = round_bf16(randn(T * ld_in, 130));
+    const Vf w = randn(C * K, 131, 0.5);
+    const Vf b = randn(C, 132, 0.3);
+    const Vf dout = round_bf16(randn(T * C, 133));
+    const Vf din0 = round_bf16(randn(T * ld_din, 134));
+    const Vf dw0 = randn(C * K, 135), db0 = randn(C, 136);
+    std::vector<int32_t> reset(T);
+    const Vf u = ssdtest::uniform<float>(T, 137, 0.0, 1.0);
+    for (int64_t i = 0; i < T; ++i) reset[i] = u[i] < 0.125f;
+    for (int64_t r : {int64_t{1}, int64_t{2}, int64_t{32}, int64_t{33}, int64_t{63},
+                      int64_t{64}, int64_t{131}, int64_t{132}})
+      reset[r] = 1;
+    const std::string name = "conv1d_silu resets B" + std::to_string(B) + " L" +
+                             std::to_string(L) + " C" + std::to_string(C) + " K" +
+                             std::to_string(K);
+    both(name.c_str(), kTolBf16, [&](Backend& be) -> Outs {
+      Tensor it = putc(be, in, {T, ld_in});
+      Tensor wt = puta(be, w, {C, 1, K}), bt = puta(be, b, {C});
+      Tensor rt = put_i32(be, reset, {T});
+      Tensor out = be.alloc({T, C}, be.compute_dtype());
+      be.conv1d_silu_fwd(cols(it, off_in, C), B, L, wt, bt, out, &rt);
+      Tensor g = putc(be, dout, {T, C});
+      Tensor dinbuf = putc(be, din0, {T, ld_din});
+      ColSlice din = cols(dinbuf, off_din, C);
+      Tensor dw = puta(be, dw0, {C, 1, K}), db = puta(be, db0, {C});
+      be.conv1d_silu_bwd(cols(it, off_in, C), B, L, wt, bt, g, din, dw, db, &rt);
+      return {{"out", get(be, out)},
+              {"din (whole buffer)", get(be, dinbuf)},
+              {"dw", get(be, dw)},
+              {"dbias", get(be, db)}};
+    });
+  }
+}
+
 TEST_F(CudaOps, GatedRmsNorm) {
   // Small widths, and the widths the kernels vectorise (multiples of 256 up to 5120 = the 2.7B
   // model's d_inner, whole-row and per-group).
@@ -476,6 +521,53 @@ TEST_F(CudaOps, Ssd) {
   Outs g = run(*gpu);
   Outs c = run(*cpu);
   compare("ssd", g, c, kTolBf16);
+}
+
+// The SSD through the backends with reset flags, the GPU keeping the forward's intermediates
+// for the backward (as the model does).
+TEST_F(CudaOps, SsdResets) {
+  SsdDims d;
+  d.batch = 2, d.seqlen = 200, d.nheads = 4, d.headdim = 32, d.ngroups = 2, d.dstate = 64;
+  d.chunk = 64;
+  const int64_t T = d.tokens(), CD = d.conv_dim(), H = d.nheads;
+  const Vf xbc = round_bf16(randn(T * CD, 160, 0.5));
+  const Vf dtv = round_bf16(randn(T * H, 161, 0.5));
+  const Vf dt_bias = randn(H, 162, 0.3), A_log = randn(H, 163, 0.3), Dp = randn(H, 164);
+  const Vf init = randn(d.batch * H * d.headdim * d.dstate, 165, 0.3);
+  const Vf dy = round_bf16(randn(T * d.d_inner(), 166));
+  const Vf dfin = randn(init.size(), 167, 0.3);
+  const Vf g0 = randn(H, 169);
+  std::vector<int32_t> reset(T, 0);
+  for (int64_t t : {0, 5, 63, 64, 90, 91, 150, 199, 200 + 64, 200 + 100, 200 + 101})
+    reset[t] = 1;
+  const Shape st{d.batch, H, d.headdim, d.dstate};
+  auto run = [&](Backend& be) -> Outs {
+    Tensor x = putc(be, xbc, {T, CD}), dtt = putc(be, dtv, {T, H});
+    Tensor is = puta(be, init, st), rt = put_i32(be, reset, {T});
+    SsdInputs in{x, cols(dtt, 0, H), puta(be, dt_bias, {H}), puta(be, A_log, {H}),
+                 puta(be, Dp, {H}), &is};
+    in.reset = &rt;
+    Tensor saved;
+    if (const int64_t sb = be.ssd_saved_bytes(d); sb > 0) {
+      saved = be.alloc({(sb + 3) / 4}, DType::F32);
+      in.saved = &saved;
+    }
+    Tensor y = be.alloc({T, d.d_inner()}, be.compute_dtype());
+    Tensor fs = be.alloc(st, be.accum_dtype());
+    be.ssd_fwd(d, in, y, &fs);
+    Tensor g = putc(be, dy, {T, d.d_inner()}), df = puta(be, dfin, st);
+    Tensor dis = be.alloc(st, be.accum_dtype());
+    SsdGrads gr{be.alloc({T, CD}, be.compute_dtype()), cols(be.alloc({T, H}, be.compute_dtype()), 0, H),
+                puta(be, g0, {H}), puta(be, g0, {H}), puta(be, g0, {H}), &dis};
+    be.ssd_bwd(d, in, g, &df, gr);
+    return {{"y", get(be, y)},           {"final_state", get(be, fs)},
+            {"dxBC", get(be, gr.dxBC)},  {"ddt", get(be, gr.ddt.t)},
+            {"d_dt_bias", get(be, gr.d_dt_bias)}, {"dA_log", get(be, gr.dA_log)},
+            {"dD", get(be, gr.dD)},      {"d_initial_state", get(be, dis)}};
+  };
+  Outs g = run(*gpu);
+  Outs c = run(*cpu);
+  compare("ssd resets", g, c, kTolBf16);
 }
 
 // ------------------------------------------------------------------------------- optimizer

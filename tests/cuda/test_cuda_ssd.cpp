@@ -1,7 +1,8 @@
 // The CUDA SSD kernels (kernels/ssd_*.cu) against the CPU reference ssd::cpu::ssd_fwd/ssd_bwd
 // in fp32, on the same bf16-rounded inputs. One relative error per output tensor
 // (max |gpu - ref| / max |ref|) must stay <= 1e-2; NaN never passes. Every shape runs under
-// both kernel variants (ssd_set_variant 1 and 2).
+// both kernel variants (ssd_set_variant 1 and 2). CudaSsdResets: the same with reset flags
+// (packed documents) against the CPU reference with the same flags.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -78,11 +79,8 @@ std::vector<double> dbl(const std::vector<T>& v) {
   return std::vector<double>(v.begin(), v.end());
 }
 
-class CudaSsd : public ::testing::TestWithParam<Case> {};
-
-TEST_P(CudaSsd, MatchesCpuReference) {
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA GPU visible (cudaGetDeviceCount reports none)";
-  const Case cs = GetParam();
+// One case on the GPU against the CPU reference; reset: flags [tokens] or empty (none).
+void check_case(const Case& cs, const std::vector<int32_t>& reset) {
   SsdDims d;
   d.batch = cs.batch;
   d.seqlen = cs.seqlen;
@@ -102,19 +100,20 @@ TEST_P(CudaSsd, MatchesCpuReference) {
   const auto &D = in.D, &init = in.init, &dy = in.dy, &dfinal = in.dfinal;
   const float* init_h = cs.init ? init.data() : nullptr;
   const float* dfinal_h = cs.dfinal ? dfinal.data() : nullptr;
+  const int32_t* reset_h = reset.empty() ? nullptr : reset.data();
   // accumulating outputs start from these values on both sides
   const std::vector<float> acc0 = ssdtest::randn<float>(H, seed + 9, 0.1);
 
   // CPU reference
   std::vector<float> y_ref(T * DI), fs_ref(SN);
   ssd::cpu::ssd_fwd<float>(d, xBC.data(), dt_raw.data(), ld_dt, dt_bias.data(), A_log.data(),
-                           D.data(), init_h, y_ref.data(), fs_ref.data());
+                           D.data(), init_h, y_ref.data(), fs_ref.data(), reset_h);
   std::vector<float> dxBC_ref(T * CD), ddt_ref(T * ld_ddt, 0.f), ddtb_ref = acc0,
       dAlog_ref = acc0, dD_ref = acc0, dinit_ref(SN);
   ssd::cpu::ssd_bwd<float>(d, xBC.data(), dt_raw.data(), ld_dt, dt_bias.data(), A_log.data(),
                            D.data(), init_h, dy.data(), dfinal_h, dxBC_ref.data(),
                            ddt_ref.data(), ld_ddt, ddtb_ref.data(), dAlog_ref.data(),
-                           dD_ref.data(), dinit_ref.data());
+                           dD_ref.data(), dinit_ref.data(), reset_h);
 
   // GPU, under each kernel variant (ssd_set_variant), with the same tolerances
   const int saved_variant = ssd::cuda::ssd_variant();
@@ -133,6 +132,9 @@ TEST_P(CudaSsd, MatchesCpuReference) {
          &g_dfinal = gin.dfinal;
     DevBuf<bf> g_y(T * DI), g_dxBC(T * CD), g_ddt(T * ld_ddt);
     DevBuf<float> g_fs(SN), g_dbias(H), g_dAlog(H), g_dD(H), g_dinit(SN);
+    DevBuf<int32_t> g_reset(std::max<size_t>(reset.size(), 1));
+    if (reset_h) g_reset.up(reset);
+    const int32_t* reset_d = reset_h ? g_reset.p : nullptr;
     const size_t wsb = ssd::cuda::ssd_workspace_bytes(d);
     DevBuf<unsigned char> g_ws(wsb);
     ASSERT_TRUE(gin.ok() && g_ws.p && g_dxBC.p && g_dinit.p) << "cudaMalloc failed";
@@ -153,11 +155,12 @@ TEST_P(CudaSsd, MatchesCpuReference) {
     void* saved = variant == 2 ? g_saved.p : nullptr;
     if (saved) CUDA_OK(cudaMemset(saved, 0xff, ssd::cuda::ssd_saved_bytes(d)));
     ssd::cuda::ssd_fwd(d, B(g_xBC), B(g_dt), ld_dt, g_bias.p, g_Alog.p, g_D.p,
-                       cs.init ? g_init.p : nullptr, B(g_y), g_fs.p, g_ws.p, saved, nullptr);
+                       cs.init ? g_init.p : nullptr, B(g_y), g_fs.p, g_ws.p, saved, nullptr,
+                       reset_d);
     ssd::cuda::ssd_bwd(d, B(g_xBC), B(g_dt), ld_dt, g_bias.p, g_Alog.p, g_D.p,
                        cs.init ? g_init.p : nullptr, B(g_dy), cs.dfinal ? g_dfinal.p : nullptr,
                        B(g_dxBC), B(g_ddt), ld_ddt, g_dbias.p, g_dAlog.p, g_dD.p, g_dinit.p,
-                       g_ws.p, saved, nullptr);
+                       g_ws.p, saved, nullptr, reset_d);
     CUDA_OK(cudaDeviceSynchronize());
 
     const auto y = g_y.down();
@@ -187,7 +190,8 @@ TEST_P(CudaSsd, MatchesCpuReference) {
       std::snprintf(buf, sizeof buf, " %s=%.2e", c.name, c.err);
       line += buf;
     }
-    std::printf("[ssd v%d %s]%s\n", variant, case_name(cs).c_str(), line.c_str());
+    std::printf("[ssd v%d %s%s]%s\n", variant, case_name(cs).c_str(),
+                reset_h ? " resets" : "", line.c_str());
     for (const auto& c : cmps) EXPECT_LE(c.err, kTol) << c.name;  // NaN/inf fail too
 
     // columns of ddt past nheads are left alone
@@ -195,6 +199,35 @@ TEST_P(CudaSsd, MatchesCpuReference) {
     for (int64_t i = 0; i < T; ++i)
       for (int64_t j = H; j < ld_ddt; ++j) untouched &= ddt[i * ld_ddt + j] == sentinel[0];
     EXPECT_TRUE(untouched) << "ddt written past column nheads";
+  }
+}
+
+class CudaSsd : public ::testing::TestWithParam<Case> {};
+
+TEST_P(CudaSsd, MatchesCpuReference) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA GPU visible (cudaGetDeviceCount reports none)";
+  check_case(GetParam(), {});
+}
+
+// Packed documents: flags at the first token, on chunk boundaries, on a chunk's last token,
+// inside chunks, two and more in one chunk, on consecutive tokens, on the last token, plus one
+// chunk with a start every other token (the most the offset in cs grows); one sequence of
+// the batch with none. Both variants, the forward's saved intermediates (variant 2) and
+// recomputed ones (variant 1).
+TEST(CudaSsdResets, MatchesCpuReference) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA GPU visible (cudaGetDeviceCount reports none)";
+  for (const Case& cs : {Case{3, 200, 4, 64, 2, 64, 64, true, true, 3},
+                         Case{2, 356, 2, 128, 1, 64, 256, true, true, 5},
+                         Case{3, 300, 4, 32, 1, 128, 128, false, true, 0}}) {
+    std::vector<int32_t> reset(cs.batch * cs.seqlen, 0);
+    for (int64_t t : {int64_t{0}, cs.chunk, cs.chunk - 1, int64_t{10}, int64_t{100},
+                      int64_t{101}, cs.chunk + 30, cs.chunk + 50, cs.seqlen - 1})
+      reset[t] = 1;
+    for (int64_t t = 2 * cs.chunk; t < std::min(3 * cs.chunk, cs.seqlen); t += 2) reset[t] = 1;
+    for (int64_t t : {int64_t{63}, int64_t{127}, int64_t{128}, int64_t{150}})
+      reset[cs.seqlen + t] = 1;
+    SCOPED_TRACE(case_name(cs) + " with resets");
+    check_case(cs, reset);
   }
 }
 
@@ -224,6 +257,9 @@ INSTANTIATE_TEST_SUITE_P(
 #else  // !SSD_HAVE_CUDA
 
 TEST(CudaSsd, MatchesCpuReference) { GTEST_SKIP() << "built without CUDA (SSD_HAVE_CUDA unset)"; }
+TEST(CudaSsdResets, MatchesCpuReference) {
+  GTEST_SKIP() << "built without CUDA (SSD_HAVE_CUDA unset)";
+}
 
 #endif
 

@@ -294,6 +294,53 @@ TEST_F(Indexed, SamplesArePackedWindowsAndValDocumentsHeldOut) {
     for (int64_t t = 0; t < L; ++t) EXPECT_EQ(t1[r * L + t], e1[r * L + t] + 1);
 }
 
+// data.reset_at_eos: the flags of a sample mark where its documents begin (the token after each
+// document's last, its end-of-document token), training and held-out windows alike, and
+// fill_step lays them out as the tokens.
+TEST_F(Indexed, ResetFlagsMarkDocumentStarts) {
+  // Counting tokens (a token's value is its position in the concatenation); documents of 1..13
+  // tokens, the last 3 held out.
+  const std::vector<int> lens = {3, 1, 7, 2, 5, 12, 1, 1, 9, 4, 13, 6, 2, 8, 3, 5};
+  std::set<int32_t> starts;
+  int32_t at = 0;
+  for (int n : lens) starts.insert(at), at += n;
+  const std::string prefix = write("resets", counting(lens));
+  const int64_t L = 8;
+  const ssd::Config cfg = config(prefix, L, 0.2);
+  EXPECT_TRUE(cfg.data.reset_at_eos) << "the default for indexed data";
+  auto src = ssd::make_data_source(cfg);
+  ASSERT_TRUE(src->has_documents());
+  std::vector<int32_t> tok(L), tgt(L), reset(L, -1);
+  int64_t flagged = 0;
+  for (int64_t i = 0; i < 8; ++i) {
+    src->train_sample(i, tok.data(), tgt.data(), L);
+    src->train_resets(i, reset.data(), L);
+    for (int64_t t = 0; t < L; ++t) {
+      EXPECT_EQ(reset[t], starts.count(tok[t]) ? 1 : 0) << "sample " << i << " token " << t;
+      flagged += reset[t];
+    }
+  }
+  EXPECT_GT(flagged, 8);
+  std::vector<int32_t> e(3 * L), et(3 * L), er(3 * L, -1);
+  src->eval_batch(0, e.data(), et.data(), 3, L);
+  src->eval_resets(0, er.data(), 3, L);
+  for (int64_t j = 0; j < 3 * L; ++j) EXPECT_EQ(er[j], starts.count(e[j]) ? 1 : 0) << j;
+  // fill_step: the flags of each sample beside its tokens.
+  std::vector<int32_t> ft(2 * 3 * L), fg(2 * 3 * L), fr(2 * 3 * L, -1);
+  ssd::fill_step(*src, 4, 1, 2, 3, 1, L, ft.data(), fg.data(), fr.data());
+  for (size_t j = 0; j < ft.size() / 2; ++j) EXPECT_EQ(fr[j], starts.count(ft[j]) ? 1 : 0) << j;
+}
+
+TEST(ResetAtEos, OnlyIndexedDataHasDocuments) {
+  const ssd::Config mqar = ssd::parse_config("", {}, "t");
+  EXPECT_FALSE(mqar.data.reset_at_eos);
+  auto src = ssd::make_data_source(mqar);
+  EXPECT_FALSE(src->has_documents());
+  std::vector<int32_t> r(5, 7);
+  src->train_resets(0, r.data(), 5);
+  EXPECT_EQ(r, std::vector<int32_t>(5, 0));
+}
+
 // Every sample of the epoch exactly once, over steps of micro_batch * grad_accum * dp global
 // samples split with fill_step, with a resume (a fresh source from a saved position) halfway.
 TEST_F(Indexed, EachEpochSeesEverySampleOnceOverDpAndResume) {

@@ -2,8 +2,10 @@
 // differences in double precision, f32 against f64, and the initialisation rules.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdio>
 
 #include "backend/backend.h"
 #include "model/mamba2.h"
@@ -220,4 +222,103 @@ TEST(Mamba2LM, RecomputationGivesTheSameGradients) {
     EXPECT_EQ(a, c) << plain.table()[i].name;  // same ops on the same inputs: bitwise equal
   }
   EXPECT_EQ(plain.logits(b.tok.data()), recomputed.logits(b.tok.data()));
+}
+
+// ---- packed documents (reset flags) ----
+
+namespace {
+
+// Logits, loss sum and gradients of one forward/backward on `tok` with flags `reset` (or none).
+struct RunOut {
+  std::vector<float> logits;
+  double loss = 0;
+  std::vector<std::vector<float>> grads;
+};
+RunOut run_packed(Mamba2LM& m, const std::vector<int32_t>& tok, const std::vector<int32_t>& tgt,
+                  const int32_t* reset) {
+  RunOut o;
+  Tensor s = m.new_stats();
+  m.zero_grads();
+  m.forward_backward(tok.data(), tgt.data(), 1.0, s, reset);
+  o.loss = m.read_stats(s)[0];
+  for (auto& g : m.grads()) o.grads.emplace_back(g.ptr<float>(), g.ptr<float>() + g.numel());
+  o.logits = m.logits(tok.data(), reset);
+  return o;
+}
+
+// Largest |a - b| / max|b| over the tensors.
+double worst_rel(const std::vector<std::vector<float>>& a, const std::vector<std::vector<float>>& b) {
+  double worst = 0;
+  for (size_t i = 0; i < a.size(); ++i) worst = std::max(worst, ssdtest::rel_err(a[i], b[i]));
+  return worst;
+}
+
+}  // namespace
+
+// A packed batch of documents (boundaries inside chunks, on a chunk boundary, on consecutive
+// tokens) with reset flags: its logits and every parameter gradient equal those of its
+// documents run one by one, each as its own sequence (the gradients summed), in fp32; also
+// with activation recomputation. Without the flags they do not.
+TEST(Mamba2LM, PackedDocumentsEqualDocumentsOneByOne) {
+  ModelConfig cfg = tiny_model();
+  cfg.chunk_size = 4;
+  auto be = make_cpu_backend(DType::F32);
+  const int64_t B = 2, L = 24;
+  // Row 0: documents at 0, 5 (inside a chunk), 8 (a chunk boundary), 12 and 13 (one-token
+  // documents, consecutive starts), 14; row 1: at 0 and 11.
+  const std::vector<std::vector<int64_t>> starts = {{0, 5, 8, 12, 13, 14}, {0, 11}};
+  Batch b = make_batch(B, L, cfg.vocab_size, 23);
+  std::vector<int32_t> reset(B * L, 0);
+  for (int64_t r = 0; r < B; ++r)
+    for (int64_t t : starts[r]) reset[r * L + t] = 1;
+
+  Mamba2LM packed(cfg, *be, B, L), packed_rc(cfg, *be, B, L, /*recompute_activations=*/true);
+  packed.init(29);
+  packed_rc.init(29);
+  const RunOut got = run_packed(packed, b.tok, b.tgt, reset.data());
+  const RunOut got_rc = run_packed(packed_rc, b.tok, b.tgt, reset.data());
+  const RunOut plain = run_packed(packed, b.tok, b.tgt, nullptr);
+
+  RunOut ref;
+  ref.logits.assign(got.logits.size(), 0.f);
+  for (const auto& g : got.grads) ref.grads.emplace_back(g.size(), 0.f);
+  std::vector<std::vector<double>> gsum(got.grads.size());
+  for (size_t i = 0; i < gsum.size(); ++i) gsum[i].assign(got.grads[i].size(), 0.0);
+  const int64_t V = cfg.padded_vocab();
+  for (int64_t r = 0; r < B; ++r) {
+    for (size_t k = 0; k < starts[r].size(); ++k) {
+      const int64_t t0 = starts[r][k];
+      const int64_t n = (k + 1 < starts[r].size() ? starts[r][k + 1] : L) - t0;
+      Mamba2LM doc(cfg, *be, 1, n);
+      doc.init(29);
+      const std::vector<int32_t> tok(b.tok.begin() + r * L + t0, b.tok.begin() + r * L + t0 + n);
+      const std::vector<int32_t> tgt(b.tgt.begin() + r * L + t0, b.tgt.begin() + r * L + t0 + n);
+      const RunOut o = run_packed(doc, tok, tgt, nullptr);
+      std::copy(o.logits.begin(), o.logits.end(), ref.logits.begin() + (r * L + t0) * V);
+      ref.loss += o.loss;
+      for (size_t i = 0; i < gsum.size(); ++i)
+        for (size_t j = 0; j < gsum[i].size(); ++j) gsum[i][j] += o.grads[i][j];
+    }
+  }
+  for (size_t i = 0; i < gsum.size(); ++i)
+    for (size_t j = 0; j < gsum[i].size(); ++j) ref.grads[i][j] = static_cast<float>(gsum[i][j]);
+
+  const double e_logits = ssdtest::rel_err(got.logits, ref.logits);
+  const double e_grads = worst_rel(got.grads, ref.grads);
+  EXPECT_LT(e_logits, 1e-5);
+  EXPECT_NEAR(got.loss, ref.loss, 1e-5 * ref.loss);
+  for (size_t i = 0; i < ref.grads.size(); ++i) {
+    EXPECT_LT(ssdtest::rel_err(got.grads[i], ref.grads[i]), 1e-5) << packed.table()[i].name;
+    EXPECT_LT(ssdtest::rel_err(got_rc.grads[i], ref.grads[i]), 1e-5)
+        << "recompute: " << packed.table()[i].name;
+  }
+  EXPECT_LT(ssdtest::rel_err(got_rc.logits, ref.logits), 1e-5);
+  // The flags matter: without them the packed batch is something else.
+  const double e_plain = std::max(ssdtest::rel_err(plain.logits, ref.logits),
+                                  worst_rel(plain.grads, ref.grads));
+  EXPECT_GT(e_plain, 1e-3);
+  std::printf("[packed] vs documents one by one (fp32): logits %.3g, loss %.3g, gradients %.3g "
+              "(recompute: %.3g); without the flags %.3g\n",
+              e_logits, std::fabs(got.loss - ref.loss) / ref.loss, e_grads,
+              worst_rel(got_rc.grads, ref.grads), e_plain);
 }

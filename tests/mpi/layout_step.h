@@ -35,7 +35,8 @@ inline LayoutGrads layout_step(const ssd::Config& cfg, MPI_Comm comm, ssd::Backe
   GradSync sync(model, be, grid, cfg.parallel, cfg.train.weight_decay);
   Tensor stats = model.new_stats();
   LayoutGrads out;
-  out.loss = compute_gradients(model, sync, grid, *data, l, position, cfg.train.seq_len, stats).loss;
+  out.loss = compute_gradients(model, sync, grid, *data, l, position, cfg.train.seq_len, stats,
+                               cfg.data.reset_at_eos).loss;
   out.g = sync.gathered_grads();
   if (l.tp > 1) {  // the tensor-parallel parts as full tensors, on every rank of the group
     Communicator& tp = grid.host(Group::Tp);

@@ -144,26 +144,28 @@ class CpuBackend final : public Backend {
   }
 
   void conv1d_silu_fwd(const ColSlice& in, int64_t batch, int64_t seqlen, const Tensor& w,
-                       const Tensor& b, Tensor& out) override {
+                       const Tensor& b, Tensor& out, const Tensor* reset) override {
     const int64_t C = w.size(0), K = w.size(-1);
     SSD_CHECK(in.width == C && in.rows() == batch * seqlen);
     check_shape(out, {batch * seqlen, C}, "conv1d output");
+    const int32_t* rs = reset_flags(reset, batch * seqlen, "conv1d");
     run([&](auto z) {
       using T = decltype(z);
       cpu::conv1d_silu_fwd<T>(in.t.ptr<T>() + in.off, in.ld(), batch, seqlen, C, w.ptr<T>(),
-                              b.ptr<T>(), K, out.ptr<T>());
+                              b.ptr<T>(), K, out.ptr<T>(), rs);
     });
   }
   void conv1d_silu_bwd(const ColSlice& in, int64_t batch, int64_t seqlen, const Tensor& w,
                        const Tensor& b, const Tensor& dout, ColSlice& din, Tensor& dw,
-                       Tensor& db) override {
+                       Tensor& db, const Tensor* reset) override {
     const int64_t C = w.size(0), K = w.size(-1);
     SSD_CHECK(din.width == C && din.rows() == batch * seqlen);
+    const int32_t* rs = reset_flags(reset, batch * seqlen, "conv1d");
     run([&](auto z) {
       using T = decltype(z);
       cpu::conv1d_silu_bwd<T>(in.t.ptr<T>() + in.off, in.ld(), batch, seqlen, C, w.ptr<T>(),
                               b.ptr<T>(), K, dout.ptr<T>(), din.t.ptr<T>() + din.off, din.ld(),
-                              dw.ptr<T>(), db.ptr<T>());
+                              dw.ptr<T>(), db.ptr<T>(), rs);
     });
   }
 
@@ -175,7 +177,8 @@ class CpuBackend final : public Backend {
       cpu::ssd_fwd<T>(d, in.xBC.ptr<T>(), in.dt.t.ptr<T>() + in.dt.off, in.dt.ld(),
                       in.dt_bias.ptr<T>(), in.A_log.ptr<T>(), in.D.ptr<T>(),
                       in.initial_state ? in.initial_state->ptr<T>() : nullptr, y.ptr<T>(),
-                      final_state ? final_state->ptr<T>() : nullptr);
+                      final_state ? final_state->ptr<T>() : nullptr,
+                      reset_flags(in.reset, d.tokens(), "ssd"));
     });
   }
   void ssd_bwd(const SsdDims& d, const SsdInputs& in, const Tensor& dy,
@@ -190,7 +193,8 @@ class CpuBackend final : public Backend {
                       dfinal ? dfinal->ptr<T>() : nullptr, g.dxBC.ptr<T>(),
                       g.ddt.t.ptr<T>() + g.ddt.off, g.ddt.ld(), g.d_dt_bias.ptr<T>(),
                       g.dA_log.ptr<T>(), g.dD.ptr<T>(),
-                      g.d_initial_state ? g.d_initial_state->ptr<T>() : nullptr);
+                      g.d_initial_state ? g.d_initial_state->ptr<T>() : nullptr,
+                      reset_flags(in.reset, d.tokens(), "ssd"));
     });
   }
 
@@ -277,6 +281,13 @@ class CpuBackend final : public Backend {
               ": vocabulary shard rows [", shard->begin, ", ", shard->begin + rows, ") outside [0, ",
               shard->total, ")");
     return {shard->total, shard->begin};
+  }
+  // The reset flags' data, checked to be int32 [tokens] (null when not given).
+  static const int32_t* reset_flags(const Tensor* reset, int64_t tokens, const char* op) {
+    if (!reset) return nullptr;
+    SSD_CHECK(reset->dtype == DType::I32, op, ": reset flags must be int32");
+    check_shape(*reset, {tokens}, "reset flags");
+    return reset->ptr<int32_t>();
   }
   static void check_ssd(const SsdDims& d, const SsdInputs& in) {
     SSD_CHECK(d.nheads % d.ngroups == 0 && d.chunk > 0);

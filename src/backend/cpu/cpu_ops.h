@@ -47,31 +47,37 @@ void linear_bwd(const T* x, const T* w, const T* dy, int64_t M, int64_t N, int64
                 T* dw);
 
 // conv1d.cpp: in[b*L + t, c] at in[(b*L+t)*ld_in + c]; w [C, K]; causal (left zero padding).
+// reset (may be null): [batch*seqlen], nonzero where a token begins a document; a tap never
+// reads across such a boundary (backend.h).
 template <class T>
 void conv1d_silu_fwd(const T* in, int64_t ld_in, int64_t batch, int64_t seqlen, int64_t C,
-                     const T* w, const T* bias, int64_t K, T* out);
+                     const T* w, const T* bias, int64_t K, T* out,
+                     const int32_t* reset = nullptr);
 template <class T>
 void conv1d_silu_bwd(const T* in, int64_t ld_in, int64_t batch, int64_t seqlen, int64_t C,
                      const T* w, const T* bias, int64_t K, const T* dout, T* din,
-                     int64_t ld_din, T* dw, T* dbias);
+                     int64_t ld_din, T* dw, T* dbias, const int32_t* reset = nullptr);
 
 // ssd.cpp: the chunked (dual) algorithm. xBC [tokens, conv_dim]; dt at dt[tok*ld_dt + h].
 // States [batch, nheads, headdim, dstate]; initial_state / final_state may be null.
+// reset (may be null): [tokens], nonzero where a token begins a document: the state entering
+// it is dropped (SsdInputs::reset).
 template <class T>
 void ssd_fwd(const SsdDims& d, const T* xBC, const T* dt, int64_t ld_dt, const T* dt_bias,
-             const T* A_log, const T* D, const T* initial_state, T* y, T* final_state);
+             const T* A_log, const T* D, const T* initial_state, T* y, T* final_state,
+             const int32_t* reset = nullptr);
 // dxBC [tokens, conv_dim] and ddt (at ddt[tok*ld_ddt + h]) overwritten; d_dt_bias, dA_log, dD
 // accumulate; d_initial_state overwritten when non-null; dfinal_state may be null.
 template <class T>
 void ssd_bwd(const SsdDims& d, const T* xBC, const T* dt, int64_t ld_dt, const T* dt_bias,
              const T* A_log, const T* D, const T* initial_state, const T* dy,
              const T* dfinal_state, T* dxBC, T* ddt, int64_t ld_ddt, T* d_dt_bias, T* dA_log,
-             T* dD, T* d_initial_state);
+             T* dD, T* d_initial_state, const int32_t* reset = nullptr);
 // ssd_naive.cpp: the sequential recurrence, token by token (the specification tests use).
 template <class T>
 void ssd_naive_fwd(const SsdDims& d, const T* xBC, const T* dt, int64_t ld_dt,
                    const T* dt_bias, const T* A_log, const T* D, const T* initial_state, T* y,
-                   T* final_state);
+                   T* final_state, const int32_t* reset = nullptr);
 
 // gated_rmsnorm.cpp: out = rmsnorm_groups(y * silu(z)) * weight; z at z[tok*ld_z + c].
 template <class T>

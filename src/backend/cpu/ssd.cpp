@@ -29,6 +29,15 @@
 // The backward is the exact gradient of this computation: one forward pass to recover the
 // state entering each chunk, then a reverse pass over chunks carrying dstate = dL/dstate_out.
 //
+// Packed documents (reset flags): a token r that begins a document drops the state entering
+// it, i.e. every decay factor whose span crosses r is 0. Per chunk, seg[t] = the number of
+// resets at chunk positions 0..t; then exp(cum_t - cum_s) is kept only where seg[t] == seg[s],
+// exp(cum_t) (state_in reaching t) only where seg[t] == 0, exp(cum_last - cum_s) only where
+// seg[s] == seg[last]. The kept factors span no reset, so they are unchanged, and every
+// gradient term is (upstream gradient) x (factor): the zeroed factors send nothing back,
+// which makes the backward exact with no further change. Chunks without resets run the
+// same code as without flags.
+//
 // (batch, group) pairs are independent and run in parallel, each start to finish on one
 // thread; inside one, the heads of the group share B, C and C B^T, and their B and C
 // gradients are summed in head order. dt_bias/A_log/D are shared by all batches, so their
@@ -98,14 +107,32 @@ struct GroupChunk {
   int64_t len = 0;               // tokens in this chunk (the last one may be short)
   std::vector<T> B, C;           // [len, N]
   std::vector<T> CB;             // [len, len]: CB[t][s] = C_t . B_s
+  // Reset flags: any_reset when a token of the chunk begins a document; then seg [len] counts
+  // the resets at positions 0..t, and inner_reset says one is past position 0 (the chunk's
+  // intra-chunk decays need masking).
+  bool any_reset = false, inner_reset = false;
+  std::vector<int32_t> seg;
 
   GroupChunk(int64_t max_len, int64_t N)
-      : B(max_len * N), C(max_len * N), CB(max_len * max_len) {}
+      : B(max_len * N), C(max_len * N), CB(max_len * max_len), seg(max_len) {}
 
+  // reset: the flags of the chunk's tokens (null: none).
   void load(const Layout& lay, const T* xBC, int64_t g, int64_t tok0, int64_t n_tok,
-            bool with_CB) {
+            bool with_CB, const int32_t* reset) {
     const int64_t N = lay.N;
     len = n_tok;
+    any_reset = inner_reset = false;
+    if (reset) {
+      int32_t n = 0;
+      for (int64_t s = 0; s < len; ++s) {
+        if (reset[s]) {
+          ++n;
+          inner_reset |= s > 0;
+        }
+        seg[s] = n;
+      }
+      any_reset = n > 0;
+    }
     for (int64_t s = 0; s < len; ++s) {
       const T* row = xBC + (tok0 + s) * lay.conv_dim;
       std::copy_n(row + lay.B_col(g), N, &B[s * N]);
@@ -129,6 +156,7 @@ struct HeadChunk {
   std::vector<T> decay_out;      // exp(cum_last - cum_s): share of token s in state_out [len]
   std::vector<T> C_in;           // decay_in[t] C_t: reads state_in at token t [len, N]
   std::vector<T> B_out;          // decay_out[s] dt_s B_s: writes token s into state_out [len, N]
+  const int32_t* seg = nullptr;  // the group chunk's seg when a reset lies inside it, else null
 
   HeadChunk(int64_t max_len, int64_t P, int64_t N)
       : x(max_len * P), dt_in(max_len), dt(max_len), dA_cumsum(max_len), decay_in(max_len),
@@ -147,9 +175,14 @@ struct HeadChunk {
       dA_cumsum[s] = cum;
     }
     const T last = dA_cumsum[len - 1];
+    seg = gc.inner_reset ? gc.seg.data() : nullptr;
     for (int64_t s = 0; s < len; ++s) {
       decay_in[s] = decay(dA_cumsum[s]);
       decay_out[s] = decay(last - dA_cumsum[s]);
+      if (gc.any_reset) {  // no decay across a document boundary
+        if (gc.seg[s] != 0) decay_in[s] = T(0);
+        if (gc.seg[s] != gc.seg[len - 1]) decay_out[s] = T(0);
+      }
       const T coef = decay_out[s] * dt[s];
       for (int64_t n = 0; n < N; ++n) {
         C_in[s * N + n] = decay_in[s] * gc.C[s * N + n];
@@ -166,6 +199,7 @@ struct HeadChunk {
 // taken in blocks of 8, and for s in an earlier block than t's, ending at token e,
 //   exp(cum_t - cum_s) = exp(cum_t - cum_e) exp(cum_e - cum_s) = exp(cum_t - cum_e) E[e][s]:
 // a product of two factors <= 1 (unlike exp(cum_t) exp(-cum_s), which overflows).
+// With a reset inside the chunk, the pairs in different documents are then set to 0.
 template <class T>
 void decay_matrix(const HeadChunk<T>& hc, T* E) {
   constexpr int64_t K = 8;
@@ -182,6 +216,10 @@ void decay_matrix(const HeadChunk<T>& hc, T* E) {
         Et[s] = cum[t] - cum[s] < kMinLogDecay ? T(0) : to_e * Ee[s];
     }
   }
+  if (hc.seg)  // after the whole matrix: the block products above read unmasked rows
+    for (int64_t t = 0; t < L; ++t)
+      for (int64_t s = 0; s < t; ++s)
+        if (hc.seg[s] != hc.seg[t]) E[t * L + s] = T(0);
 }
 
 // W [len, len] = the chunk's causal "attention" matrix for this head:
@@ -207,7 +245,8 @@ void advance_state(const HeadChunk<T>& hc, int64_t P, int64_t N, T* state) {
 
 template <class T>
 void ssd_fwd(const SsdDims& d, const T* xBC, const T* dt, int64_t ld_dt, const T* dt_bias,
-             const T* A_log, const T* D, const T* initial_state, T* y, T* final_state) {
+             const T* A_log, const T* D, const T* initial_state, T* y, T* final_state,
+             const int32_t* reset) {
   check_dims(d);
   const Layout lay(d);
   const int64_t P = lay.P, N = lay.N, PN = P * N, hpg = lay.heads_per_group;
@@ -230,7 +269,8 @@ void ssd_fwd(const SsdDims& d, const T* xBC, const T* dt, int64_t ld_dt, const T
 
         for (int64_t t0 = 0; t0 < d.seqlen; t0 += d.chunk) {
           const int64_t tok0 = b * d.seqlen + t0;
-          gc.load(lay, xBC, g, tok0, std::min(d.chunk, d.seqlen - t0), /*with_CB=*/true);
+          gc.load(lay, xBC, g, tok0, std::min(d.chunk, d.seqlen - t0), /*with_CB=*/true,
+                  reset ? reset + tok0 : nullptr);
           const int64_t L = gc.len;
           for (int64_t h = h0; h < h0 + hpg; ++h) {
             hc.load(lay, gc, xBC, dt, ld_dt, dt_bias[h], -std::exp(A_log[h]), h, tok0);
@@ -282,7 +322,7 @@ template <class T>
 void ssd_bwd(const SsdDims& d, const T* xBC, const T* dt, int64_t ld_dt, const T* dt_bias,
              const T* A_log, const T* D, const T* initial_state, const T* dy,
              const T* dfinal_state, T* dxBC, T* ddt, int64_t ld_ddt, T* d_dt_bias, T* dA_log,
-             T* dD, T* d_initial_state) {
+             T* dD, T* d_initial_state, const int32_t* reset) {
   check_dims(d);
   const Layout lay(d);
   const int64_t P = lay.P, N = lay.N, PN = P * N, hpg = lay.heads_per_group;
@@ -319,7 +359,8 @@ void ssd_bwd(const SsdDims& d, const T* xBC, const T* dt, int64_t ld_dt, const T
             S_in_of(hh, 0)[i] = initial_state ? initial_state[states_off + hh * PN + i] : T(0);
         for (int64_t c = 0; c + 1 < nchunks; ++c) {
           const int64_t t0 = c * d.chunk, tok0 = b * d.seqlen + t0;
-          gc.load(lay, xBC, g, tok0, std::min(d.chunk, d.seqlen - t0), /*with_CB=*/false);
+          gc.load(lay, xBC, g, tok0, std::min(d.chunk, d.seqlen - t0), /*with_CB=*/false,
+                  reset ? reset + tok0 : nullptr);
           for (int64_t hh = 0; hh < hpg; ++hh) {
             const int64_t h = h0 + hh;
             hc.load(lay, gc, xBC, dt, ld_dt, dt_bias[h], -std::exp(A_log[h]), h, tok0);
@@ -336,7 +377,8 @@ void ssd_bwd(const SsdDims& d, const T* xBC, const T* dt, int64_t ld_dt, const T
 
         for (int64_t c = nchunks - 1; c >= 0; --c) {
           const int64_t t0 = c * d.chunk, tok0 = b * d.seqlen + t0;
-          gc.load(lay, xBC, g, tok0, std::min(d.chunk, d.seqlen - t0), /*with_CB=*/true);
+          gc.load(lay, xBC, g, tok0, std::min(d.chunk, d.seqlen - t0), /*with_CB=*/true,
+                  reset ? reset + tok0 : nullptr);
           const int64_t L = gc.len;
           const T* CB = gc.CB.data();
           std::fill_n(dCB.begin(), L * L, T(0));
@@ -453,17 +495,18 @@ void ssd_bwd(const SsdDims& d, const T* xBC, const T* dt, int64_t ld_dt, const T
 }
 
 template void ssd_fwd<float>(const SsdDims&, const float*, const float*, int64_t, const float*,
-                             const float*, const float*, const float*, float*, float*);
+                             const float*, const float*, const float*, float*, float*,
+                             const int32_t*);
 template void ssd_fwd<double>(const SsdDims&, const double*, const double*, int64_t,
                               const double*, const double*, const double*, const double*,
-                              double*, double*);
+                              double*, double*, const int32_t*);
 template void ssd_bwd<float>(const SsdDims&, const float*, const float*, int64_t, const float*,
                              const float*, const float*, const float*, const float*,
                              const float*, float*, float*, int64_t, float*, float*, float*,
-                             float*);
+                             float*, const int32_t*);
 template void ssd_bwd<double>(const SsdDims&, const double*, const double*, int64_t,
                               const double*, const double*, const double*, const double*,
                               const double*, const double*, double*, double*, int64_t, double*,
-                              double*, double*, double*);
+                              double*, double*, double*, const int32_t*);
 
 }  // namespace ssd::cpu

@@ -1,6 +1,7 @@
 // The SSD layer as its plain sequential recurrence, one token at a time. It is the
 // specification the chunked ssd_fwd (and the CUDA kernels) are tested against, so it is kept
-// as literal as possible and shares no code with ssd.cpp.
+// as literal as possible and shares no code with ssd.cpp. With reset flags, a token that begins
+// a document starts from a zero state.
 #include <cmath>
 #include <vector>
 
@@ -11,7 +12,7 @@ namespace ssd::cpu {
 template <class T>
 void ssd_naive_fwd(const SsdDims& d, const T* xBC, const T* dt, int64_t ld_dt,
                    const T* dt_bias, const T* A_log, const T* D, const T* initial_state, T* y,
-                   T* final_state) {
+                   T* final_state, const int32_t* reset) {
   const int64_t P = d.headdim, N = d.dstate, d_inner = d.d_inner(), conv_dim = d.conv_dim();
   const int64_t heads_per_group = d.nheads / d.ngroups;
   std::vector<T> state(P * N);
@@ -30,6 +31,8 @@ void ssd_naive_fwd(const SsdDims& d, const T* xBC, const T* dt, int64_t ld_dt,
         const T z = dt[tok * ld_dt + h] + dt_bias[h];
         const T dt_t = z > T(20) ? z : std::log1p(std::exp(z));  // softplus
         const T decay = std::exp(dt_t * A);
+        if (reset && reset[tok])
+          for (int64_t i = 0; i < P * N; ++i) state[i] = T(0);
         for (int64_t p = 0; p < P; ++p) {
           T acc = 0;
           for (int64_t n = 0; n < N; ++n) {
@@ -48,9 +51,9 @@ void ssd_naive_fwd(const SsdDims& d, const T* xBC, const T* dt, int64_t ld_dt,
 
 template void ssd_naive_fwd<float>(const SsdDims&, const float*, const float*, int64_t,
                                    const float*, const float*, const float*, const float*,
-                                   float*, float*);
+                                   float*, float*, const int32_t*);
 template void ssd_naive_fwd<double>(const SsdDims&, const double*, const double*, int64_t,
                                     const double*, const double*, const double*,
-                                    const double*, double*, double*);
+                                    const double*, double*, double*, const int32_t*);
 
 }  // namespace ssd::cpu

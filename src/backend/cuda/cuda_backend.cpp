@@ -396,7 +396,7 @@ class CudaBackend final : public Backend {
   }
 
   void conv1d_silu_fwd(const ColSlice& in, int64_t batch, int64_t seqlen, const Tensor& w,
-                       const Tensor& bias, Tensor& out) override {
+                       const Tensor& bias, Tensor& out, const Tensor* reset) override {
     const char* op = "conv1d_silu_fwd";
     auto prof = profile(op);
     const auto [C, K] = conv_dims(op, w);
@@ -404,13 +404,15 @@ class CudaBackend final : public Backend {
     need_slice(op, "in", in, DType::BF16, T, C);
     need(op, "bias", bias, DType::F32, {C});
     need(op, "out", out, DType::BF16, {T, C});
+    if (reset) need(op, "reset", *reset, DType::I32, {T});
     cuda::conv1d_silu_fwd(slice_ptr<bf16>(in), in.ld(), batch, seqlen, C, p<float>(w),
-                          p<float>(bias), static_cast<int>(K), p<bf16>(out), stream_);
+                          p<float>(bias), static_cast<int>(K), p<bf16>(out), stream_,
+                          p<int32_t>(reset));
   }
 
   void conv1d_silu_bwd(const ColSlice& in, int64_t batch, int64_t seqlen, const Tensor& w,
                        const Tensor& bias, const Tensor& dout, ColSlice& din, Tensor& dw,
-                       Tensor& dbias) override {
+                       Tensor& dbias, const Tensor* reset) override {
     const char* op = "conv1d_silu_bwd";
     auto prof = profile(op);
     const auto [C, K] = conv_dims(op, w);
@@ -421,12 +423,13 @@ class CudaBackend final : public Backend {
     need_slice(op, "din", din, DType::BF16, T, C);
     need(op, "dw", dw, DType::F32, w.shape);
     need(op, "dbias", dbias, DType::F32, {C});
+    if (reset) need(op, "reset", *reset, DType::I32, {T});
     if (T == 0) return;
     auto ws = scratch(cuda::conv1d_silu_bwd_workspace_bytes(T, C, static_cast<int>(K)));
     cuda::conv1d_silu_bwd(slice_ptr<bf16>(in), in.ld(), batch, seqlen, C, p<float>(w),
                           p<float>(bias), static_cast<int>(K), p<bf16>(dout),
                           slice_ptr<bf16>(din), din.ld(), p<float>(dw), p<float>(dbias),
-                          ws.get(), stream_);
+                          ws.get(), stream_, p<int32_t>(reset));
   }
 
   void ssd_fwd(const SsdDims& d, const SsdInputs& in, Tensor& y, Tensor* final_state) override {
@@ -441,7 +444,7 @@ class CudaBackend final : public Backend {
     cuda::ssd_fwd(d, p<bf16>(in.xBC), slice_ptr<bf16>(in.dt), in.dt.ld(), p<float>(in.dt_bias),
                   p<float>(in.A_log), p<float>(in.D), p<float>(in.initial_state), p<bf16>(y),
                   p<float>(final_state), ws.get(), in.saved ? in.saved->data : nullptr,
-                  stream_);
+                  stream_, p<int32_t>(in.reset));
   }
 
   void ssd_bwd(const SsdDims& d, const SsdInputs& in, const Tensor& dy,
@@ -465,7 +468,7 @@ class CudaBackend final : public Backend {
                   p<float>(dfinal_state), p<bf16>(g.dxBC), slice_ptr<bf16>(g.ddt), g.ddt.ld(),
                   p<float>(g.d_dt_bias), p<float>(g.dA_log), p<float>(g.dD),
                   p<float>(g.d_initial_state), ws.get(), in.saved ? in.saved->data : nullptr,
-                  stream_);
+                  stream_, p<int32_t>(in.reset));
   }
 
   void gated_rmsnorm_fwd(const Tensor& y, const ColSlice& z, const Tensor& weight,
@@ -747,6 +750,7 @@ class CudaBackend final : public Backend {
     if (in.initial_state)
       need(op, "initial_state", *in.initial_state, DType::F32,
            {d.batch, d.nheads, d.headdim, d.dstate});
+    if (in.reset) need(op, "reset", *in.reset, DType::I32, {d.tokens()});
     if (in.saved) {
       on_device(op, "saved", *in.saved);
       if (in.saved->nbytes() < cuda::ssd_saved_bytes(d))
