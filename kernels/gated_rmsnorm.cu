@@ -225,6 +225,10 @@ __global__ void gated_rmsnorm_bwd_k(const bf16* __restrict__ dout, const bf16* _
   extern __shared__ float acc[];
   __shared__ float sh[32];
   for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) acc[c] = 0.f;
+  // acc is zeroed and written out by columns of the row (c = tid + k * blockDim) but summed by
+  // columns of each group (c0 + tid + k * blockDim): other threads' elements unless blockDim
+  // divides the group. The block sums' barriers order that; kSpan has none, so its own.
+  if constexpr (kSpan) __syncthreads();
   const int64_t ngroups = dim / group;
   const float inv_group = 1.f / static_cast<float>(n);
   for (int64_t row = blockIdx.x; row < ntok; row += gridDim.x) {
@@ -261,6 +265,7 @@ __global__ void gated_rmsnorm_bwd_k(const bf16* __restrict__ dout, const bf16* _
       }
     }
   }
+  if constexpr (kSpan) __syncthreads();
   float* pr = part + blockIdx.x * dim;
   for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) pr[c] = acc[c];
 }
