@@ -1,4 +1,6 @@
-// Embedding lookup and its deterministic backward pass.
+// Embedding lookup and its deterministic backward pass. The weight holds the rows of tokens
+// [row0, row0 + vocab) (row0 = 0 but with a vocabulary shard); other tokens give zero rows and
+// no gradient.
 #include <cuda_pipeline.h>
 
 #include <cub/device/device_radix_sort.cuh>
@@ -11,11 +13,12 @@ namespace {
 
 template <class TW, class TO>
 __global__ void embedding_fwd_k(const int32_t* __restrict__ tokens, const TW* __restrict__ w,
-                                int64_t vocab, int64_t dim, TO* __restrict__ out) {
+                                int64_t row0, int64_t vocab, int64_t dim,
+                                TO* __restrict__ out) {
   const int64_t t = blockIdx.x;
-  const int32_t tok = tokens[t];
-  const bool ok = tok >= 0 && tok < vocab;
-  const TW* src = w + (ok ? tok : 0) * dim;
+  const int64_t row = tokens[t] - row0;
+  const bool ok = row >= 0 && row < vocab;
+  const TW* src = w + (ok ? row : 0) * dim;
   TO* dst = out + t * dim;
   for (int64_t c = threadIdx.x; c < dim; c += blockDim.x)
     dst[c] = from_f<TO>(ok ? to_f(src[c]) : 0.f);
@@ -39,13 +42,15 @@ __global__ void embedding_fwd_k(const int32_t* __restrict__ tokens, const TW* __
 // A block never sums more than seg_len rows, whatever the token distribution: before, one very
 // frequent token (thousands of rows) made one block sum them all serially.
 
-// keys = token (invalid -> vocab, sorted last and skipped), vals = row index.
-__global__ void embedding_keys_k(const int32_t* __restrict__ tokens, int64_t ntok, int64_t vocab,
-                                 int32_t* __restrict__ keys, int32_t* __restrict__ vals) {
+// keys = the token's weight row (tokens outside the rows -> vocab, sorted last and skipped),
+// vals = row index.
+__global__ void embedding_keys_k(const int32_t* __restrict__ tokens, int64_t ntok, int64_t row0,
+                                 int64_t vocab, int32_t* __restrict__ keys,
+                                 int32_t* __restrict__ vals) {
   int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   if (i >= ntok) return;
-  int32_t tok = tokens[i];
-  keys[i] = (tok >= 0 && tok < vocab) ? tok : static_cast<int32_t>(vocab);
+  const int64_t row = tokens[i] - row0;
+  keys[i] = (row >= 0 && row < vocab) ? static_cast<int32_t>(row) : static_cast<int32_t>(vocab);
   vals[i] = static_cast<int32_t>(i);
 }
 
@@ -337,11 +342,13 @@ void embedding_bwd_reduce(const int32_t* keys, const int32_t* rows, int64_t ntok
 }  // namespace
 
 void embedding_fwd(const int32_t* tokens, int64_t ntok, const void* weight, DType wdt,
-                   int64_t vocab, int64_t dim, void* out, DType odt, cudaStream_t stream) {
+                   int64_t row0, int64_t vocab, int64_t dim, void* out, DType odt,
+                   cudaStream_t stream) {
   if (ntok <= 0 || dim <= 0) return;
   const int block = dim >= 256 ? 256 : 128;
   auto go = [&](auto* w, auto* o) {
-    embedding_fwd_k<<<static_cast<unsigned>(ntok), block, 0, stream>>>(tokens, w, vocab, dim, o);
+    embedding_fwd_k<<<static_cast<unsigned>(ntok), block, 0, stream>>>(tokens, w, row0, vocab,
+                                                                        dim, o);
   };
   if (wdt == DType::BF16 && odt == DType::BF16)
     go(static_cast<const bf16*>(weight), static_cast<bf16*>(out));
@@ -364,7 +371,8 @@ size_t embedding_bwd_workspace_bytes(int64_t ntok, int64_t vocab) {
 }
 
 void embedding_bwd(const int32_t* tokens, int64_t ntok, const void* dout, DType ddt,
-                   int64_t vocab, int64_t dim, float* dweight, void* ws, cudaStream_t stream) {
+                   int64_t row0, int64_t vocab, int64_t dim, float* dweight, void* ws,
+                   cudaStream_t stream) {
   if (ntok <= 0 || dim <= 0) return;
   if (ntok > INT32_MAX) fail("cuda embedding_bwd: too many tokens (", ntok, ")");
   char* p = static_cast<char*>(ws);
@@ -376,8 +384,8 @@ void embedding_bwd(const int32_t* tokens, int64_t ntok, const void* dout, DType 
   void* temp = p + 4 * arr;
   size_t temp_bytes = sort_temp_bytes(ntok, vocab);
 
-  embedding_keys_k<<<grid_for(ntok, 256, INT32_MAX), 256, 0, stream>>>(tokens, ntok, vocab,
-                                                                       keys_in, vals_in);
+  embedding_keys_k<<<grid_for(ntok, 256, INT32_MAX), 256, 0, stream>>>(
+      tokens, ntok, row0, vocab, keys_in, vals_in);
   check_launch("embedding_keys");
   cudaError_t e = cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys_in, keys_out, vals_in,
                                                   vals_out, static_cast<int>(ntok), 0,

@@ -4,7 +4,9 @@
 // rows) gives each thread 8 consecutive columns: one 16-byte access per bf16 tensor and row,
 // and the row stays on chip (registers, or shared memory in the backward) from the group
 // reduction to the output, so each input is read from global memory once. The scalar kernels
-// after it handle every other shape and alignment.
+// after it handle every other shape and alignment, and the tensor-parallel form (a group
+// spanning ranks): a partial pass per (row, group), the caller's all-reduce, then the scalar
+// kernels reading the reduced sums instead of computing them.
 #include <cstring>
 
 #include "common.cuh"
@@ -172,10 +174,13 @@ bool vec_shape_ok(int64_t dim, int64_t group) {
 
 // ---------------------------------------------------------------------------- scalar path
 
-// One block per (row, group).
+// One block per (row, group). kSpan: the group's sum of squares over all its ranks is given
+// (sums[row, group], all-reduced), and the mean is over n columns; else n = group.
+template <bool kSpan>
 __global__ void gated_rmsnorm_fwd_k(const bf16* __restrict__ y, const bf16* __restrict__ z,
                                     int64_t ld_z, const float* __restrict__ w, int64_t dim,
-                                    int64_t group, float eps, bf16* __restrict__ out,
+                                    int64_t group, int64_t n, float eps,
+                                    const float* __restrict__ sums, bf16* __restrict__ out,
                                     float* __restrict__ rstd) {
   __shared__ float sh[32];
   const int64_t ngroups = dim / group;
@@ -184,13 +189,17 @@ __global__ void gated_rmsnorm_fwd_k(const bf16* __restrict__ y, const bf16* __re
   const bf16* yr = y + row * dim + c0;
   const bf16* zr = z + row * ld_z + c0;
   float ss = 0.f;
-  for (int64_t c = threadIdx.x; c < group; c += blockDim.x) {
-    const float zz = to_f(zr[c]);
-    const float g = to_f(yr[c]) * zz * sigmoidf_(zz);
-    ss += g * g;
+  if constexpr (kSpan) {
+    ss = sums[blockIdx.x];
+  } else {
+    for (int64_t c = threadIdx.x; c < group; c += blockDim.x) {
+      const float zz = to_f(zr[c]);
+      const float g = to_f(yr[c]) * zz * sigmoidf_(zz);
+      ss += g * g;
+    }
+    ss = block_sum(ss, sh);
   }
-  ss = block_sum(ss, sh);
-  const float rs = rsqrtf(ss / static_cast<float>(group) + eps);
+  const float rs = rsqrtf(ss / static_cast<float>(n) + eps);
   if (threadIdx.x == 0) rstd[blockIdx.x] = rs;
   bf16* o = out + row * dim + c0;
   const float* wq = w + c0;
@@ -201,20 +210,27 @@ __global__ void gated_rmsnorm_fwd_k(const bf16* __restrict__ y, const bf16* __re
   }
 }
 
-// Blocks walk rows; per row and group: dot = sum(dout*w*ghat), dg = rs*(dout*w - ghat*dot/G),
+// Blocks walk rows; per row and group: dot = sum(dout*w*ghat), dg = rs*(dout*w - ghat*dot/n),
 // dy = dg*silu(z), dz = dg*y*silu'(z). Thread-owned columns accumulate dweight partials in
-// shared memory; part[blockIdx.x, :] is written at the end.
+// shared memory; part[blockIdx.x, :] is written at the end. kSpan: dot is given (dots[row,
+// group], all-reduced over the group's ranks), n its columns; else n = group.
+template <bool kSpan>
 __global__ void gated_rmsnorm_bwd_k(const bf16* __restrict__ dout, const bf16* __restrict__ y,
                                     const bf16* __restrict__ z, int64_t ld_z,
                                     const float* __restrict__ w, const float* __restrict__ rstd,
-                                    int64_t ntok, int64_t dim, int64_t group,
-                                    bf16* __restrict__ dy, bf16* __restrict__ dz,
-                                    int64_t ld_dz, float* __restrict__ part) {
+                                    int64_t ntok, int64_t dim, int64_t group, int64_t n,
+                                    const float* __restrict__ dots, bf16* __restrict__ dy,
+                                    bf16* __restrict__ dz, int64_t ld_dz,
+                                    float* __restrict__ part) {
   extern __shared__ float acc[];
   __shared__ float sh[32];
   for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) acc[c] = 0.f;
+  // acc is zeroed and written out by columns of the row (c = tid + k * blockDim) but summed by
+  // columns of each group (c0 + tid + k * blockDim): other threads' elements unless blockDim
+  // divides the group. The block sums' barriers order that; kSpan has none, so its own.
+  if constexpr (kSpan) __syncthreads();
   const int64_t ngroups = dim / group;
-  const float inv_group = 1.f / static_cast<float>(group);
+  const float inv_group = 1.f / static_cast<float>(n);
   for (int64_t row = blockIdx.x; row < ntok; row += gridDim.x) {
     for (int64_t q = 0; q < ngroups; ++q) {
       const int64_t c0 = q * group;
@@ -229,10 +245,12 @@ __global__ void gated_rmsnorm_bwd_k(const bf16* __restrict__ dout, const bf16* _
         const float zz = to_f(zr[c]);
         const float ghat = to_f(yr[c]) * zz * sigmoidf_(zz) * rs;
         const float d = to_f(dr[c]);
-        dot += d * wq[c] * ghat;
+        if constexpr (!kSpan) dot += d * wq[c] * ghat;
         aq[c] += d * ghat;
       }
-      const float mean = block_sum(dot, sh) * inv_group;
+      float mean;
+      if constexpr (kSpan) mean = dots[row * ngroups + q] * inv_group;
+      else mean = block_sum(dot, sh) * inv_group;
       bf16* dyr = dy + row * dim + c0;
       bf16* dzr = dz + row * ld_dz + c0;
       for (int64_t c = threadIdx.x; c < group; c += blockDim.x) {
@@ -247,8 +265,45 @@ __global__ void gated_rmsnorm_bwd_k(const bf16* __restrict__ dout, const bf16* _
       }
     }
   }
+  if constexpr (kSpan) __syncthreads();
   float* pr = part + blockIdx.x * dim;
   for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) pr[c] = acc[c];
+}
+
+// Partial passes of the tensor-parallel form, one block per (row, group) of this rank's
+// columns: out[row, group] = sum of g^2 (forward) or of dout*w*g*rstd (backward).
+template <bool kBwd>
+__global__ void gated_rmsnorm_partial_k(const bf16* __restrict__ dout,
+                                        const bf16* __restrict__ y, const bf16* __restrict__ z,
+                                        int64_t ld_z, const float* __restrict__ w,
+                                        const float* __restrict__ rstd, int64_t dim,
+                                        int64_t group, float* __restrict__ out) {
+  __shared__ float sh[32];
+  const int64_t ngroups = dim / group;
+  const int64_t row = blockIdx.x / ngroups, q = blockIdx.x % ngroups;
+  const int64_t c0 = q * group;
+  const bf16* yr = y + row * dim + c0;
+  const bf16* zr = z + row * ld_z + c0;
+  float acc = 0.f;
+  for (int64_t c = threadIdx.x; c < group; c += blockDim.x) {
+    const float zz = to_f(zr[c]);
+    const float g = to_f(yr[c]) * zz * sigmoidf_(zz);
+    if constexpr (kBwd) acc += to_f(dout[row * dim + c0 + c]) * w[c0 + c] * g;
+    else acc += g * g;
+  }
+  acc = block_sum(acc, sh);
+  if (threadIdx.x == 0) {
+    if constexpr (kBwd) out[blockIdx.x] = acc * rstd[blockIdx.x];
+    else out[blockIdx.x] = acc;
+  }
+}
+
+unsigned row_group_blocks(const char* op, int64_t ntok, int64_t dim, int64_t group) {
+  if (group <= 0 || dim % group != 0)
+    fail("cuda ", op, ": group size ", group, " does not divide ", dim);
+  const int64_t nblocks = ntok * (dim / group);
+  if (nblocks > INT32_MAX) fail("cuda ", op, ": too many rows");
+  return static_cast<unsigned>(nblocks);
 }
 
 }  // namespace
@@ -270,8 +325,8 @@ void gated_rmsnorm_fwd(const bf16* y, const bf16* z, int64_t ld_z, const float* 
   }
   const int64_t nblocks = ntok * (dim / group);
   if (nblocks > INT32_MAX) fail("cuda gated_rmsnorm_fwd: too many rows");
-  gated_rmsnorm_fwd_k<<<static_cast<unsigned>(nblocks), block_for(group), 0, stream>>>(
-      y, z, ld_z, weight, dim, group, eps, out, rstd);
+  gated_rmsnorm_fwd_k<false><<<static_cast<unsigned>(nblocks), block_for(group), 0, stream>>>(
+      y, z, ld_z, weight, dim, group, group, eps, nullptr, out, rstd);
   check_launch("gated_rmsnorm_fwd");
 }
 
@@ -304,12 +359,62 @@ void gated_rmsnorm_bwd(const bf16* dout, const bf16* y, const bf16* z, int64_t l
     const size_t smem = dim * sizeof(float);
     if (smem > 200 * 1024) fail("cuda gated_rmsnorm_bwd: dim ", dim, " is too large");
     if (smem > 48 * 1024)
-      cudaFuncSetAttribute(gated_rmsnorm_bwd_k, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(smem));
-    gated_rmsnorm_bwd_k<<<nb, block_for(group), smem, stream>>>(
-        dout, y, z, ld_z, weight, rstd, ntok, dim, group, dy, dz, ld_dz, part);
+      cudaFuncSetAttribute(gated_rmsnorm_bwd_k<false>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    gated_rmsnorm_bwd_k<false><<<nb, block_for(group), smem, stream>>>(
+        dout, y, z, ld_z, weight, rstd, ntok, dim, group, group, nullptr, dy, dz, ld_dz, part);
   }
   check_launch("gated_rmsnorm_bwd");
+  column_sum_accumulate(part, nb, dim, dweight, stream);
+}
+
+// ---------------------------------------------------------------------------- norm spans
+
+void gated_rmsnorm_fwd_sumsq(const bf16* y, const bf16* z, int64_t ld_z, int64_t ntok,
+                             int64_t dim, int64_t group, float* sums, cudaStream_t stream) {
+  if (ntok <= 0 || dim <= 0) return;
+  const unsigned nb = row_group_blocks("gated_rmsnorm_fwd", ntok, dim, group);
+  gated_rmsnorm_partial_k<false><<<nb, block_for(group), 0, stream>>>(
+      nullptr, y, z, ld_z, nullptr, nullptr, dim, group, sums);
+  check_launch("gated_rmsnorm_fwd_sumsq");
+}
+
+void gated_rmsnorm_fwd_apply(const bf16* y, const bf16* z, int64_t ld_z, const float* weight,
+                             int64_t ntok, int64_t dim, int64_t group, int64_t n, float eps,
+                             const float* sums, bf16* out, float* rstd, cudaStream_t stream) {
+  if (ntok <= 0 || dim <= 0) return;
+  const unsigned nb = row_group_blocks("gated_rmsnorm_fwd", ntok, dim, group);
+  gated_rmsnorm_fwd_k<true><<<nb, block_for(group), 0, stream>>>(y, z, ld_z, weight, dim, group,
+                                                                 n, eps, sums, out, rstd);
+  check_launch("gated_rmsnorm_fwd_apply");
+}
+
+void gated_rmsnorm_bwd_dot(const bf16* dout, const bf16* y, const bf16* z, int64_t ld_z,
+                           const float* weight, const float* rstd, int64_t ntok, int64_t dim,
+                           int64_t group, float* dots, cudaStream_t stream) {
+  if (ntok <= 0 || dim <= 0) return;
+  const unsigned nb = row_group_blocks("gated_rmsnorm_bwd", ntok, dim, group);
+  gated_rmsnorm_partial_k<true><<<nb, block_for(group), 0, stream>>>(dout, y, z, ld_z, weight,
+                                                                     rstd, dim, group, dots);
+  check_launch("gated_rmsnorm_bwd_dot");
+}
+
+void gated_rmsnorm_bwd_apply(const bf16* dout, const bf16* y, const bf16* z, int64_t ld_z,
+                             const float* weight, const float* rstd, int64_t ntok, int64_t dim,
+                             int64_t group, int64_t n, const float* dots, bf16* dy, bf16* dz,
+                             int64_t ld_dz, float* dweight, void* ws, cudaStream_t stream) {
+  if (ntok <= 0 || dim <= 0) return;
+  row_group_blocks("gated_rmsnorm_bwd", ntok, dim, group);
+  const int nb = static_cast<int>(std::min<int64_t>(ntok, kBwdBlocks));
+  float* part = static_cast<float*>(ws);
+  const size_t smem = dim * sizeof(float);
+  if (smem > 200 * 1024) fail("cuda gated_rmsnorm_bwd: dim ", dim, " is too large");
+  if (smem > 48 * 1024)
+    cudaFuncSetAttribute(gated_rmsnorm_bwd_k<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         static_cast<int>(smem));
+  gated_rmsnorm_bwd_k<true><<<nb, block_for(group), smem, stream>>>(
+      dout, y, z, ld_z, weight, rstd, ntok, dim, group, n, dots, dy, dz, ld_dz, part);
+  check_launch("gated_rmsnorm_bwd_apply");
   column_sum_accumulate(part, nb, dim, dweight, stream);
 }
 

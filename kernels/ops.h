@@ -26,14 +26,17 @@ void convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64
 void copy_rows(const void* src, int64_t lds, void* dst, int64_t ldd, int64_t rows, int64_t width,
                DType dtype, bool accumulate, cudaStream_t stream);
 
-// embedding.cu. weight / out: f32 or bf16. Tokens outside [0, vocab) give a zero row (fwd)
-// and are skipped (bwd). The backward pass is deterministic: tokens are radix-sorted and each
+// embedding.cu. weight / out: f32 or bf16. The weight's `vocab` rows are tokens [row0, row0 +
+// vocab) (row0 = 0 unless vocabulary-sharded); other tokens give a zero row (fwd) and are
+// skipped (bwd). The backward pass is deterministic: tokens are radix-sorted and each
 // distinct token's rows are summed in token order.
 void embedding_fwd(const int32_t* tokens, int64_t ntok, const void* weight, DType weight_dtype,
-                   int64_t vocab, int64_t dim, void* out, DType out_dtype, cudaStream_t stream);
+                   int64_t row0, int64_t vocab, int64_t dim, void* out, DType out_dtype,
+                   cudaStream_t stream);
 size_t embedding_bwd_workspace_bytes(int64_t ntok, int64_t vocab);
 void embedding_bwd(const int32_t* tokens, int64_t ntok, const void* dout, DType dout_dtype,
-                   int64_t vocab, int64_t dim, float* dweight, void* ws, cudaStream_t stream);
+                   int64_t row0, int64_t vocab, int64_t dim, float* dweight, void* ws,
+                   cudaStream_t stream);
 
 // rmsnorm.cu: fused residual add + RMSNorm. x and dy: f32 or bf16; y: f32 or bf16; the
 // residual stream, weight, rstd and their gradients f32. residual_in / dres_next may be null.
@@ -71,6 +74,24 @@ void gated_rmsnorm_bwd(const bf16* dout, const bf16* y, const bf16* z, int64_t l
                        const float* weight, const float* rstd, int64_t ntok, int64_t dim,
                        int64_t group, bf16* dy, bf16* dz, int64_t ld_dz, float* dweight,
                        void* ws, cudaStream_t stream);
+// The tensor-parallel form (backend.h NormSpan: each group's columns spread over ranks), in
+// two phases around the caller's all-reduce of a [ntok, dim/group] f32 tensor, with the mean
+// over n = group * ranks columns. Forward: sums = this rank's sums of g^2 per (row, group);
+// then, given the reduced sums, out and rstd (the whole group's). Backward: dots = this rank's
+// sums of dout*weight*g*rstd; then, given the reduced dots, dy, dz and dweight (+=, this
+// rank's columns; ws: gated_rmsnorm_bwd_workspace_bytes). Scalar kernels, any alignment.
+void gated_rmsnorm_fwd_sumsq(const bf16* y, const bf16* z, int64_t ld_z, int64_t ntok,
+                             int64_t dim, int64_t group, float* sums, cudaStream_t stream);
+void gated_rmsnorm_fwd_apply(const bf16* y, const bf16* z, int64_t ld_z, const float* weight,
+                             int64_t ntok, int64_t dim, int64_t group, int64_t n, float eps,
+                             const float* sums, bf16* out, float* rstd, cudaStream_t stream);
+void gated_rmsnorm_bwd_dot(const bf16* dout, const bf16* y, const bf16* z, int64_t ld_z,
+                           const float* weight, const float* rstd, int64_t ntok, int64_t dim,
+                           int64_t group, float* dots, cudaStream_t stream);
+void gated_rmsnorm_bwd_apply(const bf16* dout, const bf16* y, const bf16* z, int64_t ld_z,
+                             const float* weight, const float* rstd, int64_t ntok, int64_t dim,
+                             int64_t group, int64_t n, const float* dots, bf16* dy, bf16* dz,
+                             int64_t ld_dz, float* dweight, void* ws, cudaStream_t stream);
 
 // cross_entropy.cu: softmax cross-entropy over one block of fp32 logits [rows, vocab].
 // stats (f64 [3]) += {sum loss, counted rows, argmax hits}, deterministically: per-row values
@@ -81,6 +102,21 @@ void gated_rmsnorm_bwd(const bf16* dout, const bf16* y, const bf16* z, int64_t l
 size_t ce_block_workspace_bytes(int64_t rows);
 void ce_block(float* logits, int64_t rows, int64_t vocab, const int32_t* targets,
               float grad_scale, double* stats, bool write_grad, void* ws, cudaStream_t stream);
+// The vocabulary-parallel form, around the caller's all-gather: the logits block holds this
+// rank's columns, vocabulary rows [row0, row0 + vocab) of `total`; targets are global (outside
+// [0, total): not counted). ce_shard_partial writes part [rows, 4] f32 = {row max, sum of
+// exp(logit - max), the target's logit where this rank holds it else 0, global index of the
+// first max} ({0, 0, 0, -1} for rows not counted). ce_shard_finish takes every rank's parts
+// (all [ranks, rows, 4]) and does what ce_block does: stats += the full {loss, counted, hits}
+// (the global argmax: the first maximum in vocabulary order), and if write_grad this rank's
+// columns of dlogits in bf16 in place. ws: ce_shard_workspace_bytes(rows). total <= 2^24 (the
+// indices travel as f32).
+void ce_shard_partial(const float* logits, int64_t rows, int64_t vocab, int64_t row0,
+                      int64_t total, const int32_t* targets, float* part, cudaStream_t stream);
+size_t ce_shard_workspace_bytes(int64_t rows);
+void ce_shard_finish(float* logits, int64_t rows, int64_t vocab, int64_t row0, int64_t total,
+                     const int32_t* targets, const float* all, int ranks, float grad_scale,
+                     double* stats, bool write_grad, void* ws, cudaStream_t stream);
 
 // adamw.cu: multi-tensor kernels. Each launch walks a device table of tensors; work is split
 // into tiles of kTile elements and tile0 is the tensor's first tile index (prefix sum).

@@ -18,6 +18,7 @@
 
 #include "backend/backend.h"
 #include "testutil.h"
+#include "tp_cases.h"
 #include "tp_sim.h"
 
 using namespace ssd;
@@ -49,13 +50,6 @@ Vd down(Backend& be, const Tensor& t) {
 Vd rows_of(const Vd& a, int64_t w, int64_t r0, int64_t n) {
   return Vd(a.begin() + r0 * w, a.begin() + (r0 + n) * w);
 }
-// Multiples of 1/8 near N(0, scale^2): exact in f32 and bf16 for |x| < 32.
-Vd eighths(size_t n, uint64_t seed, double scale) {
-  Vd v = ssdtest::randn<double>(n, seed, scale);
-  for (auto& x : v) x = std::round(x * 8) / 8;
-  return v;
-}
-
 struct Dt {
   DType dtype;
   double tol;  // sharded vs unsharded, relative
@@ -125,72 +119,17 @@ TEST(TpOps, EmbeddingShards) {
 
 // ------------------------------------------------------------------------------ LM head
 
-struct CeProblem {
-  int64_t T, Dm, V;
-  Vd h, w, dw0;
-  std::vector<int32_t> tg;
-};
-
-// Vocabulary 203 (uneven shards); 200 tokens: blocks of 64 rows with a partial last one, every
-// 7th target ignored and rows 64..127 (one whole block) too. Rows 3 and 150, 10 and 60, 100 and
-// 101 are equal and longer than the others; the hidden state of some tokens is one of them, so
-// their logits tie for the maximum, across ranks (3/150 at R = 2 and 4, 10/60 at R = 4) and
-// within one (100/101). Targets are the first row of the pair (a hit) or the second (a miss:
-// the first maximum wins).
-CeProblem make_ce() {
-  CeProblem p;
-  p.T = 200, p.Dm = 16, p.V = 203;
-  const int64_t T = p.T, Dm = p.Dm, V = p.V;
-  p.w = eighths(V * Dm, 50, 0.5);
-  const std::pair<int, int> ties[] = {{3, 150}, {10, 60}, {100, 101}};
-  Vd signs = ssdtest::randn<double>(3 * Dm, 51);
-  for (int k = 0; k < 3; ++k)
-    for (int64_t c = 0; c < Dm; ++c) {
-      const double s = signs[k * Dm + c] >= 0 ? 1.0 : -1.0;
-      p.w[ties[k].first * Dm + c] = p.w[ties[k].second * Dm + c] = s;
-    }
-  p.h = eighths(T * Dm, 52, 0.5);
-  p.tg.resize(T);
-  for (int64_t t = 0; t < T; ++t) p.tg[t] = static_cast<int32_t>((t * 389 + 11) % V);
-  for (int64_t t = 0; t < T; t += 3) {  // tied maxima for a third of the tokens
-    const auto [a, b] = ties[(t / 3) % 3];
-    for (int64_t c = 0; c < Dm; ++c) p.h[t * Dm + c] = p.w[a * Dm + c];
-    p.tg[t] = (t / 9) % 2 ? a : b;
-  }
-  for (int64_t t = 0; t < T; t += 7) p.tg[t] = -1;
-  for (int64_t t = 64; t < 128; ++t) p.tg[t] = -1;
-  p.dw0 = ssdtest::randn<double>(V * Dm, 53);
-  return p;
-}
-
-// Direct: full logits in double, the loss sum and the argmax hits (first maximum).
-std::pair<double, double> direct_ce(const CeProblem& p) {
-  double loss = 0, hits = 0;
-  for (int64_t t = 0; t < p.T; ++t) {
-    if (p.tg[t] < 0) continue;
-    Vd l(p.V);
-    for (int64_t v = 0; v < p.V; ++v) {
-      double s = 0;
-      for (int64_t c = 0; c < p.Dm; ++c) s += p.h[t * p.Dm + c] * p.w[v * p.Dm + c];
-      l[v] = s;
-    }
-    int64_t am = 0;
-    for (int64_t v = 1; v < p.V; ++v)
-      if (l[v] > l[am]) am = v;
-    double se = 0;
-    for (double x : l) se += std::exp(x - l[am]);
-    loss += l[am] + std::log(se) - l[p.tg[t]];
-    hits += am == p.tg[t];
-  }
-  return {loss, hits};
-}
+// Vocabulary 203 (uneven shards): rows 3/150 tie across ranks at R = 2 and 4, 10/60 at R = 4,
+// 100/101 within one rank.
+using ssdtest::CeProblem;
+CeProblem make_ce() { return ssdtest::make_ce(203, {{3, 150}, {10, 60}, {100, 101}}); }
 
 TEST(TpOps, LmHeadShards) {
   const CeProblem p = make_ce();
   const int64_t T = p.T, Dm = p.Dm, V = p.V;
   const Vd stats0{1.5, 2.0, 3.0};
   const double gs = 0.5;
-  const auto [loss_direct, hits_direct] = direct_ce(p);
+  const auto [loss_direct, hits_direct] = ssdtest::direct_ce(p);
   int64_t counted = 0;
   for (int32_t x : p.tg) counted += x >= 0;
   for (const Dt& dt : kDtypes)

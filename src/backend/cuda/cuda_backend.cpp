@@ -301,29 +301,29 @@ class CudaBackend final : public Backend {
   void embedding_fwd(const Tensor& tokens, const Tensor& weight, Tensor& out,
                      const VocabShard* shard) override {
     const char* op = "embedding_fwd";
-    if (shard) fail("cuda embedding_fwd: vocabulary shards are not implemented yet");
     auto prof = profile(op);
     need(op, "tokens", tokens, DType::I32, tokens.shape);
     need_2d(op, "weight", weight, {DType::BF16, DType::F32});
     const int64_t T = tokens.numel(), V = weight.size(0), D = weight.size(1);
     need(op, "out", out, {DType::BF16, DType::F32}, {T, D});
-    cuda::embedding_fwd(p<int32_t>(tokens), T, weight.data, weight.dtype, V, D, out.data,
+    const int64_t row0 = shard_begin(op, shard, V);
+    cuda::embedding_fwd(p<int32_t>(tokens), T, weight.data, weight.dtype, row0, V, D, out.data,
                         out.dtype, stream_);
   }
 
   void embedding_bwd(const Tensor& tokens, const Tensor& dout, Tensor& dweight,
                      const VocabShard* shard) override {
     const char* op = "embedding_bwd";
-    if (shard) fail("cuda embedding_bwd: vocabulary shards are not implemented yet");
     auto prof = profile(op);
     need(op, "tokens", tokens, DType::I32, tokens.shape);
     need_2d(op, "dweight", dweight, {DType::F32});
     const int64_t T = tokens.numel(), V = dweight.size(0), D = dweight.size(1);
     need(op, "dout", dout, {DType::BF16, DType::F32}, {T, D});
+    const int64_t row0 = shard_begin(op, shard, V);
     if (T == 0) return;
     auto ws = scratch(cuda::embedding_bwd_workspace_bytes(T, V));
-    cuda::embedding_bwd(p<int32_t>(tokens), T, dout.data, dout.dtype, V, D, p<float>(dweight),
-                        ws.get(), stream_);
+    cuda::embedding_bwd(p<int32_t>(tokens), T, dout.data, dout.dtype, row0, V, D,
+                        p<float>(dweight), ws.get(), stream_);
   }
 
   void add_rmsnorm_fwd(const Tensor& x, const Tensor* residual_in, const Tensor& weight,
@@ -475,7 +475,6 @@ class CudaBackend final : public Backend {
                          int64_t group_size, double eps, Tensor& out, Tensor& rstd,
                          const NormSpan* span) override {
     const char* op = "gated_rmsnorm_fwd";
-    if (span) fail("cuda gated_rmsnorm_fwd: norm spans are not implemented yet");
     auto prof = profile(op);
     need_2d(op, "y", y, {DType::BF16});
     const int64_t T = y.size(0), D = y.size(1);
@@ -484,6 +483,18 @@ class CudaBackend final : public Backend {
     need(op, "weight", weight, DType::F32, {D});
     need(op, "out", out, DType::BF16, {T, D});
     need(op, "rstd", rstd, DType::F32, {T, D / group_size});
+    if (span) {  // sums of squares, the all-reduce over the span, then the norm
+      check_span(op, span);
+      Tensor sums = alloc({T, D / group_size}, DType::F32);
+      cuda::gated_rmsnorm_fwd_sumsq(p<bf16>(y), slice_ptr<bf16>(z), z.ld(), T, D, group_size,
+                                    p<float>(sums), stream_);
+      span->all_reduce(sums);
+      cuda::gated_rmsnorm_fwd_apply(p<bf16>(y), slice_ptr<bf16>(z), z.ld(), p<float>(weight), T,
+                                    D, group_size, group_size * span->ranks,
+                                    static_cast<float>(eps), p<float>(sums), p<bf16>(out),
+                                    p<float>(rstd), stream_);
+      return;
+    }
     cuda::gated_rmsnorm_fwd(p<bf16>(y), slice_ptr<bf16>(z), z.ld(), p<float>(weight), T, D,
                             group_size, static_cast<float>(eps), p<bf16>(out), p<float>(rstd),
                             stream_);
@@ -494,7 +505,6 @@ class CudaBackend final : public Backend {
                          Tensor& dy, ColSlice& dz, Tensor& dweight,
                          const NormSpan* span) override {
     const char* op = "gated_rmsnorm_bwd";
-    if (span) fail("cuda gated_rmsnorm_bwd: norm spans are not implemented yet");
     auto prof = profile(op);
     need_2d(op, "y", y, {DType::BF16});
     const int64_t T = y.size(0), D = y.size(1);
@@ -506,6 +516,21 @@ class CudaBackend final : public Backend {
     need(op, "dy", dy, DType::BF16, {T, D});
     need_slice(op, "dz", dz, DType::BF16, T, D);
     need(op, "dweight", dweight, DType::F32, {D});
+    if (span) {  // dot products, the all-reduce over the span, then the gradients
+      check_span(op, span);
+      Tensor dots = alloc({T, D / group_size}, DType::F32);
+      cuda::gated_rmsnorm_bwd_dot(p<bf16>(dout), p<bf16>(y), slice_ptr<bf16>(z), z.ld(),
+                                  p<float>(weight), p<float>(rstd), T, D, group_size,
+                                  p<float>(dots), stream_);
+      span->all_reduce(dots);
+      auto ws = scratch(cuda::gated_rmsnorm_bwd_workspace_bytes(T, D));
+      cuda::gated_rmsnorm_bwd_apply(p<bf16>(dout), p<bf16>(y), slice_ptr<bf16>(z), z.ld(),
+                                    p<float>(weight), p<float>(rstd), T, D, group_size,
+                                    group_size * span->ranks, p<float>(dots), p<bf16>(dy),
+                                    slice_ptr<bf16>(dz), dz.ld(), p<float>(dweight), ws.get(),
+                                    stream_);
+      return;
+    }
     if (T == 0) return;
     auto ws = scratch(cuda::gated_rmsnorm_bwd_workspace_bytes(T, D));
     cuda::gated_rmsnorm_bwd(p<bf16>(dout), p<bf16>(y), slice_ptr<bf16>(z), z.ld(),
@@ -517,7 +542,6 @@ class CudaBackend final : public Backend {
                   double grad_scale, Tensor& stats, Tensor* dhidden, Tensor* dweight,
                   const VocabShard* shard) override {
     const char* op = "lm_head_ce";
-    if (shard) fail("cuda lm_head_ce: vocabulary shards are not implemented yet");
     need_2d(op, "hidden", hidden, {DType::BF16});
     need_2d(op, "weight", weight, {DType::BF16});
     const int64_t T = hidden.size(0), Dm = hidden.size(1), V = weight.size(0);
@@ -527,19 +551,39 @@ class CudaBackend final : public Backend {
       fail("cuda lm_head_ce: targets ", desc(targets), " must hold one target per row of hidden ",
            desc(hidden));
     need(op, "stats", stats, DType::F64, {3});
-    if (dhidden) need(op, "dhidden", *dhidden, DType::BF16, {T, Dm});
+    // With a shard, dhidden is this rank's part of a sum over the ranks: f32 keeps the sum
+    // from adding bf16 roundings.
+    if (dhidden && shard) need(op, "dhidden", *dhidden, {DType::BF16, DType::F32}, {T, Dm});
+    else if (dhidden) need(op, "dhidden", *dhidden, DType::BF16, {T, Dm});
     if (dweight) need(op, "dweight", *dweight, DType::F32, {V, Dm});
+    const int64_t row0 = shard_begin(op, shard, V);
+    if (shard) {
+      if (V == 0) fail("cuda lm_head_ce: a vocabulary shard of no rows");
+      if (shard->total > (int64_t(1) << 24))
+        fail("cuda lm_head_ce: vocabulary ", shard->total,
+             " too large for the f32 partial statistics of a shard (at most 2^24)");
+      if (!shard->all_gather) fail("cuda lm_head_ce: vocabulary shard without all_gather");
+    }
     if (T == 0 || V == 0) return;
     const bool grad = dhidden != nullptr;  // as the CPU reference: dweight only with dhidden
 
     // Rows per block: the fp32 logits block stays under ~1 GiB (unless overridden). Larger
-    // blocks mean fewer read-modify-write passes of the GEMM that accumulates dweight.
+    // blocks mean fewer read-modify-write passes of the GEMM that accumulates dweight. With a
+    // shard, from the even share of the vocabulary: every rank cuts the same blocks (one
+    // all_gather each).
+    const int64_t Vb = shard ? (shard->total + shard->ranks - 1) / shard->ranks : V;
     int64_t tb = ce_block_tokens_ > 0 ? ce_block_tokens_
-                                      : std::max<int64_t>(1, (int64_t(1) << 30) / (V * 4));
+                                      : std::max<int64_t>(1, (int64_t(1) << 30) / (Vb * 4));
     if (ce_block_tokens_ <= 0 && tb >= 128) tb = tb / 64 * 64;
     tb = std::min(tb, T);
     auto logits = scratch(static_cast<size_t>(tb) * V * sizeof(float));
-    auto ce_ws = scratch(cuda::ce_block_workspace_bytes(tb));
+    auto ce_ws = scratch(shard ? cuda::ce_shard_workspace_bytes(tb)
+                               : cuda::ce_block_workspace_bytes(tb));
+    std::shared_ptr<void> part, all;  // this rank's partial statistics, every rank's
+    if (shard) {
+      part = scratch(static_cast<size_t>(tb) * 4 * sizeof(float));
+      all = scratch(static_cast<size_t>(shard->ranks) * tb * 4 * sizeof(float));
+    }
     float* L = static_cast<float*>(logits.get());
     const bf16* H = p<bf16>(hidden);
     const bf16* W = p<bf16>(weight);
@@ -550,7 +594,24 @@ class CudaBackend final : public Backend {
         auto prof = profile("lm_head_ce: logits gemm");
         gemm_->nt(rows, V, Dm, H + r0 * Dm, Dm, W, Dm, L, DType::F32, V, 1.f, 0.f);
       }
-      {
+      if (shard) {
+        {
+          auto prof = profile("lm_head_ce: softmax");
+          cuda::ce_shard_partial(L, rows, V, row0, shard->total, tg + r0,
+                                 static_cast<float*>(part.get()), stream_);
+        }
+        Tensor local = borrow(part.get(), DType::F32, {rows, 4}, Device::CUDA);
+        Tensor every = borrow(all.get(), DType::F32, {shard->ranks, rows, 4}, Device::CUDA);
+        {
+          auto prof = profile("lm_head_ce: all_gather");
+          shard->all_gather(local, every);
+        }
+        auto prof = profile("lm_head_ce: softmax");
+        cuda::ce_shard_finish(L, rows, V, row0, shard->total, tg + r0,
+                              static_cast<const float*>(all.get()), shard->ranks,
+                              static_cast<float>(grad_scale), p<double>(stats), grad,
+                              ce_ws.get(), stream_);
+      } else {
         auto prof = profile("lm_head_ce: softmax");
         cuda::ce_block(L, rows, V, tg + r0, static_cast<float>(grad_scale), p<double>(stats),
                        grad, ce_ws.get(), stream_);
@@ -559,8 +620,9 @@ class CudaBackend final : public Backend {
       const bf16* dl = reinterpret_cast<const bf16*>(L);  // bf16 [rows, V], row stride 2V
       if (dhidden) {
         auto prof = profile("lm_head_ce: dhidden gemm");
-        gemm_->nn(rows, Dm, V, dl, 2 * V, W, Dm, p<bf16>(dhidden) + r0 * Dm, DType::BF16, Dm,
-                  1.f, 0.f);
+        gemm_->nn(rows, Dm, V, dl, 2 * V, W, Dm,
+                  static_cast<char*>(dhidden->data) + r0 * Dm * dtype_size(dhidden->dtype),
+                  dhidden->dtype, Dm, 1.f, 0.f);
       }
       if (dweight) {
         auto prof = profile("lm_head_ce: dweight gemm");
@@ -729,6 +791,20 @@ class CudaBackend final : public Backend {
     if (K < 1 || K > kMaxConvWidth)
       fail("cuda ", op, ": conv kernel width ", K, " is not supported (1..", kMaxConvWidth, ")");
     return {C, K};
+  }
+
+  // The token of weight row 0: shard->begin, after checking the shard (0 without one).
+  int64_t shard_begin(const char* op, const VocabShard* shard, int64_t rows) {
+    if (!shard) return 0;
+    if (shard->ranks < 1 || shard->begin < 0 || shard->begin + rows > shard->total)
+      fail("cuda ", op, ": vocabulary shard rows [", shard->begin, ", ", shard->begin + rows,
+           ") of ", shard->total, " over ", shard->ranks, " ranks is not valid");
+    return shard->begin;
+  }
+
+  void check_span(const char* op, const NormSpan* span) {
+    if (span->ranks < 1) fail("cuda ", op, ": norm span over ", span->ranks, " ranks");
+    if (!span->all_reduce) fail("cuda ", op, ": norm span without all_reduce");
   }
 
   void check_group(const char* op, int64_t D, int64_t group) {
