@@ -342,7 +342,8 @@ int bench_train(const std::vector<std::string>& in) {
   ProcessGrid grid(layout);
   const int64_t align = std::lcm<int64_t>(64, layout.dp * layout.cp);
   Mamba2LM model(cfg.model, *be, cfg.train.micro_batch, cfg.train.seq_len / layout.cp,
-                 cfg.train.recompute == "layers", align, layout.tp, grid.tp_rank());
+                 cfg.train.recompute == "layers", align, layout.tp, grid.tp_rank(),
+                 cfg.parallel.sequence_parallel);
   model.init(cfg.train.seed);
   grid.attach(*be);
   model.set_context_parallel(&grid.dev(Group::Cp));

@@ -137,6 +137,7 @@ const std::vector<Field>& fields() {
       field("checkpoint.dir", &Config::checkpoint, &CheckpointConfig::dir),
 
       field("parallel.tp", &Config::parallel, &ParallelConfig::tp),
+      field("parallel.sequence_parallel", &Config::parallel, &ParallelConfig::sequence_parallel),
       field("parallel.cp", &Config::parallel, &ParallelConfig::cp),
       field("parallel.zero", &Config::parallel, &ParallelConfig::zero),
       field("parallel.bucket_mb", &Config::parallel, &ParallelConfig::bucket_mb),
@@ -437,6 +438,11 @@ Layout resolve_layout(const Config& c, int64_t world, bool on_gpu) {
            " = model.vocab_size ", m.vocab_size, " rounded up to model.pad_vocab_size_multiple ",
            m.pad_vocab_size_multiple, "); choose a pad_vocab_size_multiple that tp divides");
     l.tp_span = m.ngroups % p.tp == 0 ? 1 : p.tp / m.ngroups;
+    const int64_t tokens = t.micro_batch * (t.seq_len / p.cp);
+    if (p.sequence_parallel && tokens % p.tp != 0)
+      fail("parallel.sequence_parallel splits the ", tokens, " tokens of a micro-batch "
+           "(train.micro_batch * train.seq_len / parallel.cp) over parallel.tp=", p.tp,
+           " ranks, which must divide them");
   }
   l.dp = world / (p.tp * p.cp);
   l.micro_batch = t.micro_batch;

@@ -96,6 +96,9 @@ struct CheckpointConfig {
 // cp, then dp (a tensor-parallel group stays inside a node).
 struct ParallelConfig {
   int64_t tp = 1;              // tensor parallelism (by SSM heads)
+  // With tp > 1: the residual stream and its RMSNorms on 1/tp of the tokens (reduce-scatter
+  // after out_proj, all-gather before in_proj instead of one all-reduce).
+  bool sequence_parallel = false;
   int64_t cp = 1;              // context parallelism (by sequence segments)
   int64_t zero = 0;            // 1: shard the AdamW moments over the data-parallel ranks
   double bucket_mb = 160;      // gradient all-reduce bucket size (MB of fp32 gradients)

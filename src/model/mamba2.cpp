@@ -6,11 +6,17 @@
 namespace ssd {
 
 Mamba2LM::Mamba2LM(const ModelConfig& cfg, Backend& be, int64_t batch, int64_t seqlen,
-                   bool recompute_activations, int64_t flat_align, int64_t tp, int64_t tp_rank)
+                   bool recompute_activations, int64_t flat_align, int64_t tp, int64_t tp_rank,
+                   bool sequence_parallel)
     : cfg_(cfg), be_(be), batch_(batch), seqlen_(seqlen), T_(batch * seqlen),
       recompute_(recompute_activations) {
   table_ = param_table(cfg_);
   tpd_ = ssd::tp_dims(cfg_, tp, tp_rank);
+  sp_ = sequence_parallel && tp > 1;
+  if (sp_ && T_ % tp != 0)
+    fail("parallel.sequence_parallel: the ", T_, " tokens of a micro-batch do not split over "
+         "parallel.tp=", tp, " ranks");
+  Tl_ = sp_ ? T_ / tp : T_;
   for (const auto& spec : table_) shards_.push_back(shard_layout(spec, tpd_, cfg_));
   if (std::string why = be_.ssd_unsupported(ssd_dims()); !why.empty())
     fail("the ", be_.name(), " backend cannot run this model: ", why);
@@ -56,14 +62,15 @@ Mamba2LM::Mamba2LM(const ModelConfig& cfg, Backend& be, int64_t batch, int64_t s
   tokens_ = be_.alloc({T_}, DType::I32);
   targets_ = be_.alloc({T_}, DType::I32);
   reset_ = be_.alloc({T_}, DType::I32);
-  x_ = be_.alloc({T_, D}, cmp);
+  // The residual stream: this rank's Tl_ tokens (all T_ without sequence parallelism).
+  x_ = be_.alloc({Tl_, D}, cmp);
   for (int i = 0; i < cfg_.n_layer; ++i) {
-    residual_.push_back(be_.alloc({T_, D}, acc));
-    if (recompute_) x_in_.push_back(be_.alloc({T_, D}, cmp));
+    residual_.push_back(be_.alloc({Tl_, D}, acc));
+    if (recompute_) x_in_.push_back(be_.alloc({Tl_, D}, cmp));
   }
   for (int i = 0; i < (recompute_ ? 1 : cfg_.n_layer); ++i) {
     LayerActs a;
-    a.rstd = be_.alloc({T_}, acc);
+    a.rstd = be_.alloc({Tl_}, acc);
     a.hidden = be_.alloc({T_, D}, cmp);
     a.zxbcdt = be_.alloc({T_, tpd_.d_in_proj}, cmp);
     a.xBC = be_.alloc({T_, tpd_.conv_dim}, cmp);
@@ -74,18 +81,23 @@ Mamba2LM::Mamba2LM(const ModelConfig& cfg, Backend& be, int64_t batch, int64_t s
       a.ssd_saved = be_.alloc({(sb + 3) / 4}, DType::F32);
     acts_.push_back(std::move(a));
   }
-  res_f_ = be_.alloc({T_, D}, acc);
-  rstd_f_ = be_.alloc({T_}, acc);
+  res_f_ = be_.alloc({Tl_, D}, acc);
+  rstd_f_ = be_.alloc({Tl_}, acc);
   hidden_f_ = be_.alloc({T_, D}, cmp);
   d_hidden_ = be_.alloc({T_, D}, cmp);
   d_ynorm_ = be_.alloc({T_, Di}, cmp);
   d_y_ = be_.alloc({T_, Di}, cmp);
   d_xBC_ = be_.alloc({T_, tpd_.conv_dim}, cmp);
   d_zxbcdt_ = be_.alloc({T_, tpd_.d_in_proj}, cmp);
-  d_res_[0] = be_.alloc({T_, D}, acc);
-  d_res_[1] = be_.alloc({T_, D}, acc);
-  d_x_ = cmp == acc ? Tensor{} : be_.alloc({T_, D}, cmp);
+  d_res_[0] = be_.alloc({Tl_, D}, acc);
+  d_res_[1] = be_.alloc({Tl_, D}, acc);
+  d_x_ = cmp == acc ? Tensor{} : be_.alloc({Tl_, D}, cmp);
   if (tpd_.tp > 1) tp_red_ = be_.alloc({T_, D}, acc);
+  if (sp_) {
+    sp_hidden_ = be_.alloc({Tl_, D}, cmp);
+    sp_red_ = be_.alloc({Tl_, D}, acc);
+    sp_full_ = be_.alloc({T_, D}, cmp);
+  }
 }
 
 void Mamba2LM::set_tensor_parallel(Communicator* tp, Communicator* span) {
@@ -118,6 +130,25 @@ void Mamba2LM::tp_sum(Tensor& t) {
   tp_->all_reduce(tp_red_);
   tp_->join();
   be_.convert(tp_red_, t);
+}
+
+void Mamba2LM::sp_gather(const Tensor& local, Tensor& full) {
+  tp_->all_gather(local.data, full.data, local.numel(), local.dtype);
+  tp_->join();
+}
+
+void Mamba2LM::sp_reduce_scatter(Tensor& partial, Tensor& local) {
+  Tensor& dst = local.dtype == partial.dtype ? local : sp_red_;
+  tp_->reduce_scatter(partial.data, dst.data, dst.numel(), partial.dtype);
+  tp_->join();
+  if (&dst != &local) be_.convert(dst, local);
+}
+
+void Mamba2LM::sp_sum_norm_grad(int idx) {
+  // Each rank's norm saw its own tokens: the weight's gradient is the sum of the parts.
+  if (!sp_ || !reduce_shared_) return;
+  tp_->all_reduce(grads_[idx]);
+  tp_->join();
 }
 
 void Mamba2LM::reduce_shared_grads(int i) {
@@ -296,7 +327,12 @@ void Mamba2LM::layer_forward(int i, bool with_output, bool exchange) {
   auto& a = acts(i);
   const auto& p = lp_[i];
   const Tensor* res_in = i == 0 ? nullptr : &residual_[i - 1];
-  be_.add_rmsnorm_fwd(input(i), res_in, params_[p.norm], eps, residual_[i], a.hidden, a.rstd);
+  if (sp_) {  // the norm on this rank's tokens, then every token for the column-parallel in_proj
+    be_.add_rmsnorm_fwd(input(i), res_in, params_[p.norm], eps, residual_[i], sp_hidden_, a.rstd);
+    sp_gather(sp_hidden_, a.hidden);
+  } else {
+    be_.add_rmsnorm_fwd(input(i), res_in, params_[p.norm], eps, residual_[i], a.hidden, a.rstd);
+  }
   be_.linear_fwd(a.hidden, w(p.in_proj), a.zxbcdt);
   conv_forward(i, a, exchange);
   // Context parallelism: start from the state the previous segment ended with, hand ours on.
@@ -319,7 +355,10 @@ void Mamba2LM::layer_forward(int i, bool with_output, bool exchange) {
   }
   // Row-parallel out_proj: each rank's heads give a part of the output; their sum is it.
   Tensor& out = input(i + 1);
-  if (out.dtype == tp_red_.dtype) {
+  if (sp_) {  // summed and scattered: each rank keeps its tokens' rows
+    be_.linear_fwd(a.ynorm, w(p.out_proj), tp_red_);
+    sp_reduce_scatter(tp_red_, out);
+  } else if (out.dtype == tp_red_.dtype) {
     be_.linear_fwd(a.ynorm, w(p.out_proj), out);
     tp_sum(out);
   } else {  // sum the fp32 parts, round once (as the tp = 1 GEMM does)
@@ -432,7 +471,15 @@ void Mamba2LM::set_context_parallel(Communicator* cp) {
 }
 
 void Mamba2LM::forward() {
-  if (tp_) {  // each rank looks up its vocabulary rows (zeros elsewhere): the sum is the lookup
+  if (sp_) {  // the lookups of the vocabulary slices, summed and scattered by tokens
+    be_.embedding_fwd(tokens_, w(emb_), sp_full_, &vshard_);
+    if (sp_full_.dtype == tp_red_.dtype) {
+      sp_reduce_scatter(sp_full_, input(0));
+    } else {
+      be_.convert(sp_full_, tp_red_);
+      sp_reduce_scatter(tp_red_, input(0));
+    }
+  } else if (tp_) {  // each rank looks up its vocabulary rows (zeros elsewhere): the sum is the lookup
     be_.embedding_fwd(tokens_, w(emb_), input(0), &vshard_);
     tp_sum(input(0));
   } else {
@@ -440,7 +487,8 @@ void Mamba2LM::forward() {
   }
   for (int i = 0; i < cfg_.n_layer; ++i) layer_forward(i, true);
   be_.add_rmsnorm_fwd(x_, &residual_.back(), params_[norm_f_], cfg_.norm_eps, res_f_,
-                      hidden_f_, rstd_f_);
+                      sp_ ? sp_hidden_ : hidden_f_, rstd_f_);
+  if (sp_) sp_gather(sp_hidden_, hidden_f_);  // the vocabulary-parallel head needs every token
 }
 
 void Mamba2LM::forward_loss(const int32_t* tokens, const int32_t* targets, Tensor& stats,
@@ -484,15 +532,25 @@ void Mamba2LM::forward_backward(const int32_t* tokens, const int32_t* targets,
   // Head + loss: dh = dL/d hidden_f.
   be_.lm_head_ce(hidden_f_, w(emb_), targets_, grad_scale, stats, &dh, &grads_[emb_],
                  tp_ ? &vshard_ : nullptr);
-  if (tp_) {
-    tp_->all_reduce(dh);
-    tp_->join();
-  }
+  // The summed hidden-state gradient of this rank's tokens: dh itself, or (sequence
+  // parallelism) its rows of dh reduce-scattered into sp_red_.
+  auto sum_dh = [&]() -> Tensor& {
+    if (sp_) {
+      sp_reduce_scatter(dh, sp_red_);
+      return sp_red_;
+    }
+    if (tp_) {
+      tp_->all_reduce(dh);
+      tp_->join();
+    }
+    return dh;
+  };
   // The residual stream's gradient, ping-ponged between two buffers: d_res_[cur] holds
   // dL/d residual after layer i's add, which is also dL/d (mixer output of layer i-1).
   int cur = 0;
-  be_.add_rmsnorm_bwd(dh, nullptr, res_f_, params_[norm_f_], rstd_f_, d_res_[cur],
+  be_.add_rmsnorm_bwd(sum_dh(), nullptr, res_f_, params_[norm_f_], rstd_f_, d_res_[cur],
                       grads_[norm_f_]);
+  sp_sum_norm_grad(norm_f_);
   ready(0);
   for (int i = cfg_.n_layer - 1; i >= 0; --i) {
     // Recomputation: the layer's activations again, from its saved input and residual (same
@@ -505,6 +563,10 @@ void Mamba2LM::forward_backward(const int32_t* tokens, const int32_t* targets,
     if (d_x_.defined()) {
       be_.convert(d_res_[cur], d_x_);
       dout = &d_x_;
+    }
+    if (sp_) {  // out_proj's output was scattered by tokens: its gradient is gathered back
+      sp_gather(*dout, sp_full_);
+      dout = &sp_full_;
     }
     be_.linear_bwd(a.ynorm, w(p.out_proj), *dout, &d_ynorm_, grads_[p.out_proj]);
     ColSlice dz = cols(d_zxbcdt_, 0, Di);
@@ -533,14 +595,12 @@ void Mamba2LM::forward_backward(const int32_t* tokens, const int32_t* targets,
     }
     conv_backward(i, a);
     be_.linear_bwd(a.hidden, w(p.in_proj), d_zxbcdt_, &dh, grads_[p.in_proj]);
-    if (tp_) {
-      tp_->all_reduce(dh);
-      tp_->join();
-      reduce_shared_grads(i);
-    }
+    Tensor& dhl = sum_dh();
+    if (tp_) reduce_shared_grads(i);
     // Through this layer's add + norm: the residual gradient before layer i.
-    be_.add_rmsnorm_bwd(dh, &d_res_[cur], residual_[i], params_[p.norm], a.rstd,
+    be_.add_rmsnorm_bwd(dhl, &d_res_[cur], residual_[i], params_[p.norm], a.rstd,
                         d_res_[1 - cur], grads_[p.norm]);
+    sp_sum_norm_grad(p.norm);
     cur = 1 - cur;
     ready(1 + static_cast<int>(cfg_.n_layer - 1 - i));
   }
@@ -548,6 +608,10 @@ void Mamba2LM::forward_backward(const int32_t* tokens, const int32_t* targets,
   if (d_x_.defined()) {
     be_.convert(d_res_[cur], d_x_);
     demb = &d_x_;
+  }
+  if (sp_) {  // every token's gradient, for this rank's vocabulary rows
+    sp_gather(*demb, sp_full_);
+    demb = &sp_full_;
   }
   be_.embedding_bwd(tokens_, *demb, grads_[emb_], tp_ ? &vshard_ : nullptr);
   ready(static_cast<int>(cfg_.n_layer) + 1);

@@ -22,9 +22,12 @@ class Mamba2LM {
   // multiple of 64 that the data-parallel group size divides, so buckets split evenly).
   // tp, tp_rank: this model is tensor-parallel rank tp_rank of tp (params.h, TpDims): it holds
   // its heads' part of every mixer, its slice of the vocabulary, and copies of the norms.
+  // sequence_parallel (tp > 1): the residual stream, its adds and RMSNorms hold this rank's
+  // 1/tp of the micro-batch's tokens (rows [rank*T/tp, (rank+1)*T/tp) of batch*seqlen); the
+  // mixer all-gathers its input and reduce-scatters its output instead of one all-reduce.
   Mamba2LM(const ModelConfig& cfg, Backend& be, int64_t batch, int64_t seqlen,
            bool recompute_activations = false, int64_t flat_align = 64, int64_t tp = 1,
-           int64_t tp_rank = 0);
+           int64_t tp_rank = 0, bool sequence_parallel = false);
 
   const ModelConfig& config() const { return cfg_; }
   Backend& backend() { return be_; }
@@ -73,8 +76,9 @@ class Mamba2LM {
   // (and the LM head's); the gated norm of a group spanning ranks and the shared B/C
   // gradients go over `span`. Needed when tp > 1.
   void set_tensor_parallel(Communicator* tp, Communicator* span);
-  // Whether this micro-batch's backward sums the B/C gradients shared by span ranks (once per
-  // step, on its last micro-batch: GradSync sets it; true by default).
+  // Whether this micro-batch's backward sums the B/C gradients shared by span ranks and
+  // (sequence parallelism) the norm weights' per-token-range parts: once per step, on its last
+  // micro-batch (GradSync sets it; true by default).
   void set_reduce_shared_grads(bool on) { reduce_shared_ = on; }
 
   // Initialises every parameter from the table's rules (seeded; independent of backend and of
@@ -149,6 +153,11 @@ class Mamba2LM {
   // Tensor parallelism: t (on the backend) summed over the tensor-parallel group, in accum
   // dtype (through tp_red_ when t is in compute dtype).
   void tp_sum(Tensor& t);
+  // Sequence parallelism: every rank's token rows into `full`; the sum of every rank's
+  // `partial` [T, D] (accum) with this rank's rows into `local`; a norm weight's gradient summed.
+  void sp_gather(const Tensor& local, Tensor& full);
+  void sp_reduce_scatter(Tensor& partial, Tensor& local);
+  void sp_sum_norm_grad(int idx);
   void reduce_shared_grads(int layer);
 
   ModelConfig cfg_;
@@ -163,6 +172,10 @@ class Mamba2LM {
   VocabShard vshard_;
   NormSpan nspan_;
   Tensor tp_red_;  // [T, d_model] accum: partial sums of the tensor-parallel ranks
+  bool sp_ = false;
+  int64_t Tl_ = 0;  // tokens of the residual stream held here (T_, or T_ / tp with sp_)
+  Tensor sp_hidden_, sp_red_;  // [Tl, d_model]: a norm's output (compute), a summed part (accum)
+  Tensor sp_full_;             // [T, d_model] compute: gathered rows
   std::vector<Tensor> params_, grads_, compute_;
   Tensor grad_flat_, param_flat_;
   std::vector<int64_t> flat_off_;

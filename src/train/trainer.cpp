@@ -94,7 +94,7 @@ class Trainer {
       model_ = std::make_unique<Mamba2LM>(cfg_.model, *be_, layout_.micro_batch,
                                           cfg_.train.seq_len / layout_.cp,
                                           cfg_.train.recompute == "layers", align, layout_.tp,
-                                          grid_->tp_rank());
+                                          grid_->tp_rank(), cfg_.parallel.sequence_parallel);
     });
     grid_->attach(*be_);
     model_->set_context_parallel(&grid_->dev(Group::Cp));

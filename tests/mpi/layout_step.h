@@ -28,7 +28,8 @@ inline LayoutGrads layout_step(const ssd::Config& cfg, MPI_Comm comm, ssd::Backe
   grid.attach(be);
   auto data = make_data_source(cfg);
   Mamba2LM model(cfg.model, be, l.micro_batch, cfg.train.seq_len / l.cp, false,
-                 std::lcm<int64_t>(64, l.dp * l.cp), l.tp, grid.tp_rank());
+                 std::lcm<int64_t>(64, l.dp * l.cp), l.tp, grid.tp_rank(),
+                 cfg.parallel.sequence_parallel);
   model.init(init_seed);
   model.set_context_parallel(&grid.dev(Group::Cp));
   model.set_tensor_parallel(&grid.dev(Group::Tp), &grid.dev(Group::TpSpan));

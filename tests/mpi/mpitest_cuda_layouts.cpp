@@ -55,7 +55,9 @@ TEST(CudaLayouts, ShardedShapesMatchTheCpuReference) {
                         // or (ngroups 1) the group shared, its norm spanning the ranks
                         Case{2, {"parallel.tp=2"}, {}}, Case{4, {"parallel.tp=4"}, {}},
                         Case{4, {"parallel.tp=2", "parallel.cp=2"}, {}},
-                        Case{2, {"parallel.tp=2"}, g1}, Case{4, {"parallel.tp=4"}, g1}}) {
+                        Case{2, {"parallel.tp=2"}, g1}, Case{4, {"parallel.tp=4"}, g1},
+                        Case{4, {"parallel.tp=2", "parallel.sequence_parallel=true"}, g1},
+                        Case{4, {"parallel.tp=4", "parallel.sequence_parallel=true"}, {}}}) {
     const Grads ref = step(k.model, MPI_COMM_SELF, false);
     MPI_Comm c;
     MPI_Comm_split(MPI_COMM_WORLD, r / k.n, r, &c);

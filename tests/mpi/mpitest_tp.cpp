@@ -1,7 +1,7 @@
 // Tensor parallelism by heads against one process (ctest runs it under mpirun -np 4, CPU
-// backend, fp32): for tp = 2 and 4 and every ngroups that splits (1, 2, 4, 8: B/C groups owned
-// by one rank, or one group shared by tp / ngroups ranks), and for tp x dp, tp x cp and tp with
-// ZeRO-1, one step's loss and every gradient (gathered into full tensors) equal the one-process
+// backend, fp32): for tp = 2 and 4, with sequence parallelism off and on, and every ngroups
+// that splits (1, 2, 4, 8: B/C groups owned by one rank, or one group shared by tp / ngroups
+// ranks), and for tp x dp, tp x cp and tp with ZeRO-1, one step's loss and every gradient (gathered into full tensors) equal the one-process
 // run's; 20 training steps give its losses; runs resume across tp = 2 <-> tp = 1; the full
 // tensors a tp = 2 model assembles are bitwise those of one process, and so is their export.
 #include <gtest/gtest.h>
@@ -117,16 +117,20 @@ TEST(TensorParallel, LossAndGradientsEqualOneProcessForEveryGroupCount) {
       const std::string G = "model.ngroups=" + std::to_string(g);
       for (int64_t position : {0, 12}) {
         const LayoutGrads ref = step(config({G}), MPI_COMM_SELF, position, dt);
-        for (int tp : {2, 4}) {
-          MPI_Comm c = groups_of(tp);
-          const Config cfg = config({G, "parallel.tp=" + std::to_string(tp)});
-          expect_close(step(cfg, c, position, dt), ref, cfg,
-                       std::string(dt == DType::F64 ? "f64" : "f32") + " tp=" +
-                           std::to_string(tp) + " ngroups=" + std::to_string(g) + " position " +
-                           std::to_string(position),
-                       dt == DType::F64 ? 1e-10 : 1e-5);
-          MPI_Comm_free(&c);
-        }
+        for (int tp : {2, 4})
+          for (bool sp : {false, true}) {
+            MPI_Comm c = groups_of(tp);
+            const Config cfg = config({G, "parallel.tp=" + std::to_string(tp),
+                                       std::string("parallel.sequence_parallel=") +
+                                           (sp ? "true" : "false")});
+            expect_close(step(cfg, c, position, dt), ref, cfg,
+                         std::string(dt == DType::F64 ? "f64" : "f32") + " tp=" +
+                             std::to_string(tp) + (sp ? " sequence-parallel" : "") +
+                             " ngroups=" + std::to_string(g) + " position " +
+                             std::to_string(position),
+                         dt == DType::F64 ? 1e-10 : 1e-5);
+            MPI_Comm_free(&c);
+          }
       }
     }
 }
@@ -140,7 +144,18 @@ TEST(TensorParallel, ComposesWithDataAndContextParallelismAndZero) {
                           Case{{"parallel.tp=2", "parallel.zero=1"}, "tp=2 x dp=2, ZeRO-1"},
                           Case{{"parallel.tp=2", "parallel.cp=2"}, "tp=2 x cp=2"},
                           Case{{"parallel.tp=2", "train.recompute=layers"},
-                               "tp=2 x dp=2, recompute"}}) {
+                               "tp=2 x dp=2, recompute"},
+                          Case{{"parallel.tp=2", "parallel.sequence_parallel=true"},
+                               "tp=2 x dp=2, sequence parallel"},
+                          Case{{"parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero=1"},
+                               "tp=2 x dp=2, sequence parallel, ZeRO-1"},
+                          Case{{"parallel.tp=2", "parallel.cp=2", "parallel.sequence_parallel=true"},
+                               "tp=2 x cp=2, sequence parallel"},
+                          Case{{"parallel.tp=2", "parallel.sequence_parallel=true",
+                                "train.recompute=layers"},
+                               "tp=2 x dp=2, sequence parallel, recompute"},
+                          Case{{"parallel.tp=4", "parallel.sequence_parallel=true"},
+                               "tp=4, sequence parallel"}}) {
       std::vector<std::string> sets = k.sets;
       sets.push_back(G);
       sets.push_back("train.seq_len=32");
@@ -170,6 +185,7 @@ TEST(TensorParallel, TrainsTheOneProcessLossesAndKeepsReplicasEqual) {
   EXPECT_LT(one.last_loss, one.first_loss);
   struct Case { std::vector<std::string> sets; std::string name; };
   for (const Case& k : {Case{{"parallel.tp=4"}, "tp4"}, Case{{"parallel.tp=2"}, "tp2dp2"},
+                        Case{{"parallel.tp=4", "parallel.sequence_parallel=true"}, "tp4_sp"},
                         Case{{"parallel.tp=2", "model.ngroups=2", "parallel.zero=1"},
                              "tp2dp2_g2_zero"}}) {
     // ngroups=2 changes the model: its own one-process reference.
