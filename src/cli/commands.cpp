@@ -113,7 +113,8 @@ const char* kBenchUsage =
 const char* kBenchTrainUsage =
     "usage: ssdtrain bench train [--config FILE] [--set section.key=value ...] [--steps N]\n"
     "                            [--breakdown]\n"
-    "Times whole optimizer steps (forward, backward, AdamW) on the configured backend.\n"
+    "Times whole optimizer steps (reading the step's batch from the configured data, forward,\n"
+    "backward, AdamW) on the configured backend, and the data loading on its own.\n"
     "  --config FILE          YAML config (default: the built-in configs/default.yaml)\n"
     "  --set section.key=V    override one key (repeatable)\n"
     "  --steps N              timed steps after 2 warm-up steps (default 10)\n"
@@ -354,19 +355,27 @@ int bench_train(const std::vector<std::string>& in) {
   std::vector<int32_t> full_tok(B * cfg.train.seq_len), full_tgt(B * cfg.train.seq_len), tok, tgt;
   std::vector<int32_t> full_reset(B * cfg.train.seq_len);
   const bool resets = cfg.data.reset_at_eos;  // timed as training runs it
-  fill_step(*data, 0, grid.dp_rank(), layout.dp, B, 1, cfg.train.seq_len, full_tok.data(),
-            full_tgt.data(), resets ? full_reset.data() : nullptr);
-  take_segment(full_tok, full_tgt, B, cfg.train.seq_len, layout.cp, grid.cp_rank(), tok, tgt);
-  const std::vector<int32_t> reset =
-      take_segment(full_reset, B, cfg.train.seq_len, layout.cp, grid.cp_rank());
+  std::vector<int32_t> reset;
+  // Each step reads its own batch (the next B * dp samples of the stream), as training does;
+  // the host time of that is timed on its own too.
+  int64_t position = 0;
+  auto load = [&] {
+    fill_step(*data, position, grid.dp_rank(), layout.dp, B, 1, cfg.train.seq_len,
+              full_tok.data(), full_tgt.data(), resets ? full_reset.data() : nullptr);
+    take_segment(full_tok, full_tgt, B, cfg.train.seq_len, layout.cp, grid.cp_rank(), tok, tgt);
+    reset = take_segment(full_reset, B, cfg.train.seq_len, layout.cp, grid.cp_rank());
+    position += B * layout.dp;
+  };
   Tensor stats = model.new_stats();
-  std::vector<double> times;
+  std::vector<double> times, load_times;
   const int64_t warmup = 2;
   int64_t step_no = 0;
   auto one_step = [&] {
     be->synchronize();
     grid.host(Group::World).barrier();
     auto t0 = std::chrono::steady_clock::now();
+    load();
+    load_times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     model.zero_grads();
     sync.before_micro_batch(true);
     model.forward_backward(tok.data(), tgt.data(), 1.0 / T, stats,
@@ -394,6 +403,9 @@ int bench_train(const std::vector<std::string>& in) {
   if (!grid.is_root()) return 0;
   std::sort(times.begin(), times.end());
   const double med = times[times.size() / 2];
+  std::vector<double> lt(load_times.end() - steps, load_times.end());
+  std::sort(lt.begin(), lt.end());
+  const double load_med = lt[lt.size() / 2];
   const auto& m = cfg.model;
   const double params = static_cast<double>(count_params(model.table()));
   const double ssd_flops = m.n_layer * 3.0 * 2.0 * m.nheads() *
@@ -442,7 +454,10 @@ int bench_train(const std::vector<std::string>& in) {
   // A timing of broken arithmetic is worthless: the loss of the steps must be finite.
   const auto st = model.read_stats(stats);
   const double mean_loss = st[0] / std::max(1.0, st[1]);
-  std::printf("mean loss of the steps %.4f (same batch every step)\n", mean_loss);
+  std::printf("data (%s): loading a step's batch on the host takes %.3f ms (median), %.2f%% of "
+              "the step\n", cfg.data.kind.c_str(), load_med * 1e3,
+              100.0 * load_med / med);
+  std::printf("mean loss of the steps %.4f\n", mean_loss);
   if (!std::isfinite(mean_loss)) fail("bench train: the loss is not finite (", mean_loss, ")");
   if (breakdown) print_breakdown(*be, steps, med, one_step);
   return 0;
