@@ -17,6 +17,9 @@
 
 #include <fcntl.h>
 #include <hdf5.h>
+#if H5_VERSION_GE(1, 13, 2)
+#include <H5FDdevelop.h>  // H5FD_class_t moved here from H5FDpublic.h
+#endif
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -243,13 +246,12 @@ void check_name(const std::string& what, const std::string& name, const std::str
 
 // ---- writing ----
 
+// Writes the datasets of one checkpoint into an open HDF5 file. Its errors name the dataset;
+// write_checkpoint adds the file.
 struct Writer {
   hid_t file;
-  const std::string& path;  // the final path, for messages
 
-  [[noreturn]] void h5fail(const std::string& what) const {
-    fail("cannot write checkpoint ", path, ": ", what, ": ", h5_detail());
-  }
+  [[noreturn]] void h5fail(const std::string& what) const { fail(what, ": ", h5_detail()); }
 
   H5 make_group(const std::string& name) const {
     H5 g(H5Gcreate2(file, name.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose);
@@ -529,135 +531,265 @@ std::vector<std::string> manifest_list(const json::Value& m, const char* key,
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
+// A checked file driver: HDF5 writes the checkpoint straight into its temp file, one tensor at
+// a time, and never sees an I/O error.
+//
+// When HDF5's own POSIX driver hit ENOSPC, the failed H5Fclose left the file half-closed inside
+// the library, which then crashed in its atexit shutdown (exit 139 after the error message).
+// Building the whole file in memory first avoided that but cost a copy of every tensor (97 GB
+// on the writer for 2.7B with its optimizer state). This driver does the POSIX I/O itself: the
+// first failed write records errno and from then on writes go nowhere on disk, so HDF5 always
+// finishes and closes cleanly; write_checkpoint then reports the errno and removes the temp
+// file. Metadata written after the failure is kept in memory so that HDF5 reads back what it
+// wrote (its metadata cache may evict and reload entries); raw data is never read back.
 
 namespace {
 
-// Bob Jenkins' lookup3 hashlittle (public domain), byte-wise: HDF5's metadata checksum.
-uint32_t lookup3(const unsigned char* k, size_t length, uint32_t initval = 0) {
-  auto rot = [](uint32_t x, int r) { return (x << r) | (x >> (32 - r)); };
-  uint32_t a, b, c;
-  a = b = c = 0xdeadbeefu + static_cast<uint32_t>(length) + initval;
-  auto word = [&](size_t i) {
-    return uint32_t(k[i]) | uint32_t(k[i + 1]) << 8 | uint32_t(k[i + 2]) << 16 |
-           uint32_t(k[i + 3]) << 24;
-  };
-  while (length > 12) {
-    a += word(0);
-    b += word(4);
-    c += word(8);
-    a -= c; a ^= rot(c, 4);  c += b;
-    b -= a; b ^= rot(a, 6);  a += c;
-    c -= b; c ^= rot(b, 8);  b += a;
-    a -= c; a ^= rot(c, 16); c += b;
-    b -= a; b ^= rot(a, 19); a += c;
-    c -= b; c ^= rot(b, 4);  b += a;
-    length -= 12;
-    k += 12;
-  }
-  if (length == 0) return c;
-  unsigned char tail[12] = {};
-  std::memcpy(tail, k, length);
-  k = tail;
-  a += word(0);
-  b += word(4);
-  c += word(8);
-  c ^= b; c -= rot(b, 14);
-  a ^= c; a -= rot(c, 11);
-  b ^= a; b -= rot(a, 25);
-  c ^= b; c -= rot(b, 16);
-  a ^= c; a -= rot(c, 4);
-  b ^= a; b -= rot(a, 14);
-  c ^= b; c -= rot(b, 24);
-  return c;
+struct CheckedIo {
+  int error = 0;       // the first errno of a failed write, truncate or close; 0 if none
+  int open_error = 0;  // errno of the last failed open (HDF5 tries several flag sets)
+  std::map<haddr_t, std::string> after_error;  // metadata written once error was set
+};
+
+struct CheckedFile {
+  H5FD_t pub;  // first: HDF5 casts between the two
+  int fd = -1;
+  haddr_t eoa = 0, eof = 0;
+  CheckedIo* io = nullptr;
+};
+
+// The driver's fapl info: where the writer wants errors recorded.
+struct CheckedFapl {
+  CheckedIo* io;
+};
+
+constexpr haddr_t kMaxAddr = (haddr_t{1} << (8 * sizeof(off_t) - 1)) - 1;
+
+CheckedFile* as_file(H5FD_t* f) { return reinterpret_cast<CheckedFile*>(f); }
+const CheckedFile* as_file(const H5FD_t* f) { return reinterpret_cast<const CheckedFile*>(f); }
+
+// Pushes an error on HDF5's stack: only for misuse by HDF5 itself (out-of-range addresses),
+// never for a failure of the disk.
+herr_t bad_address(const char* what) {
+  H5Epush2(H5E_DEFAULT, __FILE__, "checked driver", __LINE__, H5E_ERR_CLS, H5E_VFL, H5E_OVERFLOW,
+           "%s", what);
+  return -1;
 }
 
-// H5Fget_file_image (HDF5 1.10) clears the "file open for writing" flag in the image's
-// superblock (v2/v3) but keeps the checksum computed with the flag set, so the file it returns
-// fails to open ("incorrect metadata checksum"). Recompute it when it does not match.
-void fix_superblock_checksum(std::string& image) {
-  auto* p = reinterpret_cast<unsigned char*>(image.data());
-  if (image.size() < 12 || (p[8] != 2 && p[8] != 3)) return;  // versions 0/1 have no checksum
-  const size_t at = 12 + 4 * static_cast<size_t>(p[9]);        // 4 addresses of p[9] bytes
-  if (image.size() < at + 4) return;
-  const uint32_t want = lookup3(p, at);
-  uint32_t stored;
-  std::memcpy(&stored, p + at, 4);
-  if (stored != want) std::memcpy(p + at, &want, 4);  // little-endian host (static_assert above)
+H5FD_t* checked_open(const char* name, unsigned flags, hid_t fapl, haddr_t maxaddr) {
+  if (!name || !*name || maxaddr == 0) return nullptr;
+  const auto* info = static_cast<const CheckedFapl*>(H5Pget_driver_info(fapl));
+  if (!info || !info->io) return nullptr;
+  int o = (flags & H5F_ACC_RDWR) ? O_RDWR : O_RDONLY;
+  if (flags & H5F_ACC_TRUNC) o |= O_TRUNC;
+  if (flags & H5F_ACC_CREAT) o |= O_CREAT;
+  if (flags & H5F_ACC_EXCL) o |= O_EXCL;
+  const int fd = ::open(name, o | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    info->io->open_error = errno;
+    H5Epush2(H5E_DEFAULT, __FILE__, "checked driver", __LINE__, H5E_ERR_CLS, H5E_FILE,
+             H5E_CANTOPENFILE, "%s", std::strerror(errno));
+    return nullptr;
+  }
+  struct stat st;
+  if (::fstat(fd, &st) != 0) {
+    info->io->open_error = errno;
+    ::close(fd);
+    return nullptr;
+  }
+  info->io->open_error = 0;
+  auto* f = new CheckedFile;
+  std::memset(&f->pub, 0, sizeof f->pub);
+  f->fd = fd;
+  f->eof = static_cast<haddr_t>(st.st_size);
+  f->io = info->io;
+  return &f->pub;
+}
+
+herr_t checked_close(H5FD_t* file) {
+  CheckedFile* f = as_file(file);
+  if (::close(f->fd) != 0 && !f->io->error) f->io->error = errno;
+  delete f;
+  return 0;
+}
+
+herr_t checked_query(const H5FD_t*, unsigned long* flags) {
+  // What HDF5's POSIX and core drivers declare: metadata and small raw data aggregated into
+  // blocks, metadata accumulated, raw data sieved.
+  if (flags)
+    *flags = H5FD_FEAT_AGGREGATE_METADATA | H5FD_FEAT_ACCUMULATE_METADATA | H5FD_FEAT_DATA_SIEVE |
+             H5FD_FEAT_AGGREGATE_SMALLDATA;
+  return 0;
+}
+
+haddr_t checked_get_eoa(const H5FD_t* file, H5FD_mem_t) { return as_file(file)->eoa; }
+herr_t checked_set_eoa(H5FD_t* file, H5FD_mem_t, haddr_t addr) {
+  if (addr > kMaxAddr) return bad_address("address beyond the largest file offset");
+  as_file(file)->eoa = addr;
+  return 0;
+}
+haddr_t checked_get_eof(const H5FD_t* file, H5FD_mem_t) { return as_file(file)->eof; }
+
+herr_t checked_get_handle(H5FD_t* file, hid_t, void** handle) {
+  if (!handle) return -1;
+  *handle = &as_file(file)->fd;
+  return 0;
+}
+
+herr_t checked_read(H5FD_t* file, H5FD_mem_t, hid_t, haddr_t addr, size_t size, void* buf) {
+  CheckedFile* f = as_file(file);
+  if (addr == HADDR_UNDEF || addr > kMaxAddr || addr + size > f->eoa)
+    return bad_address("read beyond the end of the allocated file");
+  auto* out = static_cast<unsigned char*>(buf);
+  size_t done = 0;
+  while (done < size) {
+    const ssize_t r = ::pread(f->fd, out + done, size - done, static_cast<off_t>(addr + done));
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) break;  // past the end of what reached the disk: zeros, as POSIX reads give
+    done += static_cast<size_t>(r);
+  }
+  std::memset(out + done, 0, size - done);
+  // Metadata written after a failure lives in memory only: lay it over what the disk returned.
+  for (const auto& [at, bytes] : f->io->after_error) {
+    const haddr_t lo = std::max(at, addr), hi = std::min(at + bytes.size(), addr + size);
+    if (lo < hi) std::memcpy(out + (lo - addr), bytes.data() + (lo - at), hi - lo);
+  }
+  return 0;
+}
+
+herr_t checked_write(H5FD_t* file, H5FD_mem_t type, hid_t, haddr_t addr, size_t size,
+                     const void* buf) {
+  CheckedFile* f = as_file(file);
+  if (addr == HADDR_UNDEF || addr > kMaxAddr || addr + size > f->eoa)
+    return bad_address("write beyond the end of the allocated file");
+  const auto* in = static_cast<const unsigned char*>(buf);
+  size_t done = 0;
+  while (!f->io->error && done < size) {
+    const ssize_t w = ::pwrite(f->fd, in + done, size - done, static_cast<off_t>(addr + done));
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) {
+      f->io->error = w < 0 ? errno : EIO;
+      break;
+    }
+    done += static_cast<size_t>(w);
+  }
+  if (f->io->error && type != H5FD_MEM_DRAW && done < size)
+    f->io->after_error[addr + done] = std::string(reinterpret_cast<const char*>(in + done),
+                                                  size - done);
+  f->eof = std::max(f->eof, addr + size);
+  return 0;
+}
+
+herr_t checked_truncate(H5FD_t* file, hid_t, hbool_t) {
+  CheckedFile* f = as_file(file);
+  if (f->eoa != f->eof && !f->io->error) {
+    if (::ftruncate(f->fd, static_cast<off_t>(f->eoa)) != 0) f->io->error = errno;
+  }
+  f->eof = f->eoa;
+  return 0;
+}
+
+// The driver, registered once. Members are set by name: H5FD_class_t grew fields in 1.13.
+hid_t checked_driver() {
+  static const hid_t id = [] {
+    static H5FD_class_t c;
+    std::memset(&c, 0, sizeof c);
+#if H5_VERSION_GE(1, 13, 2)
+    c.version = H5FD_CLASS_VERSION;
+    c.value = 500;  // a value for drivers that are not registered with The HDF Group
+#endif
+    c.name = "ssdtrain_checked";
+    c.maxaddr = kMaxAddr;
+    c.fc_degree = H5F_CLOSE_STRONG;
+    c.fapl_size = sizeof(CheckedFapl);
+    c.open = checked_open;
+    c.close = checked_close;
+    c.query = checked_query;
+    c.get_eoa = checked_get_eoa;
+    c.set_eoa = checked_set_eoa;
+    c.get_eof = checked_get_eof;
+    c.get_handle = checked_get_handle;
+    c.read = checked_read;
+    c.write = checked_write;
+    c.truncate = checked_truncate;
+    const H5FD_mem_t map[H5FD_MEM_NTYPES] = H5FD_FLMAP_DICHOTOMY;
+    std::copy(map, map + H5FD_MEM_NTYPES, c.fl_map);
+    return H5FDregister(&c);
+  }();
+  return id;
+}
+
+void write_contents(const Writer& w, const CheckpointData& ckpt) {
+  w.attr_i64(w.file, "format_version", kCheckpointFormatVersion);
+  w.attr_i64(w.file, "step", ckpt.step);
+
+  const bool has_opt = !ckpt.adam_m.empty();
+  json::Value manifest = json::Value::object();
+  json::Value names = json::Value::array();
+  for (const auto& t : ckpt.params) names.push(t.name);
+  json::Value keys = json::Value::array();
+  for (const auto& [k, v] : ckpt.state) keys.push(k);
+  manifest.set("params", std::move(names));
+  manifest.set("optimizer", has_opt);
+  manifest.set("state", std::move(keys));
+  w.string("manifest", json::dump(manifest));
+  w.string("config_yaml", ckpt.config_yaml);
+
+  {
+    H5 g = w.make_group("params");
+    for (const auto& t : ckpt.params) w.tensor(g.get(), "params", t);
+  }
+  if (has_opt) {
+    H5 gm = w.make_group("adam_m");
+    for (const auto& t : ckpt.adam_m) w.tensor(gm.get(), "adam_m", t);
+    H5 gv = w.make_group("adam_v");
+    for (const auto& t : ckpt.adam_v) w.tensor(gv.get(), "adam_v", t);
+  }
+  {
+    H5 g = w.make_group("state");
+    for (const auto& [key, v] : ckpt.state)
+      w.dataset(g.get(), key, "/state/" + key, H5T_STD_U64LE, H5T_NATIVE_UINT64,
+                Shape{static_cast<int64_t>(v.size())}, v.data(), v.size() * sizeof(uint64_t));
+  }
 }
 
 }  // namespace
 
-// HDF5 builds the file in memory (the core driver, no backing store) and never touches the
-// disk for a write: when HDF5 itself wrote the file and a write failed (ENOSPC, EIO), the
-// failed H5Fclose left the file half-closed inside the library, which then crashed in its
-// atexit shutdown (exit 139 after the error message). Here every byte reaches the disk through
-// write_file_atomic: one checked path that reports errno, removes its temp file and leaves no
-// HDF5 state behind. The cost is one in-memory copy of the file while it is written.
+// Each tensor goes from the caller's buffer to the temp file (H5Dwrite, then the driver's
+// pwrite): no copy of the file is held in memory. Then fsync, rename, fsync the directory.
 void write_checkpoint(const std::string& path, const CheckpointData& ckpt) {
   validate_for_write(path, ckpt);
   QuietHdf5 quiet;
-  std::string image;
-  {
-    size_t payload = 1 << 20;  // metadata, strings, state: small
-    for (const auto* g : {&ckpt.params, &ckpt.adam_m, &ckpt.adam_v})
-      for (const auto& t : *g) payload += t.data.size() * sizeof(float);
-    payload += ckpt.config_yaml.size();
+  const std::string tmp = temp_path(path);
+  CheckedIo io;
+  try {
     H5 fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
-    // The increment is the whole expected size, so the image is allocated once.
+    const CheckedFapl info{&io};
     if (!fapl.ok() || H5Pset_libver_bounds(fapl.get(), H5F_LIBVER_V18, H5F_LIBVER_LATEST) < 0 ||
-        H5Pset_fclose_degree(fapl.get(), H5F_CLOSE_STRONG) < 0 ||
-        H5Pset_fapl_core(fapl.get(), payload, /*backing_store=*/0) < 0)
-      fail("cannot write checkpoint ", path, ": cannot set HDF5 file properties: ", h5_detail());
-    H5 file(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get()), H5Fclose);
-    if (!file.ok())
-      fail("cannot write checkpoint ", path, ": cannot create the HDF5 image: ", h5_detail());
-    {
-      Writer w{file.get(), path};
-      w.attr_i64(file.get(), "format_version", kCheckpointFormatVersion);
-      w.attr_i64(file.get(), "step", ckpt.step);
-
-      const bool has_opt = !ckpt.adam_m.empty();
-      json::Value manifest = json::Value::object();
-      json::Value names = json::Value::array();
-      for (const auto& t : ckpt.params) names.push(t.name);
-      json::Value keys = json::Value::array();
-      for (const auto& [k, v] : ckpt.state) keys.push(k);
-      manifest.set("params", std::move(names));
-      manifest.set("optimizer", has_opt);
-      manifest.set("state", std::move(keys));
-      w.string("manifest", json::dump(manifest));
-      w.string("config_yaml", ckpt.config_yaml);
-
-      {
-        H5 g = w.make_group("params");
-        for (const auto& t : ckpt.params) w.tensor(g.get(), "params", t);
-      }
-      if (has_opt) {
-        H5 gm = w.make_group("adam_m");
-        for (const auto& t : ckpt.adam_m) w.tensor(gm.get(), "adam_m", t);
-        H5 gv = w.make_group("adam_v");
-        for (const auto& t : ckpt.adam_v) w.tensor(gv.get(), "adam_v", t);
-      }
-      {
-        H5 g = w.make_group("state");
-        for (const auto& [key, v] : ckpt.state)
-          w.dataset(g.get(), key, "/state/" + key, H5T_STD_U64LE, H5T_NATIVE_UINT64,
-                    Shape{static_cast<int64_t>(v.size())}, v.data(), v.size() * sizeof(uint64_t));
-      }
+        H5Pset_fclose_degree(fapl.get(), H5F_CLOSE_STRONG) < 0 || checked_driver() < 0 ||
+        H5Pset_driver(fapl.get(), checked_driver(), &info) < 0)
+      fail("cannot set HDF5 file properties: ", h5_detail());
+    H5 file(H5Fcreate(tmp.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get()), H5Fclose);
+    if (!file.ok()) {
+      if (io.open_error) fail("cannot create ", tmp, ": ", errno_str(io.open_error));
+      fail("cannot create ", tmp, ": ", h5_detail());
     }
-    if (H5Fflush(file.get(), H5F_SCOPE_GLOBAL) < 0)
-      fail("cannot write checkpoint ", path, ": flushing the HDF5 image failed: ", h5_detail());
-    const ssize_t size = H5Fget_file_image(file.get(), nullptr, 0);
-    if (size <= 0) fail("cannot write checkpoint ", path, ": empty HDF5 image: ", h5_detail());
-    image.resize(static_cast<size_t>(size));
-    if (H5Fget_file_image(file.get(), image.data(), image.size()) != size)
-      fail("cannot write checkpoint ", path, ": cannot copy the HDF5 image: ", h5_detail());
-    fix_superblock_checksum(image);
-    if (!file.close())
-      fail("cannot write checkpoint ", path, ": closing the HDF5 image failed: ", h5_detail());
+    write_contents(Writer{file.get()}, ckpt);
+    // The driver fails no call, so HDF5 closes the file whatever the disk did.
+    if (!file.close()) fail("closing ", tmp, " failed: ", h5_detail());
+    if (io.error) fail("cannot write ", tmp, ": ", errno_str(io.error));
+  } catch (const Error& e) {
+    ::unlink(tmp.c_str());
+    // A failed write is the cause of whatever HDF5 said after it.
+    if (io.error) fail("cannot write checkpoint ", path, ": cannot write ", tmp, ": ",
+                       errno_str(io.error));
+    fail("cannot write checkpoint ", path, ": ", e.what());
+  } catch (...) {
+    ::unlink(tmp.c_str());
+    throw;
   }
   try {
-    write_file_atomic(path, image);
+    commit_file(tmp, path);  // removes tmp when it fails
   } catch (const Error& e) {
     fail("cannot write checkpoint ", path, ": ", e.what());
   }

@@ -26,8 +26,10 @@ struct CheckpointData {
   std::string source;
 };
 
-// Writes <path> atomically: <path>.tmp.<pid>, flush + fsync, rename, fsync the directory.
-// Every dataset carries a checksum verified by read_checkpoint.
+// Writes <path> atomically: tensor by tensor into temp_path(path) (no copy of the file in
+// memory), fsync, rename, fsync the directory. A failed write (ENOSPC...) throws naming path and
+// the errno, and leaves neither file. Every dataset carries a checksum verified by
+// read_checkpoint.
 void write_checkpoint(const std::string& path, const CheckpointData& ckpt);
 
 // Reads and verifies a checkpoint. Throws ssd::Error naming the file and what is wrong

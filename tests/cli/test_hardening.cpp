@@ -118,7 +118,7 @@ class Hardening : public ::testing::Test {
 
 TEST_F(Hardening, DiskFullAtACheckpointFailsCleanly) {
   if (!mount_small_fs("300k")) GTEST_SKIP() << "cannot mount a tmpfs here (needs root)";
-  // config.yaml and metrics fit; the ~0.9 MB checkpoint does not.
+  // config.yaml and metrics fit; the ~1.5 MB checkpoint does not.
   const fs::path run_dir = fs::path(mount_) / "run";
   Result r = run(train_args(run_dir, 3));
   EXPECT_EQ(r.rc, 1) << r;  // not 139: no crash in HDF5's shutdown

@@ -101,10 +101,10 @@ class ConfigTest : public ::testing::Test {
 
 TEST(ConfigDefault, DefaultYamlValues) {
   Config c = parse_config(default_yaml(), {}, "configs/default.yaml");
-  EXPECT_EQ(c.model.d_model, 64);
-  EXPECT_EQ(c.model.n_layer, 2);
+  EXPECT_EQ(c.model.d_model, 128);
+  EXPECT_EQ(c.model.n_layer, 1);
   EXPECT_EQ(c.model.d_state, 64);
-  EXPECT_EQ(c.model.headdim, 16);
+  EXPECT_EQ(c.model.headdim, 32);
   EXPECT_EQ(c.model.expand, 2);
   EXPECT_EQ(c.model.ngroups, 1);
   EXPECT_EQ(c.model.d_conv, 4);
@@ -112,17 +112,17 @@ TEST(ConfigDefault, DefaultYamlValues) {
   EXPECT_EQ(c.model.vocab_size, 48);
   EXPECT_EQ(c.model.pad_vocab_size_multiple, 16);
   EXPECT_EQ(c.model.padded_vocab(), 48);
-  EXPECT_EQ(c.model.d_inner(), 128);
+  EXPECT_EQ(c.model.d_inner(), 256);
   EXPECT_EQ(c.model.nheads(), 8);
   EXPECT_EQ(c.train.device, "auto");
   EXPECT_EQ(c.train.seed, 1234);
   EXPECT_EQ(c.train.seq_len, 64);
   EXPECT_EQ(c.train.micro_batch, 32);
   EXPECT_EQ(c.train.grad_accum, 1);
-  EXPECT_EQ(c.train.max_steps, 1500);
+  EXPECT_EQ(c.train.max_steps, 1000);
   EXPECT_DOUBLE_EQ(c.train.lr, 1e-2);
   EXPECT_DOUBLE_EQ(c.train.min_lr, 1e-3);
-  EXPECT_EQ(c.train.warmup_steps, 20);
+  EXPECT_EQ(c.train.warmup_steps, 100);
   EXPECT_DOUBLE_EQ(c.train.weight_decay, 0.1);
   EXPECT_DOUBLE_EQ(c.train.grad_clip, 1.0);
   EXPECT_EQ(c.data.kind, "mqar");
@@ -158,7 +158,7 @@ TEST(ConfigDefault, EmbeddedDefaultMatchesFile) {
 
 TEST_F(ConfigTest, LoadDefaultFromDisk) {
   Config c = ssd::load_config((fs::path(SSD_SOURCE_DIR) / "configs" / "default.yaml").string(), {});
-  EXPECT_EQ(c.model.d_model, 64);
+  EXPECT_EQ(c.model.d_model, 128);
   EXPECT_EQ(c.run.name, "default");  // set in the file
 }
 
@@ -319,7 +319,7 @@ TEST(ConfigOverride, IntsFloatsStrings) {
   EXPECT_EQ(c.train.max_steps, 7);
   EXPECT_DOUBLE_EQ(c.data.val_fraction, 0.0);
   // Untouched keys keep the file's values.
-  EXPECT_EQ(c.model.n_layer, 2);
+  EXPECT_EQ(c.model.n_layer, 1);
   EXPECT_EQ(c.train.seq_len, 64);
 }
 
@@ -460,20 +460,21 @@ TEST_F(ConfigTest, ErrorsInAFileNameTheFile) {
 }
 
 TEST(ConfigErrors, HeaddimMustDivideDInner) {
-  // d_inner = 2 * 64 = 128; 24 does not divide it.
-  expect_set_error({"model.headdim=24"}, {"model.headdim", "128"});
+  // d_inner = 2 * 128 = 256; 24 does not divide it.
+  expect_set_error({"model.headdim=24"}, {"model.headdim", "256"});
   expect_set_error({"model.d_model=40", "model.headdim=32"}, {"model.headdim", "80"});
-  // 32 divides 128: fine.
+  // 32 divides 256: fine.
   EXPECT_NO_THROW(parse_config(default_yaml(), {"model.headdim=32"}, "default"));
 }
 
 TEST(ConfigErrors, NgroupsMustDivideNheads) {
   // 4 heads (headdim 32 of d_inner 128, pinned: the default's head count may change); 3 groups
   // does not divide them, 2 and 4 do.
-  expect_set_error({"model.headdim=32", "model.ngroups=3"}, {"model.ngroups", "4"});
-  EXPECT_NO_THROW(parse_config(default_yaml(), {"model.headdim=32", "model.ngroups=2"}, "default"));
-  EXPECT_NO_THROW(parse_config(default_yaml(), {"model.headdim=32", "model.ngroups=4"}, "default"));
-  expect_set_error({"model.headdim=32", "model.ngroups=8"}, {"model.ngroups"});
+  const std::string d = "model.d_model=64", h = "model.headdim=32";
+  expect_set_error({d, h, "model.ngroups=3"}, {"model.ngroups", "4"});
+  EXPECT_NO_THROW(parse_config(default_yaml(), {d, h, "model.ngroups=2"}, "default"));
+  EXPECT_NO_THROW(parse_config(default_yaml(), {d, h, "model.ngroups=4"}, "default"));
+  expect_set_error({d, h, "model.ngroups=8"}, {"model.ngroups"});
 }
 
 class PositiveKey : public ::testing::TestWithParam<const char*> {};

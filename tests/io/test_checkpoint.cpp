@@ -1,7 +1,10 @@
 // Checkpoints: HDF5 round trip, atomic writes, and a clear error for every kind of bad file.
 #include <gtest/gtest.h>
 #include <hdf5.h>
+#include <sys/resource.h>
 #include <unistd.h>
+
+#include <csignal>
 
 #include <cmath>
 #include <cstring>
@@ -209,6 +212,35 @@ TEST_F(CheckpointTest, FailedRenameOntoDirectoryLeavesNoFileOrTemp) {
   EXPECT_NE(msg.find(p), std::string::npos) << msg;
   EXPECT_TRUE(fs::is_directory(p));  // still the directory, no file under that name
   EXPECT_EQ(listing(), std::vector<std::string>{"step_00000001.h5"});  // no *.tmp.*
+}
+
+// A write that fails at any byte of the file (here: the file-size limit, EFBIG, standing in for
+// a full disk) is reported with errno and the checkpoint's name, leaves no file or temp file,
+// and leaves HDF5 usable: the next write and read in the same process work.
+TEST_F(CheckpointTest, WriteFailingAtAnyOffsetLeavesNothingAndHdf5Works) {
+  const std::string good = path("good.h5"), p = path("step_00000002.h5");
+  write_checkpoint(good, make_ckpt(1));
+  const auto size = static_cast<rlim_t>(fs::file_size(good));
+  std::vector<rlim_t> limits = {0, 1, 4096};
+  for (rlim_t at = size / 23; at < size; at += size / 23) limits.push_back(at);
+  for (rlim_t back = 1; back <= 8192 && back < size; back *= 2) limits.push_back(size - back);
+  rlimit old;
+  ASSERT_EQ(getrlimit(RLIMIT_FSIZE, &old), 0);
+  auto* old_handler = std::signal(SIGXFSZ, SIG_IGN);  // write() then fails with EFBIG
+  for (rlim_t limit : limits) {
+    rlimit lim = old;
+    lim.rlim_cur = limit;
+    ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &lim), 0);
+    std::string msg = error_of([&] { write_checkpoint(p, make_ckpt(2)); });
+    ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &old), 0);
+    EXPECT_NE(msg.find(p), std::string::npos) << "limit " << limit << ": " << msg;
+    EXPECT_NE(msg.find(std::strerror(EFBIG)), std::string::npos) << "limit " << limit << ": " << msg;
+    EXPECT_EQ(listing(), std::vector<std::string>{"good.h5"}) << "limit " << limit;
+  }
+  std::signal(SIGXFSZ, old_handler);
+  write_checkpoint(p, make_ckpt(2));
+  expect_same_tensors(read_checkpoint(p).adam_v, make_ckpt(2).adam_v);
+  expect_same_tensors(read_checkpoint(good).params, make_ckpt(1).params);
 }
 
 TEST_F(CheckpointTest, WriteRejectsMismatchedOptimizerState) {

@@ -17,10 +17,9 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// What README.md states for the default run: recall accuracy 1.0 for most seeds (here: at
-// least 4 of the 5 above 0.95), and above 0.7 for every seed measured.
-constexpr double kMostSeedsAccuracy = 0.95;
-constexpr double kEverySeedAccuracy = 0.7;
+// What README.md states for the default run: recall accuracy at least 0.95 for every seed
+// (every seed measured ended at 1.000).
+constexpr double kEverySeedAccuracy = 0.95;
 
 // eval_acc of the last evaluation line of a metrics.jsonl; -1 if none.
 double last_eval_acc(const fs::path& metrics) {
@@ -70,7 +69,6 @@ TEST(DefaultRun, ReachesTheAdvertisedAccuracyForEverySeed) {
     status_of[running[done]] = status;
     running.erase(done);
   }
-  int good = 0;
   for (int s : seeds) {
     const fs::path dir = root / ("seed" + std::to_string(s));
     EXPECT_TRUE(WIFEXITED(status_of[s]) && WEXITSTATUS(status_of[s]) == 0)
@@ -78,9 +76,7 @@ TEST(DefaultRun, ReachesTheAdvertisedAccuracyForEverySeed) {
     const double acc = last_eval_acc(dir / "metrics.jsonl");
     std::printf("[ info ] seed %d: final recall accuracy %.3f\n", s, acc);
     EXPECT_GE(acc, kEverySeedAccuracy) << "seed " << s;
-    good += acc >= kMostSeedsAccuracy;
   }
-  EXPECT_GE(good, 4) << "seeds above " << kMostSeedsAccuracy;
   if (!HasFailure()) fs::remove_all(root);
 }
 
