@@ -374,6 +374,19 @@ TrainResult Trainer::run() {
     log("context parallel: segments of " + std::to_string(L / layout_.cp) + " tokens; each rank "
         "sends " + std::to_string(model_->cp_bytes_per_layer() >> 10) + " KiB per layer and step "
         "(SSD state and conv halo, forward and backward)");
+  if (layout_.tp > 1) {
+    const TpDims& d = model_->tp_dims();
+    log("tensor parallel: tp=" + std::to_string(layout_.tp) + ", " + std::to_string(d.nheads) +
+        " of " + std::to_string(cfg_.model.nheads()) + " heads, " +
+        (d.span > 1 ? "the B/C group shared by " + std::to_string(d.span) + " ranks"
+                    : std::to_string(d.ngroups) + " B/C group(s)") +
+        " and " + std::to_string(d.vocab) + " vocabulary rows per rank" +
+        (cfg_.parallel.sequence_parallel ? "; sequence parallel (the residual stream on " +
+                                               std::to_string(layout_.micro_batch *
+                                                              (L / layout_.cp) / layout_.tp) +
+                                               " tokens per rank)"
+                                         : ""));
+  }
   if (cfg_.parallel.zero)
     log("ZeRO-1: AdamW moments " + std::to_string(sync_->moment_bytes() >> 20) + " MiB on each rank instead of " +
         std::to_string(sync_->unsharded_moment_bytes() >> 20) + " MiB");
