@@ -16,6 +16,7 @@
 #include "data/indexed_file.h"
 #include "dist/grid.h"
 #include "model/mamba2.h"
+#include "layout_checks.h"
 #include "layout_step.h"
 #include "mpi_main.h"
 #include "testutil.h"
@@ -34,15 +35,6 @@ const char* kSmall =
     "data: {kind: mqar, mqar_num_pairs: 2, mqar_key_vocab: 16, mqar_value_vocab: 16}\n"
     "run: {log_every: 5, eval_batches: 4}\n"
     "parallel: {bucket_mb: 0.004}\n";  // about 1000 gradients a bucket: several buckets
-
-int world_rank() { return process_info().rank; }
-
-// Ranks in consecutive groups of n.
-MPI_Comm groups_of(int n) {
-  MPI_Comm c;
-  MPI_Comm_split(MPI_COMM_WORLD, world_rank() / n, world_rank(), &c);
-  return c;
-}
 
 std::string tmpdir(const std::string& name) {
   return "/tmp/ssdtrain_mpitest_layouts/" + name;
@@ -82,18 +74,6 @@ void expect_close(const std::vector<std::vector<float>>& a, const std::vector<st
       ASSERT_LE(std::fabs(double(a[i][j]) - b[i][j]), 1e-5 * mx)
           << what << ": " << table[i].name << "[" << j << "] " << a[i][j] << " vs " << b[i][j];
   }
-}
-
-void expect_losses_close(const std::vector<double>& a, const std::vector<double>& b,
-                         const std::string& what) {
-  ASSERT_EQ(a.size(), b.size()) << what;
-  double worst = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    EXPECT_NEAR(a[i], b[i], 1e-5 * std::fabs(b[i])) << what << " step " << i + 1;
-    worst = std::max(worst, std::fabs(a[i] - b[i]) / std::fabs(b[i]));
-  }
-  if (world_rank() == 0)
-    std::printf("%s: %zu steps, largest relative loss difference %.2e\n", what.c_str(), a.size(), worst);
 }
 
 void clean() {

@@ -15,6 +15,7 @@
 #include "config/config.h"
 #include "dist/grid.h"
 #include "io/export.h"
+#include "layout_checks.h"
 #include "layout_step.h"
 #include "model/mamba2.h"
 #include "mpi_main.h"
@@ -34,14 +35,6 @@ const char* kSmall =
     "data: {kind: mqar, mqar_num_pairs: 2, mqar_key_vocab: 16, mqar_value_vocab: 16}\n"
     "run: {log_every: 5, eval_batches: 2}\n"
     "parallel: {bucket_mb: 0.004}\n";
-
-int world_rank() { return process_info().rank; }
-
-MPI_Comm groups_of(int n) {
-  MPI_Comm c;
-  MPI_Comm_split(MPI_COMM_WORLD, world_rank() / n, world_rank(), &c);
-  return c;
-}
 
 std::string tmpdir(const std::string& name) { return "/tmp/ssdtrain_mpitest_tp/" + name; }
 
@@ -75,19 +68,6 @@ void expect_close(const LayoutGrads& got, const LayoutGrads& ref, const Config& 
   if (world_rank() == 0)
     std::printf("%s: loss %.7f vs %.7f, largest gradient difference %.2e of max|g|\n",
                 what.c_str(), got.loss, ref.loss, worst);
-}
-
-void expect_losses_close(const std::vector<double>& a, const std::vector<double>& b,
-                         const std::string& what) {
-  ASSERT_EQ(a.size(), b.size()) << what;
-  double worst = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    EXPECT_NEAR(a[i], b[i], 1e-5 * std::fabs(b[i])) << what << " step " << i + 1;
-    worst = std::max(worst, std::fabs(a[i] - b[i]) / std::fabs(b[i]));
-  }
-  if (world_rank() == 0)
-    std::printf("%s: %zu steps, largest relative loss difference %.2e\n", what.c_str(), a.size(),
-                worst);
 }
 
 void clean() {
