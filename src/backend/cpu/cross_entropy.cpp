@@ -18,6 +18,39 @@ namespace {
 
 constexpr int64_t ROWS_PER_BLOCK = 64;
 
+// A row of logits: its first maximum (value and index) and sum of exp(logit - max).
+template <class T>
+double row_max_sumexp(const T* l, int64_t vocab, T& mx, int64_t& amax) {
+  amax = 0;
+  mx = l[0];
+  for (int64_t v = 1; v < vocab; ++v)
+    if (l[v] > mx) {  // strict: the first maximum wins
+      mx = l[v];
+      amax = v;
+    }
+  const double mxd = static_cast<double>(mx);
+  double se = 0;
+  for (int64_t v = 0; v < vocab; ++v) se += std::exp(static_cast<double>(l[v]) - mxd);
+  return se;
+}
+
+// The row's logits become grad_scale * (softmax - onehot); j is the target's column, or
+// outside [0, vocab) when another rank holds it.
+template <class T>
+void row_dlogits(T* l, int64_t vocab, double lse, double grad_scale, int64_t j) {
+  for (int64_t v = 0; v < vocab; ++v)
+    l[v] = static_cast<T>(grad_scale * std::exp(static_cast<double>(l[v]) - lse));
+  if (j >= 0 && j < vocab) l[j] = static_cast<T>(static_cast<double>(l[j]) - grad_scale);
+}
+
+// dhidden[rows] = dlogits @ weight;  dweight += dlogits^T @ hidden[rows]
+template <class T>
+void block_backward(const T* dlogits, const T* weight, const T* hb, int64_t rb, int64_t dim,
+                    int64_t vocab, T* dhidden_rows, T* dweight) {
+  gemm(false, false, rb, dim, vocab, T(1), dlogits, vocab, weight, dim, T(0), dhidden_rows, dim);
+  if (dweight)
+    gemm(true, false, vocab, dim, rb, T(1), dlogits, vocab, hb, dim, T(1), dweight, dim);
+}
 
 }  // namespace
 
@@ -57,24 +90,13 @@ void lm_head_ce(const T* hidden, const T* weight, const int32_t* targets, int64_
         if (grad) std::fill(l, l + vocab, T(0));
         continue;
       }
-      int64_t amax = 0;
-      T mx = l[0];
-      for (int64_t v = 1; v < vocab; ++v)
-        if (l[v] > mx) {  // strict: the first maximum wins
-          mx = l[v];
-          amax = v;
-        }
-      const double mxd = static_cast<double>(mx);
-      double se = 0;
-      for (int64_t v = 0; v < vocab; ++v) se += std::exp(static_cast<double>(l[v]) - mxd);
-      const double lse = mxd + std::log(se);
+      T mx;
+      int64_t amax;
+      const double se = row_max_sumexp(l, vocab, mx, amax);
+      const double lse = static_cast<double>(mx) + std::log(se);
       row_loss[r] = lse - static_cast<double>(l[tgt]);
       row_hit[r] = amax == tgt;
-      if (grad) {
-        for (int64_t v = 0; v < vocab; ++v)
-          l[v] = static_cast<T>(grad_scale * std::exp(static_cast<double>(l[v]) - lse));
-        l[tgt] = static_cast<T>(static_cast<double>(l[tgt]) - grad_scale);
-      }
+      if (grad) row_dlogits(l, vocab, lse, grad_scale, tgt);
     }
     // Deterministic: rows summed in order.
     for (int64_t r = 0; r < rb; ++r) {
@@ -83,13 +105,7 @@ void lm_head_ce(const T* hidden, const T* weight, const int32_t* targets, int64_
     }
     stats[1] += static_cast<double>(counted);
 
-    if (grad) {
-      // dhidden[rows] = dlogits @ weight;  dweight += dlogits^T @ hidden[rows]
-      gemm(false, false, rb, dim, vocab, T(1), buf.data(), vocab, weight, dim, T(0),
-           dhidden + r0 * dim, dim);
-      if (dweight)
-        gemm(true, false, vocab, dim, rb, T(1), buf.data(), vocab, hb, dim, T(1), dweight, dim);
-    }
+    if (grad) block_backward(buf.data(), weight, hb, rb, dim, vocab, dhidden + r0 * dim, dweight);
   }
 }
 
@@ -145,16 +161,9 @@ void lm_head_ce_shard(const T* hidden, const T* weight, const int32_t* targets, 
         pr[3] = T(-1);
         continue;
       }
-      int64_t amax = 0;
-      T mx = l[0];
-      for (int64_t v = 1; v < vocab; ++v)
-        if (l[v] > mx) {  // strict: the first maximum wins
-          mx = l[v];
-          amax = v;
-        }
-      const double mxd = static_cast<double>(mx);
-      double se = 0;
-      for (int64_t v = 0; v < vocab; ++v) se += std::exp(static_cast<double>(l[v]) - mxd);
+      T mx;
+      int64_t amax;
+      const double se = row_max_sumexp(l, vocab, mx, amax);
       const int64_t j = tgt - begin;
       pr[0] = mx;
       pr[1] = static_cast<T>(se);
@@ -208,17 +217,10 @@ void lm_head_ce_shard(const T* hidden, const T* weight, const int32_t* targets, 
         std::fill(l, l + vocab, T(0));
         continue;
       }
-      const double lse = row_lse[r];
-      for (int64_t v = 0; v < vocab; ++v)
-        l[v] = static_cast<T>(grad_scale * std::exp(static_cast<double>(l[v]) - lse));
-      const int64_t j = tgt - begin;
-      if (j >= 0 && j < vocab) l[j] = static_cast<T>(static_cast<double>(l[j]) - grad_scale);
+      row_dlogits(l, vocab, row_lse[r], grad_scale, tgt - begin);
     }
     // This rank's part of dhidden (its columns of the logits); its rows of dweight, complete.
-    gemm(false, false, rb, dim, vocab, T(1), buf.data(), vocab, weight, dim, T(0),
-         dhidden + r0 * dim, dim);
-    if (dweight)
-      gemm(true, false, vocab, dim, rb, T(1), buf.data(), vocab, hb, dim, T(1), dweight, dim);
+    block_backward(buf.data(), weight, hb, rb, dim, vocab, dhidden + r0 * dim, dweight);
   }
 }
 

@@ -47,6 +47,50 @@ void check_span(const NormSpan& span) {
   SSD_CHECK(span.ranks >= 1, "gated_rmsnorm: norm span over ", span.ranks, " ranks");
   SSD_CHECK(static_cast<bool>(span.all_reduce), "gated_rmsnorm: norm span without all_reduce");
 }
+
+
+// One group's columns [c0, c1) of one token, shared by the plain and the span forms (the
+// same arithmetic in the same order, so the plain form's results do not depend on the split).
+template <class T>
+inline double gated(const T* yr, const T* zr, int64_t c) {
+  const double zc = static_cast<double>(zr[c]);
+  return static_cast<double>(yr[c]) * zc * sigmoid(zc);
+}
+template <class T>
+double group_sumsq(const T* yr, const T* zr, int64_t c0, int64_t c1) {
+  double ss = 0;
+  for (int64_t c = c0; c < c1; ++c) {
+    const double g = gated(yr, zr, c);
+    ss += g * g;
+  }
+  return ss;
+}
+template <class T>
+void group_out(const T* yr, const T* zr, const T* weight, int64_t c0, int64_t c1, double s, T* o) {
+  for (int64_t c = c0; c < c1; ++c)
+    o[c] = static_cast<T>(gated(yr, zr, c) * s * static_cast<double>(weight[c]));
+}
+// sum over the group of go_k g_k, go = dout * weight
+template <class T>
+double group_dot(const T* dor, const T* yr, const T* zr, const T* weight, int64_t c0, int64_t c1) {
+  double dot = 0;
+  for (int64_t c = c0; c < c1; ++c)
+    dot += static_cast<double>(dor[c]) * static_cast<double>(weight[c]) * gated(yr, zr, c);
+  return dot;
+}
+// dg_i = s * go_i - k * g_i (k = s^3 / n * dot); dy = dg * silu(z), dz = dg * y * silu'(z)
+template <class T>
+void group_grads(const T* dor, const T* yr, const T* zr, const T* weight, int64_t c0, int64_t c1,
+                 double s, double k, T* dyr, T* dzr) {
+  for (int64_t c = c0; c < c1; ++c) {
+    const double zc = static_cast<double>(zr[c]), yc = static_cast<double>(yr[c]);
+    const double sg = sigmoid(zc), silu = zc * sg;
+    const double g = yc * silu;
+    const double dg = s * static_cast<double>(dor[c]) * static_cast<double>(weight[c]) - k * g;
+    dyr[c] = static_cast<T>(dg * silu);
+    dzr[c] = static_cast<T>(dg * yc * sg * (1.0 + zc * (1.0 - sg)));
+  }
+}
 }  // namespace
 
 template <class T>
@@ -59,22 +103,12 @@ void gated_rmsnorm_fwd(const T* y, const T* z, int64_t ld_z, const T* weight, in
   for (int64_t t = 0; t < ntok; ++t) {
     const T* yr = y + t * dim;
     const T* zr = z + t * ld_z;
-    T* o = out + t * dim;
     for (int64_t j = 0; j < ng; ++j) {
       const int64_t c0 = j * group_size, c1 = c0 + group_size;
-      double ss = 0;
-      for (int64_t c = c0; c < c1; ++c) {
-        const double zc = static_cast<double>(zr[c]);
-        const double g = static_cast<double>(yr[c]) * zc * sigmoid(zc);
-        ss += g * g;
-      }
+      const double ss = group_sumsq(yr, zr, c0, c1);
       const double s = 1.0 / std::sqrt(ss / static_cast<double>(group_size) + eps);
       rstd[t * ng + j] = static_cast<T>(s);
-      for (int64_t c = c0; c < c1; ++c) {
-        const double zc = static_cast<double>(zr[c]);
-        const double g = static_cast<double>(yr[c]) * zc * sigmoid(zc);
-        o[c] = static_cast<T>(g * s * static_cast<double>(weight[c]));
-      }
+      group_out(yr, zr, weight, c0, c1, s, out + t * dim);
     }
   }
 }
@@ -96,26 +130,11 @@ void gated_rmsnorm_bwd(const T* dout, const T* y, const T* z, int64_t ld_z, cons
     const T* dor = dout + t * dim;
     const T* yr = y + t * dim;
     const T* zr = z + t * ld_z;
-    T* dyr = dy + t * dim;
-    T* dzr = dz + t * ld_dz;
     for (int64_t j = 0; j < ng; ++j) {
       const int64_t c0 = j * group_size, c1 = c0 + group_size;
       const double s = static_cast<double>(rstd[t * ng + j]);
-      double dot = 0;
-      for (int64_t c = c0; c < c1; ++c) {
-        const double zc = static_cast<double>(zr[c]);
-        const double g = static_cast<double>(yr[c]) * zc * sigmoid(zc);
-        dot += static_cast<double>(dor[c]) * static_cast<double>(weight[c]) * g;
-      }
-      const double k = s * s * s * inv_n * dot;
-      for (int64_t c = c0; c < c1; ++c) {
-        const double zc = static_cast<double>(zr[c]), yc = static_cast<double>(yr[c]);
-        const double sg = sigmoid(zc), silu = zc * sg;
-        const double g = yc * silu;
-        const double dg = s * static_cast<double>(dor[c]) * static_cast<double>(weight[c]) - k * g;
-        dyr[c] = static_cast<T>(dg * silu);
-        dzr[c] = static_cast<T>(dg * yc * sg * (1.0 + zc * (1.0 - sg)));
-      }
+      const double k = s * s * s * inv_n * group_dot(dor, yr, zr, weight, c0, c1);
+      group_grads(dor, yr, zr, weight, c0, c1, s, k, dy + t * dim, dz + t * ld_dz);
     }
   }
   dweight_accumulate(dout, y, z, ld_z, rstd, ntok, dim, group_size, par, dweight);
@@ -133,36 +152,20 @@ void gated_rmsnorm_fwd_span(const T* y, const T* z, int64_t ld_z, const T* weigh
   const double inv_n = 1.0 / static_cast<double>(group_size * span.ranks);
   const bool par = ntok * dim > 16384;
 #pragma omp parallel for schedule(static) if (par)
-  for (int64_t t = 0; t < ntok; ++t) {
-    const T* yr = y + t * dim;
-    const T* zr = z + t * ld_z;
-    for (int64_t j = 0; j < ng; ++j) {
-      double ss = 0;
-      for (int64_t c = j * group_size; c < (j + 1) * group_size; ++c) {
-        const double zc = static_cast<double>(zr[c]);
-        const double g = static_cast<double>(yr[c]) * zc * sigmoid(zc);
-        ss += g * g;
-      }
-      rstd[t * ng + j] = static_cast<T>(ss);
-    }
-  }
+  for (int64_t t = 0; t < ntok; ++t)
+    for (int64_t j = 0; j < ng; ++j)
+      rstd[t * ng + j] = static_cast<T>(
+          group_sumsq(y + t * dim, z + t * ld_z, j * group_size, (j + 1) * group_size));
   Tensor sums = borrow(rstd, dtype_of<T>::value, {ntok, ng});
   span.all_reduce(sums);
 #pragma omp parallel for schedule(static) if (par)
-  for (int64_t t = 0; t < ntok; ++t) {
-    const T* yr = y + t * dim;
-    const T* zr = z + t * ld_z;
-    T* o = out + t * dim;
+  for (int64_t t = 0; t < ntok; ++t)
     for (int64_t j = 0; j < ng; ++j) {
       const double s = 1.0 / std::sqrt(static_cast<double>(rstd[t * ng + j]) * inv_n + eps);
       rstd[t * ng + j] = static_cast<T>(s);
-      for (int64_t c = j * group_size; c < (j + 1) * group_size; ++c) {
-        const double zc = static_cast<double>(zr[c]);
-        const double g = static_cast<double>(yr[c]) * zc * sigmoid(zc);
-        o[c] = static_cast<T>(g * s * static_cast<double>(weight[c]));
-      }
+      group_out(y + t * dim, z + t * ld_z, weight, j * group_size, (j + 1) * group_size, s,
+                out + t * dim);
     }
-  }
 }
 
 // With a norm span: the per-group dot products sum_k go_k g_k are all-reduced, n = group_size *
@@ -179,42 +182,20 @@ void gated_rmsnorm_bwd_span(const T* dout, const T* y, const T* z, int64_t ld_z,
   const bool par = ntok * dim > 16384;
   std::vector<T> dots(static_cast<size_t>(ntok * ng));
 #pragma omp parallel for schedule(static) if (par)
-  for (int64_t t = 0; t < ntok; ++t) {
-    const T* dor = dout + t * dim;
-    const T* yr = y + t * dim;
-    const T* zr = z + t * ld_z;
-    for (int64_t j = 0; j < ng; ++j) {
-      double dot = 0;
-      for (int64_t c = j * group_size; c < (j + 1) * group_size; ++c) {
-        const double zc = static_cast<double>(zr[c]);
-        const double g = static_cast<double>(yr[c]) * zc * sigmoid(zc);
-        dot += static_cast<double>(dor[c]) * static_cast<double>(weight[c]) * g;
-      }
-      dots[t * ng + j] = static_cast<T>(dot);
-    }
-  }
+  for (int64_t t = 0; t < ntok; ++t)
+    for (int64_t j = 0; j < ng; ++j)
+      dots[t * ng + j] = static_cast<T>(group_dot(dout + t * dim, y + t * dim, z + t * ld_z,
+                                                  weight, j * group_size, (j + 1) * group_size));
   Tensor sums = borrow(dots.data(), dtype_of<T>::value, {ntok, ng});
   span.all_reduce(sums);
 #pragma omp parallel for schedule(static) if (par)
-  for (int64_t t = 0; t < ntok; ++t) {
-    const T* dor = dout + t * dim;
-    const T* yr = y + t * dim;
-    const T* zr = z + t * ld_z;
-    T* dyr = dy + t * dim;
-    T* dzr = dz + t * ld_dz;
+  for (int64_t t = 0; t < ntok; ++t)
     for (int64_t j = 0; j < ng; ++j) {
       const double s = static_cast<double>(rstd[t * ng + j]);
       const double k = s * s * s * inv_n * static_cast<double>(dots[t * ng + j]);
-      for (int64_t c = j * group_size; c < (j + 1) * group_size; ++c) {
-        const double zc = static_cast<double>(zr[c]), yc = static_cast<double>(yr[c]);
-        const double sg = sigmoid(zc), silu = zc * sg;
-        const double g = yc * silu;
-        const double dg = s * static_cast<double>(dor[c]) * static_cast<double>(weight[c]) - k * g;
-        dyr[c] = static_cast<T>(dg * silu);
-        dzr[c] = static_cast<T>(dg * yc * sg * (1.0 + zc * (1.0 - sg)));
-      }
+      group_grads(dout + t * dim, y + t * dim, z + t * ld_z, weight, j * group_size,
+                  (j + 1) * group_size, s, k, dy + t * dim, dz + t * ld_dz);
     }
-  }
   dweight_accumulate(dout, y, z, ld_z, rstd, ntok, dim, group_size, par, dweight);
 }
 
