@@ -171,6 +171,15 @@ void ShardLayout::to_full(const float* local, float* full) const {
     std::copy_n(local + b.local_row * row, b.rows * row, full + b.full_row * row);
 }
 
+std::vector<ShardLayout::CountedRange> ShardLayout::counted_ranges(int64_t span) const {
+  const int64_t n = shape_numel(local_shape);
+  if (replicas > 1 || cols > 0) return {{0, n, replicas}};
+  const int64_t row = n / std::max<int64_t>(1, local_shape[0]);
+  std::vector<CountedRange> out;
+  for (const auto& b : blocks) out.push_back({b.local_row * row, b.rows * row, b.shared ? span : 1});
+  return out;
+}
+
 std::vector<std::vector<float>> gather_full(Communicator& tp, const std::vector<ParamSpec>& table,
                                             const ModelConfig& m,
                                             const std::vector<std::vector<float>>& local) {

@@ -66,6 +66,13 @@ struct ShardLayout {
   int64_t replicas = 1;        // ranks holding this same whole tensor (tp for Replicated)
   void to_local(const float* full, float* local) const;
   void to_full(const float* local, float* full) const;  // writes only the part held here
+  // The local tensor as element ranges [offset, offset + length), each with the number of
+  // tensor-parallel ranks holding the same values (replicas, or `span` for shared B/C rows):
+  // what a sum over the whole model counts once.
+  struct CountedRange {
+    int64_t offset = 0, length = 0, copies = 1;
+  };
+  std::vector<CountedRange> counted_ranges(int64_t span) const;
 };
 ShardLayout shard_layout(const ParamSpec& spec, const TpDims& d, const ModelConfig& m);
 

@@ -88,16 +88,9 @@ void GradSync::build_norm_groups() {
     }
   };
   for (size_t i = 0; i < model_.table().size(); ++i) {
-    const ShardLayout& sl = model_.shard(static_cast<int>(i));
     const int64_t off = model_.flat_offset(static_cast<int>(i));
-    const int64_t n = shape_numel(sl.local_shape);
-    if (sl.replicas > 1 || sl.cols > 0) {
-      add(off, n, sl.replicas);
-      continue;
-    }
-    const int64_t row = n / std::max<int64_t>(1, sl.local_shape[0]);
-    for (const auto& b : sl.blocks)
-      add(off + b.local_row * row, b.rows * row, b.shared ? d.span : 1);
+    for (const auto& r : model_.shard(static_cast<int>(i)).counted_ranges(d.span))
+      add(off + r.offset, r.length, r.copies);
   }
 }
 

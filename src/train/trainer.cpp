@@ -298,22 +298,12 @@ double Trainer::param_sumsq() {
   if (layout_.tp == 1) return be_->sum_squares(model_->params());
   const auto local = model_->params_to_host();
   double s = 0;
-  for (size_t i = 0; i < local.size(); ++i) {
-    const ShardLayout& sl = model_->shard(static_cast<int>(i));
-    if (sl.replicas > 1 || sl.cols > 0) {
+  for (size_t i = 0; i < local.size(); ++i)
+    for (const auto& r : model_->shard(static_cast<int>(i)).counted_ranges(layout_.tp_span)) {
       double t = 0;
-      for (float x : local[i]) t += double(x) * x;
-      s += t / double(sl.replicas);
-      continue;
+      for (int64_t k = r.offset; k < r.offset + r.length; ++k) t += double(local[i][k]) * local[i][k];
+      s += t / double(r.copies);
     }
-    const int64_t row = static_cast<int64_t>(local[i].size()) / sl.local_shape[0];
-    for (const auto& b : sl.blocks) {
-      double t = 0;
-      for (int64_t k = b.local_row * row; k < (b.local_row + b.rows) * row; ++k)
-        t += double(local[i][k]) * local[i][k];
-      s += t / double(b.shared ? layout_.tp_span : 1);
-    }
-  }
   grid_->host(Group::Tp).all_reduce(&s, 1, DType::F64, ReduceOp::Sum);
   return s;
 }
