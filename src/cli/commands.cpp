@@ -112,13 +112,16 @@ const char* kBenchUsage =
     "  train   times whole training steps ('ssdtrain bench train --help' for its flags)\n";
 const char* kBenchTrainUsage =
     "usage: ssdtrain bench train [--config FILE] [--set section.key=value ...] [--steps N]\n"
-    "                            [--breakdown]\n"
+    "                            [--breakdown] [--preload]\n"
     "Times whole optimizer steps (reading the step's batch from the configured data, forward,\n"
     "backward, AdamW) on the configured backend, and the data loading on its own.\n"
     "  --config FILE          YAML config (default: the built-in configs/default.yaml)\n"
     "  --set section.key=V    override one key (repeatable)\n"
     "  --steps N              timed steps after 2 warm-up steps (default 10)\n"
-    "  --breakdown            per-op device times (CUDA backend)\n";
+    "  --breakdown            per-op device times (CUDA backend)\n"
+    "  --preload              read every step's batch before timing, so the steps run on the\n"
+    "                         same data with no loading at all (the loader's cost is the\n"
+    "                         difference in tokens/s from a run without it)\n";
 
 std::vector<std::string> take_sets(std::vector<std::string>& args) {
   std::vector<std::string> sets;
@@ -328,6 +331,7 @@ int bench_train(const std::vector<std::string>& in) {
   Config cfg = config_from_args(in, &args);
   std::string steps_s = take(args, "--steps");
   const bool breakdown = take_flag(args, "--breakdown");
+  const bool preload = take_flag(args, "--preload");
   no_more(args, "bench train");
   const int64_t steps = steps_s.empty() ? 10 : parse_count("--steps", steps_s);
   // The real step of the configured layout: under mpirun, every rank runs its part and the
@@ -352,24 +356,39 @@ int bench_train(const std::vector<std::string>& in) {
   GradSync sync(model, *be, grid, cfg.parallel, 0.0);
   auto data = make_data_source(cfg);
   const int64_t B = cfg.train.micro_batch, L = cfg.train.seq_len / layout.cp, T = B * L;
-  std::vector<int32_t> full_tok(B * cfg.train.seq_len), full_tgt(B * cfg.train.seq_len), tok, tgt;
+  std::vector<int32_t> full_tok(B * cfg.train.seq_len), full_tgt(B * cfg.train.seq_len);
   std::vector<int32_t> full_reset(B * cfg.train.seq_len);
   const bool resets = cfg.data.reset_at_eos;  // timed as training runs it
-  std::vector<int32_t> reset;
+  // One step's batch as this rank's model takes it.
+  struct Batch {
+    std::vector<int32_t> tok, tgt, reset;
+  };
   // Each step reads its own batch (the next B * dp samples of the stream), as training does;
-  // the host time of that is timed on its own too.
+  // the host time of that is timed on its own too. With --preload, the batches of every step
+  // are read before timing and a step only picks its own.
   int64_t position = 0;
-  auto load = [&] {
+  auto read_batch = [&](Batch& out) {
     fill_step(*data, position, grid.dp_rank(), layout.dp, B, 1, cfg.train.seq_len,
               full_tok.data(), full_tgt.data(), resets ? full_reset.data() : nullptr);
-    take_segment(full_tok, full_tgt, B, cfg.train.seq_len, layout.cp, grid.cp_rank(), tok, tgt);
-    reset = take_segment(full_reset, B, cfg.train.seq_len, layout.cp, grid.cp_rank());
+    take_segment(full_tok, full_tgt, B, cfg.train.seq_len, layout.cp, grid.cp_rank(), out.tok,
+                 out.tgt);
+    out.reset = take_segment(full_reset, B, cfg.train.seq_len, layout.cp, grid.cp_rank());
     position += B * layout.dp;
+  };
+  const int64_t warmup = 2;
+  std::vector<Batch> batches(preload ? warmup + steps : 1);
+  if (preload)
+    for (Batch& b : batches) read_batch(b);
+  const Batch* cur = &batches[0];
+  int64_t step_no = 0;
+  auto load = [&] {
+    if (preload)
+      cur = &batches[step_no % batches.size()];
+    else
+      read_batch(batches[0]);
   };
   Tensor stats = model.new_stats();
   std::vector<double> times, load_times;
-  const int64_t warmup = 2;
-  int64_t step_no = 0;
   auto one_step = [&] {
     be->synchronize();
     grid.host(Group::World).barrier();
@@ -378,8 +397,8 @@ int bench_train(const std::vector<std::string>& in) {
     load_times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     model.zero_grads();
     sync.before_micro_batch(true);
-    model.forward_backward(tok.data(), tgt.data(), 1.0 / T, stats,
-                           resets ? reset.data() : nullptr);
+    model.forward_backward(cur->tok.data(), cur->tgt.data(), 1.0 / T, stats,
+                           resets ? cur->reset.data() : nullptr);
     sync.finish_backward();
     AdamWHyper h;
     h.lr = 1e-4;
@@ -454,9 +473,12 @@ int bench_train(const std::vector<std::string>& in) {
   // A timing of broken arithmetic is worthless: the loss of the steps must be finite.
   const auto st = model.read_stats(stats);
   const double mean_loss = st[0] / std::max(1.0, st[1]);
-  std::printf("data (%s): loading a step's batch on the host takes %.3f ms (median), %.2f%% of "
-              "the step\n", cfg.data.kind.c_str(), load_med * 1e3,
-              100.0 * load_med / med);
+  if (preload)
+    std::printf("data (%s): every step's batch was read before timing (--preload)\n",
+                cfg.data.kind.c_str());
+  else
+    std::printf("data (%s): loading a step's batch on the host takes %.3f ms (median), %.2f%% of "
+                "the step\n", cfg.data.kind.c_str(), load_med * 1e3, 100.0 * load_med / med);
   std::printf("mean loss of the steps %.4f\n", mean_loss);
   if (!std::isfinite(mean_loss)) fail("bench train: the loss is not finite (", mean_loss, ")");
   if (breakdown) print_breakdown(*be, steps, med, one_step);

@@ -230,6 +230,25 @@ TEST_F(Cli, BenchTrainTimesStepsAndChecksTheLoss) {
   EXPECT_NE(r.err.find("--steps"), std::string::npos) << r;
 }
 
+TEST_F(Cli, BenchTrainPreloadTrainsOnTheSameBatches) {
+  // --preload reads the batches before timing: the steps must see the same data as the run that
+  // reads each batch in its step, so both print the same mean loss (same arithmetic, same order).
+  auto mean_loss = [&](bool preload) {
+    std::vector<std::string> a = {"bench", "train", "--steps", "3", "--set", "train.device=cpu",
+                                  "--set", "train.micro_batch=2"};
+    if (preload) a.push_back("--preload");
+    Result r = run(a);
+    EXPECT_EQ(r.rc, 0) << r;
+    EXPECT_EQ(r.out.find("loading a step's batch") == std::string::npos, preload) << r;
+    const size_t at = r.out.find("mean loss of the steps ");
+    EXPECT_NE(at, std::string::npos) << r;
+    return at == std::string::npos ? std::string() : r.out.substr(at, r.out.find('\n', at) - at);
+  };
+  const std::string plain = mean_loss(false);
+  EXPECT_FALSE(plain.empty());
+  EXPECT_EQ(mean_loss(true), plain);
+}
+
 // ---------------------------------------------------------------- ssdtrain config
 
 TEST_F(Cli, ConfigPrintsResolvedYaml) {
