@@ -389,17 +389,28 @@ int bench_train(const std::vector<std::string>& in) {
   };
   Tensor stats = model.new_stats();
   std::vector<double> times, load_times;
-  auto one_step = [&] {
+  // wait (optional): the device is synchronized once the backward is enqueued, and the time
+  // from its end to the end of the gradient reductions still in flight is stored there (the
+  // slowest rank's): what the step waits for communication the backward did not hide.
+  auto one_step = [&](double* wait = nullptr) {
+    using Clock = std::chrono::steady_clock;
     be->synchronize();
     grid.host(Group::World).barrier();
-    auto t0 = std::chrono::steady_clock::now();
+    auto t0 = Clock::now();
     load();
-    load_times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    load_times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
     model.zero_grads();
     sync.before_micro_batch(true);
     model.forward_backward(cur->tok.data(), cur->tgt.data(), 1.0 / T, stats,
                            resets ? cur->reset.data() : nullptr);
+    Clock::time_point backward_done;
+    if (wait) be->synchronize(), backward_done = Clock::now();
     sync.finish_backward();
+    if (wait) {
+      be->synchronize();
+      *wait = std::chrono::duration<double>(Clock::now() - backward_done).count();
+      grid.host(Group::World).all_reduce(wait, 1, DType::F64, ReduceOp::Max);
+    }
     AdamWHyper h;
     h.lr = 1e-4;
     h.step = ++step_no;
@@ -418,6 +429,15 @@ int bench_train(const std::vector<std::string>& in) {
       for (auto [g, _] : groups) grid.counted(g).reset_counts();
     const double t = one_step();
     if (s >= warmup) times.push_back(t);
+  }
+  // The wait for the gradient reductions, in separate steps: the synchronization after the
+  // backward changes the timing a little.
+  double wait_med = 0;
+  if (layout.dp * layout.cp > 1) {
+    std::vector<double> waits(steps);
+    for (double& w : waits) one_step(&w);
+    std::sort(waits.begin(), waits.end());
+    wait_med = waits[waits.size() / 2];
   }
   if (!grid.is_root()) return 0;
   std::sort(times.begin(), times.end());
@@ -481,7 +501,12 @@ int bench_train(const std::vector<std::string>& in) {
                 "the step\n", cfg.data.kind.c_str(), load_med * 1e3, 100.0 * load_med / med);
   std::printf("mean loss of the steps %.4f\n", mean_loss);
   if (!std::isfinite(mean_loss)) fail("bench train: the loss is not finite (", mean_loss, ")");
-  if (breakdown) print_breakdown(*be, steps, med, one_step);
+  if (layout.dp * layout.cp > 1) {
+    std::printf("gradient reductions: after the backward, a step waits %.3f ms (median of %lld "
+                "more steps, slowest rank) for those still in flight, %.2f%% of the step\n",
+                wait_med * 1e3, (long long)steps, 100.0 * wait_med / med);
+  }
+  if (breakdown) print_breakdown(*be, steps, med, [&] { return one_step(); });
   return 0;
 }
 
