@@ -7,14 +7,21 @@
 #   stop_rank   - a rank stopped (SIGSTOP) mid-training: the others' watchdog ends the job within
 #                 parallel.timeout_s plus a margin, naming the stuck operation
 # Usage: launch_test.sh CASE path/to/ssdtrain
+# LAUNCH_DEVICE=cuda runs the job on GPUs (scripts/gpu_multi_check.sh), else CPU; LAUNCH_COMM
+# sets parallel.comm (mpi: ranks sharing one GPU).
 set -u
 case_name=$1
 bin=$2
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 work=$(mktemp -d /tmp/ssdtrain_launch.XXXXXX)
 trap 'pkill -KILL -f "$work" 2>/dev/null; rm -rf "$work"' EXIT
-tiny=(--set train.device=cpu --set model.d_model=32 --set model.n_layer=1 --set train.seq_len=64
-      --set train.micro_batch=4 --set run.log_every=1 --set checkpoint.every=0)
+if [ "${LAUNCH_DEVICE:-cpu}" = cuda ]; then  # the default model: a shape the CUDA kernels take
+  tiny=(--set train.device=cuda --set run.log_every=1 --set checkpoint.every=0
+        --set parallel.comm="${LAUNCH_COMM:-auto}")
+else
+  tiny=(--set train.device=cpu --set model.d_model=32 --set model.n_layer=1 --set train.seq_len=64
+        --set train.micro_batch=4 --set run.log_every=1 --set checkpoint.every=0)
+fi
 die() { echo "FAIL: $*"; exit 1; }
 
 # The PID of world rank $1 among the job's processes (its environment names the rank).
