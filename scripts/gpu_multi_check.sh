@@ -7,8 +7,8 @@
 #  2. data-parallel weak scaling 1 -> 2 (-> 4 -> 8 as N allows) for 370m and 1.3b, zero 0 and
 #     1: tokens/s, efficiency against N x one GPU, and how long each step waits after the
 #     backward for the gradient reductions;
-#  3. tensor parallelism for 2.7b: tp=1 against tp=2 (and 4, 8): tokens/s, peak memory per GPU
-#     and the bytes of each collective per step;
+#  3. tensor parallelism for 2.7b: tp=1 against tp=2 (and 4, 8): tokens/s, peak memory per GPU,
+#     the bytes of each collective per step and their time (per call: a layer's all-reduce);
 #  4. context parallelism for 1.3b: the longest sequence of those tried that one GPU trains,
 #     then cp=2 (4, 8) at it and at cp times it, against one GPU at the same tokens per GPU;
 #  5. N >= 8: dp x tp x cp = 2 x 2 x 2 against one GPU;
@@ -90,7 +90,7 @@ for m in $models; do
       tok=$(field "$f")
       eff=$(awk -v a="$tok" -v b="$one" -v k="$k" 'BEGIN { if (b > 0) printf "%.1f", 100 * a / (k * b) }')
       echo "$m, dp=$k zero=$z: $tok tokens/s, efficiency ${eff}% | $(grep -E '^gradient reductions' "$f" | sed 's/gradient reductions: after the backward, a step //')"
-      grep -E "^AdamW" "$f"
+      grep -E "^(AdamW|time in collectives)" "$f"
     done
   done
 done
@@ -105,7 +105,7 @@ for k in $tps; do
   mpi "$k" "$bin" bench train "${t[@]}" "${comm[@]}" --set parallel.tp=$k > "$OUT/tp_$k.log" 2>&1 ||
     { echo "tp=$k failed"; tail -5 "$OUT/tp_$k.log"; continue; }
   echo "tp=$k: $(field "$OUT/tp_$k.log") tokens/s, peak $(peak "$OUT/tp_$k.log") GiB per GPU"
-  grep -E "^(tensor parallel|collectives per step)" "$OUT/tp_$k.log"
+  grep -E "^(tensor parallel|collectives per step|time in collectives)" "$OUT/tp_$k.log"
 done
 
 step "4. context parallelism, 1.3b (micro-batch 1): cp against one GPU at the same tokens per GPU"
@@ -130,7 +130,7 @@ for k in $cps; do
       > "$f" 2>&1 || { echo "cp=$k L=$L failed"; tail -5 "$f"; continue; }
     tok=$(field "$f")
     echo "cp=$k L=$L: $tok tokens/s ($(awk -v a="$tok" -v b="$one" -v k="$k" 'BEGIN { if (b > 0) printf "%.1f", 100 * a / (k * b) }')% per GPU of one GPU at $per: $one), peak $(peak "$f") GiB per GPU"
-    grep -E "^context parallel" "$f"
+    grep -E "^(context parallel|time in collectives)" "$f"
   done
 done
 

@@ -439,6 +439,13 @@ int bench_train(const std::vector<std::string>& in) {
     std::sort(waits.begin(), waits.end());
     wait_med = waits[waits.size() / 2];
   }
+  // The time of each group's collectives, in steps of their own too (timing events).
+  std::vector<CommTimes> comm_times;
+  if (layout.world > 1) {
+    for (auto [g, _] : groups) grid.counted(g).start_timing();
+    for (int64_t s = 0; s < steps; ++s) one_step();
+    for (auto [g, _] : groups) comm_times.push_back(grid.counted(g).take_times());
+  }
   if (!grid.is_root()) return 0;
   std::sort(times.begin(), times.end());
   const double med = times[times.size() / 2];
@@ -484,6 +491,23 @@ int bench_train(const std::vector<std::string>& in) {
         line += buf;
       }
     if (!line.empty()) std::printf("collectives per step, %s: %s\n", label, line.c_str());
+  }
+  // Rank 0's time in them: from an operation's start on the communicator's stream to its end
+  // on GPUs (waiting for the other ranks included), the call on host communicators.
+  for (size_t i = 0; i < comm_times.size(); ++i) {
+    const CommTimes& c = comm_times[i];
+    std::string line;
+    for (int k = 0; k < kCommOps; ++k)
+      if (c.calls[k] > 0) {
+        char buf[160];
+        std::snprintf(buf, sizeof buf, "%s%s %.3f ms (%.1f us a call)", line.empty() ? "" : ", ",
+                      comm_op_name(static_cast<CommOp>(k)), c.seconds[k] * 1e3 / steps,
+                      c.seconds[k] * 1e6 / c.calls[k]);
+        line += buf;
+      }
+    if (!line.empty())
+      std::printf("time in collectives per step (rank 0, %lld more steps), %s: %s\n",
+                  (long long)steps, groups[i].second, line.c_str());
   }
   std::printf("step median %.3f ms over %lld steps | %.0f tokens/s", med * 1e3, (long long)steps, tok_s);
   if (be->device() == Device::CUDA) std::printf(" | MFU %.1f%% (of 790 TFLOP/s per GPU)", mfu * 100);

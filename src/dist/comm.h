@@ -11,6 +11,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "core/tensor.h"
 
@@ -42,6 +43,13 @@ class Communicator {
   // True when operations can be skipped as no-ops (a group of one on host memory). An NCCL
   // group of one still runs them, so a one-GPU job exercises the NCCL path.
   virtual bool trivial() const { return size() == 1; }
+  // Timing of operations on the device (`bench train`): while on, a device communicator times
+  // each operation on its stream; take_op_seconds() waits for them and returns their durations
+  // in issue order since the last take. Host communicators, whose operations finish before
+  // returning, time nothing here (return {}): their callers time the calls.
+  virtual bool times_ops_on_device() const { return false; }
+  virtual void set_op_timing(bool) {}
+  virtual std::vector<double> take_op_seconds() { return {}; }
 
   // Tensor forms (whole tensors, in place where it applies).
   void all_reduce(Tensor& t, ReduceOp op = ReduceOp::Sum) { all_reduce(t.data, t.numel(), t.dtype, op); }

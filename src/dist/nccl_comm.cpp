@@ -11,6 +11,8 @@
 #include <deque>
 #include <mutex>
 #include <thread>
+#include <utility>
+#include <vector>
 
 #include "dist/grid.h"
 #include "dist/watchdog.h"
@@ -74,6 +76,7 @@ class NcclComm final : public Communicator {
       inflight_.clear();
     }
     for (cudaEvent_t e : free_) cudaEventDestroy(e);
+    for (auto [start, stop] : timed_) cudaEventDestroy(start), cudaEventDestroy(stop);
     if (comm_) {
       ncclCommFinalize(comm_);
       settle("ncclCommFinalize");
@@ -87,6 +90,21 @@ class NcclComm final : public Communicator {
   const std::string& name() const override { return name_; }
   Device device() const override { return Device::CUDA; }
   bool trivial() const override { return false; }
+  bool times_ops_on_device() const override { return true; }
+  void set_op_timing(bool on) override { timing_ = on; }
+  std::vector<double> take_op_seconds() override {
+    std::vector<double> out;
+    for (auto [start, stop] : timed_) {
+      cuda_ok(cudaEventSynchronize(stop), "cudaEventSynchronize");
+      float ms = 0;
+      cuda_ok(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
+      out.push_back(ms * 1e-3);
+      cudaEventDestroy(start);
+      cudaEventDestroy(stop);
+    }
+    timed_.clear();
+    return out;
+  }
 
   void all_reduce(void* buf, int64_t count, DType dt, ReduceOp op) override {
     if (count == 0) return;
@@ -167,9 +185,16 @@ class NcclComm final : public Communicator {
     cuda_ok(cudaEventRecord(ready, compute_), "cudaEventRecord");
     cuda_ok(cudaStreamWaitEvent(stream_, ready, 0), "cudaStreamWaitEvent");
     recycle(ready);
+    if (timing_) {  // from when the stream may start the operation
+      timed_.emplace_back();
+      cuda_ok(cudaEventCreate(&timed_.back().first), "cudaEventCreate");
+      cuda_ok(cudaEventCreate(&timed_.back().second), "cudaEventCreate");
+      cuda_ok(cudaEventRecord(timed_.back().first, stream_), "cudaEventRecord");
+    }
   }
   void end(const char* op, int64_t count) {
     settle(op);
+    if (timing_) cuda_ok(cudaEventRecord(timed_.back().second, stream_), "cudaEventRecord");
     cudaEvent_t done = event();
     cuda_ok(cudaEventRecord(done, stream_), "cudaEventRecord");
     std::lock_guard<std::mutex> g(mu_);
@@ -229,6 +254,8 @@ class NcclComm final : public Communicator {
   std::mutex mu_;
   std::deque<Op> inflight_;
   std::vector<cudaEvent_t> free_;
+  bool timing_ = false;
+  std::vector<std::pair<cudaEvent_t, cudaEvent_t>> timed_;  // per timed operation: start, end
   int poller_ = 0, abort_hook_ = 0;
 };
 

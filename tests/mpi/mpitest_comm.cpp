@@ -6,6 +6,7 @@
 #include <numeric>
 
 #include "config/config.h"
+#include "dist/counting_comm.h"
 #include "dist/grid.h"
 #include "dist/mpi_comm.h"
 #include "mpi_main.h"
@@ -137,4 +138,38 @@ TEST(Comm, LargeCountsAreChunked) {
     for (int64_t n : {7, 13, 1000}) check_group(g.host(grp), n);
   MpiComm::set_chunk_limit(saved);
   EXPECT_GE(saved, int64_t{1} << 30);
+}
+
+TEST(Comm, CountingCommCountsAndTimesEveryKind) {
+  // The counting wrapper that `bench train` reads: bytes and calls per kind, and while timing is
+  // on the calls it timed per kind (a host communicator's, each call on its own).
+  ProcessGrid g(layout(1, 1));
+  CountingComm c(g.host(Group::World));
+  check_group(c, 100);  // 3 all-reduces, 2 reduce-scatters, 2 all-gathers, 1 broadcast, 1 send
+  const CommBytes& n = c.counts();
+  const auto at = [](CommOp op) { return static_cast<int>(op); };
+  EXPECT_EQ(n.calls[at(CommOp::AllReduce)], 3);
+  EXPECT_EQ(n.bytes[at(CommOp::AllReduce)], 3 * 100 * 4);
+  EXPECT_EQ(n.calls[at(CommOp::ReduceScatter)], 2);
+  EXPECT_EQ(n.bytes[at(CommOp::ReduceScatter)], 2 * 100 * 4);
+  EXPECT_EQ(n.calls[at(CommOp::AllGather)], 2);
+  EXPECT_EQ(n.bytes[at(CommOp::AllGather)], 2 * 100 * 8);
+  EXPECT_EQ(n.calls[at(CommOp::Broadcast)], 1);
+  EXPECT_EQ(n.calls[at(CommOp::SendRecv)], 1);  // the send; a receive hands over no payload
+  // Nothing timed before timing starts; then every call of the kind, sends and receives both.
+  c.start_timing();
+  EXPECT_EQ(c.take_times().calls, (std::array<int64_t, kCommOps>{}));
+  c.start_timing();
+  check_group(c, 100);
+  const CommTimes t = c.take_times();
+  EXPECT_EQ(t.calls[at(CommOp::AllReduce)], 3);
+  EXPECT_EQ(t.calls[at(CommOp::ReduceScatter)], 2);
+  EXPECT_EQ(t.calls[at(CommOp::AllGather)], 2);
+  EXPECT_EQ(t.calls[at(CommOp::Broadcast)], 1);
+  EXPECT_EQ(t.calls[at(CommOp::SendRecv)], 2);
+  for (int k = 0; k < kCommOps; ++k) EXPECT_GT(t.seconds[k], 0) << comm_op_name(CommOp(k));
+  // After the take, calls are not timed.
+  check_group(c, 10);
+  EXPECT_EQ(c.take_times().calls, (std::array<int64_t, kCommOps>{}));
+  EXPECT_EQ(c.counts().calls[at(CommOp::AllReduce)], 9);
 }
