@@ -174,6 +174,13 @@ bool vec_shape_ok(int64_t dim, int64_t group) {
 
 // ---------------------------------------------------------------------------- scalar path
 
+// g = y * silu(z) at column c of one row's group, as every scalar kernel computes it.
+__device__ __forceinline__ float gated(const bf16* __restrict__ yr, const bf16* __restrict__ zr,
+                                       int64_t c) {
+  const float zz = to_f(zr[c]);
+  return to_f(yr[c]) * zz * sigmoidf_(zz);
+}
+
 // One block per (row, group). kSpan: the group's sum of squares over all its ranks is given
 // (sums[row, group], all-reduced), and the mean is over n columns; else n = group.
 template <bool kSpan>
@@ -193,8 +200,7 @@ __global__ void gated_rmsnorm_fwd_k(const bf16* __restrict__ y, const bf16* __re
     ss = sums[blockIdx.x];
   } else {
     for (int64_t c = threadIdx.x; c < group; c += blockDim.x) {
-      const float zz = to_f(zr[c]);
-      const float g = to_f(yr[c]) * zz * sigmoidf_(zz);
+      const float g = gated(yr, zr, c);
       ss += g * g;
     }
     ss = block_sum(ss, sh);
@@ -203,11 +209,8 @@ __global__ void gated_rmsnorm_fwd_k(const bf16* __restrict__ y, const bf16* __re
   if (threadIdx.x == 0) rstd[blockIdx.x] = rs;
   bf16* o = out + row * dim + c0;
   const float* wq = w + c0;
-  for (int64_t c = threadIdx.x; c < group; c += blockDim.x) {
-    const float zz = to_f(zr[c]);
-    const float g = to_f(yr[c]) * zz * sigmoidf_(zz);
-    o[c] = from_f<bf16>(g * rs * wq[c]);
-  }
+  for (int64_t c = threadIdx.x; c < group; c += blockDim.x)
+    o[c] = from_f<bf16>(gated(yr, zr, c) * rs * wq[c]);
 }
 
 // Blocks walk rows; per row and group: dot = sum(dout*w*ghat), dg = rs*(dout*w - ghat*dot/n),
@@ -242,8 +245,7 @@ __global__ void gated_rmsnorm_bwd_k(const bf16* __restrict__ dout, const bf16* _
       const float rs = rstd[row * ngroups + q];
       float dot = 0.f;
       for (int64_t c = threadIdx.x; c < group; c += blockDim.x) {
-        const float zz = to_f(zr[c]);
-        const float ghat = to_f(yr[c]) * zz * sigmoidf_(zz) * rs;
+        const float ghat = gated(yr, zr, c) * rs;
         const float d = to_f(dr[c]);
         if constexpr (!kSpan) dot += d * wq[c] * ghat;
         aq[c] += d * ghat;
@@ -286,8 +288,7 @@ __global__ void gated_rmsnorm_partial_k(const bf16* __restrict__ dout,
   const bf16* zr = z + row * ld_z + c0;
   float acc = 0.f;
   for (int64_t c = threadIdx.x; c < group; c += blockDim.x) {
-    const float zz = to_f(zr[c]);
-    const float g = to_f(yr[c]) * zz * sigmoidf_(zz);
+    const float g = gated(yr, zr, c);
     if constexpr (kBwd) acc += to_f(dout[row * dim + c0 + c]) * w[c0 + c] * g;
     else acc += g * g;
   }
