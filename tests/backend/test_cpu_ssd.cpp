@@ -403,46 +403,62 @@ TEST(CpuSsd, ResetsEqualDocumentsRunOneByOne) {
               "%.3g, float %.3g\n", worst_d, worst_f);
 }
 
-TEST(CpuSsd, ResetsResultsIndependentOfThreadCount) {
-  const SsdDims d = dims(3, 37, 4, 4, 2, 4, 8);
-  auto in64 = make_inputs(d, 31, 1e-3, 1e-1, true);
-  in64.reset = flags(d, kStarts);
-  const auto in = cast_inputs<float>(in64);
-  const auto wy = cast<float>(ssdtest::randn<double>(d.tokens() * d.d_inner(), 32));
-  const auto ws = cast<float>(ssdtest::randn<double>(in.state_numel(), 33));
-  const int saved = omp_get_max_threads();
-  omp_set_num_threads(1);
-  const Out o1 = run_fwd(in, false);
-  const auto g1 = run_bwd(in, wy, ws, d.nheads, 0);
-  omp_set_num_threads(3);
-  const Out o3 = run_fwd(in, false);
-  const auto g3 = run_bwd(in, wy, ws, d.nheads, 0);
-  omp_set_num_threads(saved);
-  EXPECT_EQ(o1.y, o3.y);
-  EXPECT_EQ(o1.final_state, o3.final_state);
-  EXPECT_EQ(g1.dxBC, g3.dxBC);
-  EXPECT_EQ(g1.ddt_rows, g3.ddt_rows);
-  EXPECT_EQ(g1.dA_log, g3.dA_log);
-  EXPECT_EQ(g1.d_init, g3.d_init);
+// Float inputs from seed: the op's inputs (with document starts if asked) and the weights of
+// its outputs and final state in the loss.
+struct FloatCase {
+  Inputs<float> in;
+  std::vector<float> wy, ws;
+};
+FloatCase float_case(const SsdDims& d, uint64_t seed, bool resets) {
+  auto in = make_inputs(d, seed, 1e-3, 1e-1, true);
+  if (resets) in.reset = flags(d, kStarts);
+  FloatCase c{cast_inputs<float>(in), {}, {}};
+  c.wy = cast<float>(ssdtest::randn<double>(d.tokens() * d.d_inner(), seed + 1));
+  c.ws = cast<float>(ssdtest::randn<double>(c.in.state_numel(), seed + 2));
+  return c;
 }
 
-TEST(CpuSsd, ResetFlagsOfZerosChangeNothing) {
-  // All-zero flags: bitwise the results without flags.
-  const SsdDims d = dims(2, 37, 4, 5, 2, 6, 8);
-  auto in = cast_inputs<float>(make_inputs(d, 41, 1e-3, 1e-1, true));
-  const auto wy = cast<float>(ssdtest::randn<double>(d.tokens() * d.d_inner(), 42));
-  const auto ws = cast<float>(ssdtest::randn<double>(in.state_numel(), 43));
-  const Out o0 = run_fwd(in, false);
-  const auto g0 = run_bwd(in, wy, ws, d.nheads, 0);
-  in.reset.assign(d.tokens(), 0);
-  const Out o1 = run_fwd(in, false);
-  const auto g1 = run_bwd(in, wy, ws, d.nheads, 0);
+// Forward outputs and every gradient of two runs, bitwise.
+void expect_bitwise_equal(const Out& o0, const Grads<float>& g0, const Out& o1,
+                          const Grads<float>& g1) {
   EXPECT_EQ(o0.y, o1.y);
   EXPECT_EQ(o0.final_state, o1.final_state);
   EXPECT_EQ(g0.dxBC, g1.dxBC);
   EXPECT_EQ(g0.ddt_rows, g1.ddt_rows);
   EXPECT_EQ(g0.d_dt_bias, g1.d_dt_bias);
+  EXPECT_EQ(g0.dA_log, g1.dA_log);
+  EXPECT_EQ(g0.dD, g1.dD);
   EXPECT_EQ(g0.d_init, g1.d_init);
+}
+
+// One OpenMP thread and three give bitwise the same results.
+void expect_thread_count_independent(const FloatCase& c, int64_t nheads) {
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(1);
+  const Out o1 = run_fwd(c.in, false);
+  const auto g1 = run_bwd(c.in, c.wy, c.ws, nheads, 0);
+  omp_set_num_threads(3);
+  const Out o3 = run_fwd(c.in, false);
+  const auto g3 = run_bwd(c.in, c.wy, c.ws, nheads, 0);
+  omp_set_num_threads(saved);
+  expect_bitwise_equal(o1, g1, o3, g3);
+}
+
+TEST(CpuSsd, ResetsResultsIndependentOfThreadCount) {
+  const SsdDims d = dims(3, 37, 4, 4, 2, 4, 8);
+  expect_thread_count_independent(float_case(d, 31, true), d.nheads);
+}
+
+TEST(CpuSsd, ResetFlagsOfZerosChangeNothing) {
+  // All-zero flags: bitwise the results without flags.
+  const SsdDims d = dims(2, 37, 4, 5, 2, 6, 8);
+  FloatCase c = float_case(d, 41, false);
+  const Out o0 = run_fwd(c.in, false);
+  const auto g0 = run_bwd(c.in, c.wy, c.ws, d.nheads, 0);
+  c.in.reset.assign(d.tokens(), 0);
+  const Out o1 = run_fwd(c.in, false);
+  const auto g1 = run_bwd(c.in, c.wy, c.ws, d.nheads, 0);
+  expect_bitwise_equal(o0, g0, o1, g1);
 }
 
 TEST(CpuSsd, BackwardAccumulatesParameterGradientsOnly) {
@@ -505,25 +521,7 @@ TEST(CpuSsd, FloatBackwardMatchesDouble) {
 
 TEST(CpuSsd, ResultsIndependentOfThreadCount) {
   const SsdDims d = dims(3, 20, 4, 4, 2, 4, 8);
-  const auto in = cast_inputs<float>(make_inputs(d, 21, 1e-3, 1e-1, true));
-  const auto wy = cast<float>(ssdtest::randn<double>(d.tokens() * d.d_inner(), 22));
-  const auto ws = cast<float>(ssdtest::randn<double>(in.state_numel(), 23));
-  const int saved = omp_get_max_threads();
-  omp_set_num_threads(1);
-  const Out o1 = run_fwd(in, false);
-  const auto g1 = run_bwd(in, wy, ws, d.nheads, 0);
-  omp_set_num_threads(3);
-  const Out o3 = run_fwd(in, false);
-  const auto g3 = run_bwd(in, wy, ws, d.nheads, 0);
-  omp_set_num_threads(saved);
-  EXPECT_EQ(o1.y, o3.y);
-  EXPECT_EQ(o1.final_state, o3.final_state);
-  EXPECT_EQ(g1.dxBC, g3.dxBC);
-  EXPECT_EQ(g1.ddt_rows, g3.ddt_rows);
-  EXPECT_EQ(g1.d_dt_bias, g3.d_dt_bias);
-  EXPECT_EQ(g1.dA_log, g3.dA_log);
-  EXPECT_EQ(g1.dD, g3.dD);
-  EXPECT_EQ(g1.d_init, g3.d_init);
+  expect_thread_count_independent(float_case(d, 21, false), d.nheads);
 }
 
 }  // namespace
