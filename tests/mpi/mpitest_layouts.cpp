@@ -16,6 +16,7 @@
 #include "data/data.h"
 #include "data/indexed_file.h"
 #include "dist/grid.h"
+#include "io/export.h"
 #include "model/mamba2.h"
 #include "layout_checks.h"
 #include "layout_step.h"
@@ -390,5 +391,26 @@ TEST(Layouts, ZeroCheckpointsResumeAcrossLayouts) {
   expect_losses_close(four.losses, tail, "1 process -> ZeRO-1 dp=4");
   EXPECT_NEAR(four.param_sumsq, one.param_sumsq, 1e-4 * one.param_sumsq);
   EXPECT_NEAR(solo.param_sumsq, one.param_sumsq, 1e-4 * one.param_sumsq);
+
+  // train.init_from (an export) reaches the master shards too: at a learning rate of nothing
+  // the run ends on the exported weights, not on its seed's.
+  const std::string exported = tmpdir("zexport");
+  double want = 0;
+  if (r == 0) {
+    auto be = make_cpu_backend(DType::F32);
+    Mamba2LM src(config({}).model, *be, 1, 24);
+    src.init(77);
+    export_model(config({}).model, src.named_params_to_host(), exported,
+                 ExportFormat::HuggingFace, ExportDType::F32);
+    want = be->sum_squares(src.params());
+  }
+  MPI_Bcast(&want, 1, MPI_DOUBLE, 0, MPI_COMM_WORLD);
+  TrainResult imported = train(config({"parallel.zero=1", "train.max_steps=1",
+                                       "train.init_from=" + exported, "train.lr=1e-12",
+                                       "train.min_lr=0", "train.warmup_steps=0",
+                                       "run.dir=" + tmpdir("zimport")}),
+                               MPI_COMM_WORLD);
+  EXPECT_EQ(imported.steps_done, 1);
+  EXPECT_NEAR(imported.param_sumsq, want, 1e-6 * want);
   clean();
 }
