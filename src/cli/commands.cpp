@@ -425,11 +425,11 @@ int bench_train(const std::vector<std::string>& in) {
   {
     // The fp32 master weights: the shard under ZeRO-1. Beside it the model keeps what the
     // forward reads: the compute copies (bf16 on CUDA; on the CPU the fp32 weights themselves,
-    // which makes the shard an extra) and, on CUDA with ZeRO-1, full fp32 non-GEMM weights.
+    // which makes the shard an extra) and, with ZeRO-1, full fp32 copies of the non-GEMM ones.
     const double full = sync.unsharded_master_bytes();
     const double small = model.accum_weights_buffer().defined()
-                             ? model.accum_weights_buffer().nbytes()
-                             : model.non_gemm_bytes();
+                             ? double(model.accum_weights_buffer().nbytes())
+                             : double(model.non_gemm_bytes());
     const bool separate = model.compute_buffer().data != model.param_buffer().data;
     const bool fp32_compute = be->compute_dtype() == be->accum_dtype();
     std::printf("fp32 master weights %.1f MiB per rank (%s; unsharded %.1f MiB", mib(sync.master_bytes()),

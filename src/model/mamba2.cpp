@@ -46,10 +46,11 @@ Mamba2LM::Mamba2LM(const ModelConfig& cfg, Backend& be, int64_t batch, int64_t s
     compute_flat_ = be_.alloc({flat_total}, cmp);
     be_.zero(compute_flat_);
   }
-  // Master in shards, compute != accum: the non-GEMM parameters (read by the kernels in accum
-  // dtype) get full accum copies of their own, compact (a small part of the model).
+  // Master in shards: the non-GEMM parameters (read by the kernels in accum dtype) get full
+  // accum copies of their own, compact (a small part of the model). The CPU, whose compute
+  // buffer would do, keeps them too: its tests then run the GPU's algorithm.
   std::vector<int64_t> small_off(table_.size(), -1);
-  if (master_in_shards_ && cmp != acc) {
+  if (master_in_shards_) {
     int64_t n_small = 0;
     for (int i : order)
       if (!table_[i].gemm_weight) {
@@ -69,7 +70,7 @@ Mamba2LM::Mamba2LM(const ModelConfig& cfg, Backend& be, int64_t batch, int64_t s
     else if (table_[i].gemm_weight)
       params_.push_back(Tensor{});  // its fp32 master is in GradSync's shards only
     else
-      params_.push_back(small_off[i] >= 0 ? accum_small_.rows(small_off[i], n).view(sh) : c);
+      params_.push_back(accum_small_.rows(small_off[i], n).view(sh));
     // GEMMs read the compute-dtype view; the other parameters are read in accum dtype.
     compute_.push_back(table_[i].gemm_weight ? c : params_.back());
   }

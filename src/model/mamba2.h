@@ -55,13 +55,12 @@ class Mamba2LM {
   Tensor& grad_buffer() { return grad_flat_; }
   Tensor& param_buffer() { return param_flat_; }
   // Every parameter in compute dtype, the same layout again: the GEMMs read their weights from
-  // it. Where compute dtype is accum dtype (the CPU) it is param_buffer() itself, or (master in
-  // shards) the model's only full copy of the weights, fp32, read by every kernel.
+  // it. Where compute dtype is accum dtype (the CPU) and the master is here, it is
+  // param_buffer() itself.
   Tensor& compute_buffer() { return compute_flat_; }
   bool master_in_shards() const { return master_in_shards_; }
-  // With the master in shards and compute dtype != accum dtype (CUDA): the non-GEMM parameters
-  // in accum dtype, full, in a compact layout of their own (params() are views into it); the
-  // kernels read them. Undefined otherwise.
+  // With the master in shards: the non-GEMM parameters in accum dtype, full, in a compact layout
+  // of their own (params() are views into it); the kernels read them. Undefined otherwise.
   Tensor& accum_weights_buffer() { return accum_small_; }
   // Bytes of the non-GEMM parameters held here in accum dtype (what accum_weights_buffer holds,
   // without its alignment gaps).

@@ -183,18 +183,19 @@ void GradSync::step(const AdamWHyper& h) {
     for (const auto& b : buckets_)
       comm_.all_gather(base + own_lo(b, rank_) * es, base + b.lo * es, part(b), C.dtype);
   }
-  // CUDA: the non-GEMM parameters' full fp32 copies. Each rank writes its pieces into zeros;
-  // the sum over the group is then every value exactly (x + 0; only a -0 becomes +0).
-  if (Tensor& S = model_.accum_weights_buffer(); S.defined()) {
-    be_.zero(S);
-    for (const Piece& pc : pieces_) {
-      Tensor& w = model_.params()[pc.param];
-      if (!w.defined()) continue;  // a GEMM weight: in C
-      Tensor dst = w.view({w.numel()}).rows(pc.lo - model_.flat_offset(pc.param), pc.len);
-      be_.convert(master_.rows(pc.at, pc.len), dst);
-    }
-    if (gather) comm_.all_reduce(S);
+  // The non-GEMM parameters' full accum-dtype copies (the kernels read them; their parts of C
+  // are not read). The pieces of a rank's parts do not line up with an even split of their
+  // compact buffer, so no all-gather: each rank writes its pieces into zeros and the sum over
+  // the group is every value exactly (x + 0; only a -0 would become +0).
+  Tensor& S = model_.accum_weights_buffer();
+  be_.zero(S);
+  for (const Piece& pc : pieces_) {
+    Tensor& w = model_.params()[pc.param];
+    if (!w.defined()) continue;  // a GEMM weight: in C
+    Tensor dst = w.view({w.numel()}).rows(pc.lo - model_.flat_offset(pc.param), pc.len);
+    be_.convert(master_.rows(pc.at, pc.len), dst);
   }
+  if (gather) comm_.all_reduce(S);
   comm_.join();
 }
 

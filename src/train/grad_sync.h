@@ -12,9 +12,10 @@
 // weights and the AdamW moments of the r-th part of every bucket only (three shard buffers of
 // the same layout: the parts, bucket after bucket). AdamW updates the master shard; each part
 // is converted into the model's compute buffer (flat layout, compute dtype: bf16 on CUDA, the
-// fp32 weights themselves on the CPU) and the parts are all-gathered there. On CUDA the
-// non-GEMM parameters, read in fp32 by the kernels, are full fp32 copies in the model: each
-// rank writes its parts into zeros and the copies are summed over the group (exact: one term).
+// fp32 weights themselves on the CPU) and the parts are all-gathered there. The non-GEMM
+// parameters, read in accum dtype by the kernels, are full copies in a small buffer of the
+// model: each rank writes its parts into zeros and the buffer is summed over the group (exact:
+// one term). The CPU runs the same steps, so its multi-process tests check the GPU's algorithm.
 // The model is made with master_in_shards; every load of its weights (init, resume) reaches the
 // master shard through its master loader, and checkpoints gather the shards (params_to_root).
 #pragma once

@@ -364,12 +364,11 @@ TrainResult Trainer::run() {
     log("ZeRO-1: AdamW moments " + std::to_string(sync_->moment_bytes() >> 20) +
         " MiB on each rank instead of " + std::to_string(sync_->unsharded_moment_bytes() >> 20) +
         " MiB; fp32 master weights " + std::to_string(sync_->master_bytes() >> 20) +
-        " MiB instead of " + std::to_string(sync_->unsharded_master_bytes() >> 20) + " MiB" +
-        (model_->accum_weights_buffer().defined()
-             ? " (plus the non-GEMM weights full in fp32, " +
-                   std::to_string(model_->accum_weights_buffer().nbytes() >> 20) + " MiB)"
-             : "; the CPU computes with full fp32 weights, " +
-                   std::to_string(model_->compute_buffer().nbytes() >> 20) + " MiB"));
+        " MiB instead of " + std::to_string(sync_->unsharded_master_bytes() >> 20) +
+        " MiB, beside the weights the forward reads: " +
+        std::to_string(model_->compute_buffer().nbytes() >> 20) + " MiB in " +
+        dtype_name(be_->compute_dtype()) + " and the non-GEMM ones full in fp32, " +
+        std::to_string(model_->accum_weights_buffer().nbytes() >> 20) + " MiB");
   log("run dir " + cfg_.run.dir + "; " + std::to_string(tokens_per_step) +
       " tokens per step; steps " + std::to_string(step_ + 1) + ".." + std::to_string(tc.max_steps));
 

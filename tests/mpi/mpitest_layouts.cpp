@@ -344,6 +344,26 @@ TEST(Layouts, ZeroShardsTheMasterWeights) {
   EXPECT_LE(worst, 1e-5 * mx) << "the shard holds the one-process parameters of its ranges";
   for (int64_t k = 0; k < total; ++k)
     ASSERT_LE(std::fabs(double(comp[k]) - ref[k]), 1e-5 * mx) << "flat element " << k;
+  // The non-GEMM weights the kernels read: full fp32 copies of their own, the master values,
+  // the same on every rank.
+  const Tensor& small = m.accum_weights_buffer();
+  ASSERT_TRUE(small.defined());
+  std::vector<float> sm(small.numel()), sm0;
+  be->download(sm.data(), small);
+  for (size_t i = 0; i < m.table().size(); ++i) {
+    if (m.table()[i].gemm_weight) continue;
+    const Tensor& w = m.params()[i];
+    const char* w0 = static_cast<const char*>(w.data);
+    ASSERT_TRUE(w0 >= static_cast<const char*>(small.data) &&
+                w0 + w.nbytes() <= static_cast<const char*>(small.data) + small.nbytes())
+        << m.table()[i].name;
+    const int64_t off = m.flat_offset(int(i));
+    for (int64_t k = 0; k < w.numel(); ++k)
+      ASSERT_EQ(w.ptr<float>()[k], comp[off + k]) << m.table()[i].name << "[" << k << "]";
+  }
+  sm0 = sm;
+  MPI_Bcast(sm0.data(), int(sm0.size()), MPI_FLOAT, 0, MPI_COMM_WORLD);
+  EXPECT_TRUE(sm0 == sm) << "the non-GEMM weights differ between the ranks";
   // Gathered for a checkpoint: the full master, equal to what every rank computes with.
   auto full = s.params_to_root();
   ASSERT_EQ(full.size(), r == 0 ? m.table().size() : 0u);
