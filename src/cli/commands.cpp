@@ -348,12 +348,12 @@ int bench_train(const std::vector<std::string>& in) {
   const int64_t align = std::lcm<int64_t>(64, layout.dp * layout.cp);
   Mamba2LM model(cfg.model, *be, cfg.train.micro_batch, cfg.train.seq_len / layout.cp,
                  cfg.train.recompute == "layers", align, layout.tp, grid.tp_rank(),
-                 cfg.parallel.sequence_parallel);
-  model.init(cfg.train.seed);
+                 cfg.parallel.sequence_parallel, cfg.parallel.zero == 1);
   grid.attach(*be);
   model.set_context_parallel(&grid.dev(Group::Cp));
   model.set_tensor_parallel(&grid.dev(Group::Tp), &grid.dev(Group::TpSpan));
   GradSync sync(model, *be, grid, cfg.parallel, 0.0);
+  model.init(cfg.train.seed);  // with ZeRO-1 the master shard (in sync) takes its part too
   auto data = make_data_source(cfg);
   const int64_t B = cfg.train.micro_batch, L = cfg.train.seq_len / layout.cp, T = B * L;
   std::vector<int32_t> full_tok(B * cfg.train.seq_len), full_tgt(B * cfg.train.seq_len);
@@ -468,6 +468,27 @@ int bench_train(const std::vector<std::string>& in) {
               mib(sync.moment_bytes()), cfg.parallel.zero ? "ZeRO-1" : "not sharded",
               mib(sync.unsharded_moment_bytes()),
               mib(sync.unsharded_moment_bytes() * (1.0 - 1.0 / layout.dp)), (long long)layout.dp);
+  {
+    // The fp32 master weights: the shard under ZeRO-1. Beside it the model keeps what the
+    // forward reads: the compute copies (bf16 on CUDA; on the CPU the fp32 weights themselves,
+    // which makes the shard an extra) and, with ZeRO-1, full fp32 copies of the non-GEMM ones.
+    const double full = sync.unsharded_master_bytes();
+    const double small = model.accum_weights_buffer().defined()
+                             ? double(model.accum_weights_buffer().nbytes())
+                             : double(model.non_gemm_bytes());
+    const bool separate = model.compute_buffer().data != model.param_buffer().data;
+    const bool fp32_compute = be->compute_dtype() == be->accum_dtype();
+    std::printf("fp32 master weights %.1f MiB per rank (%s; unsharded %.1f MiB", mib(sync.master_bytes()),
+                cfg.parallel.zero ? "ZeRO-1 shard" : "not sharded", mib(full));
+    if (!fp32_compute)
+      std::printf(": parallel.zero=1 saves %.1f MiB per rank at dp=%lld, keeping %.1f MiB of "
+                  "non-GEMM weights full in fp32)", mib(full * (1.0 - 1.0 / layout.dp) - small),
+                  (long long)layout.dp, mib(small));
+    else
+      std::printf("; the %s backend computes with full fp32 weights)", be->name().c_str());
+    std::printf("; %s compute weights %.1f MiB per rank%s\n", dtype_name(be->compute_dtype()),
+                mib(model.compute_buffer().nbytes()), separate ? "" : " (the master itself)");
+  }
   if (layout.cp > 1)
     std::printf("context parallel: cp=%lld, segments of %lld tokens, %.1f KiB sent per layer and "
                 "step by each rank\n", (long long)layout.cp, (long long)L,
@@ -477,7 +498,7 @@ int bench_train(const std::vector<std::string>& in) {
                 "by %lld rank(s)); parameters %.1f MiB per rank\n",
                 (long long)layout.tp, (long long)model.tp_dims().nheads,
                 (long long)model.tp_dims().ngroups, (long long)layout.tp_span,
-                mib(model.param_buffer().nbytes()));
+                mib(sync.unsharded_master_bytes()));
   // What rank 0 handed to each kind of collective per step, by group.
   for (auto [g, label] : groups) {
     const CommBytes& c = grid.counted(g).counts();

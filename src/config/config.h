@@ -100,7 +100,7 @@ struct ParallelConfig {
   // after out_proj, all-gather before in_proj instead of one all-reduce).
   bool sequence_parallel = false;
   int64_t cp = 1;              // context parallelism (by sequence segments)
-  int64_t zero = 0;            // 1: shard the AdamW moments over the data-parallel ranks
+  int64_t zero = 0;            // 1: shard the fp32 master weights and AdamW moments over dp
   double bucket_mb = 160;      // gradient all-reduce bucket size (MB of fp32 gradients)
   double timeout_s = 600;      // a collective unfinished after this long ends the job
   std::string comm = "auto";   // auto (NCCL on GPUs, MPI on CPUs) | nccl | mpi

@@ -7,9 +7,9 @@ namespace ssd {
 
 Mamba2LM::Mamba2LM(const ModelConfig& cfg, Backend& be, int64_t batch, int64_t seqlen,
                    bool recompute_activations, int64_t flat_align, int64_t tp, int64_t tp_rank,
-                   bool sequence_parallel)
+                   bool sequence_parallel, bool master_in_shards)
     : cfg_(cfg), be_(be), batch_(batch), seqlen_(seqlen), T_(batch * seqlen),
-      recompute_(recompute_activations) {
+      master_in_shards_(master_in_shards), recompute_(recompute_activations) {
   table_ = param_table(cfg_);
   tpd_ = ssd::tp_dims(cfg_, tp, tp_rank);
   sp_ = sequence_parallel && tp > 1;
@@ -33,15 +33,46 @@ Mamba2LM::Mamba2LM(const ModelConfig& cfg, Backend& be, int64_t batch, int64_t s
     flat_total += (shape_numel(shards_[i].local_shape) + flat_align - 1) / flat_align * flat_align;
   }
   grad_flat_ = be_.alloc({flat_total}, acc);
-  param_flat_ = be_.alloc({flat_total}, acc);
   be_.zero(grad_flat_);
-  be_.zero(param_flat_);
+  if (!master_in_shards_) {
+    param_flat_ = be_.alloc({flat_total}, acc);
+    be_.zero(param_flat_);
+  }
+  // The weights the GEMMs read, in the flat layout too, so that ZeRO-1 can all-gather them by
+  // bucket ranges. One buffer with the master when the dtypes agree and the master is here.
+  if (param_flat_.defined() && cmp == acc) {
+    compute_flat_ = param_flat_;
+  } else {
+    compute_flat_ = be_.alloc({flat_total}, cmp);
+    be_.zero(compute_flat_);
+  }
+  // Master in shards: the non-GEMM parameters (read by the kernels in accum dtype) get full
+  // accum copies of their own, compact (a small part of the model). The CPU, whose compute
+  // buffer would do, keeps them too: its tests then run the GPU's algorithm.
+  std::vector<int64_t> small_off(table_.size(), -1);
+  if (master_in_shards_) {
+    int64_t n_small = 0;
+    for (int i : order)
+      if (!table_[i].gemm_weight) {
+        small_off[i] = n_small;
+        n_small += (shape_numel(shards_[i].local_shape) + 63) / 64 * 64;
+      }
+    accum_small_ = be_.alloc({std::max<int64_t>(n_small, 1)}, acc);
+    be_.zero(accum_small_);
+  }
   for (size_t i = 0; i < table_.size(); ++i) {
     const Shape& sh = shards_[i].local_shape;
-    params_.push_back(param_flat_.rows(flat_off_[i], shape_numel(sh)).view(sh));
-    grads_.push_back(grad_flat_.rows(flat_off_[i], shape_numel(sh)).view(sh));
-    // GEMM weights get a compute-dtype copy when the dtypes differ; otherwise they alias.
-    compute_.push_back(table_[i].gemm_weight && cmp != acc ? be_.alloc(sh, cmp) : params_.back());
+    const int64_t n = shape_numel(sh);
+    grads_.push_back(grad_flat_.rows(flat_off_[i], n).view(sh));
+    Tensor c = compute_flat_.rows(flat_off_[i], n).view(sh);
+    if (!master_in_shards_)
+      params_.push_back(param_flat_.rows(flat_off_[i], n).view(sh));
+    else if (table_[i].gemm_weight)
+      params_.push_back(Tensor{});  // its fp32 master is in GradSync's shards only
+    else
+      params_.push_back(accum_small_.rows(small_off[i], n).view(sh));
+    // GEMMs read the compute-dtype view; the other parameters are read in accum dtype.
+    compute_.push_back(table_[i].gemm_weight ? c : params_.back());
   }
   auto find = [&](const std::string& name) {
     for (size_t i = 0; i < table_.size(); ++i)
@@ -188,7 +219,33 @@ void Mamba2LM::init(uint64_t seed) {
   params_from_host(host);
 }
 
+namespace {
+
+// Host fp32 values into a tensor of any float dtype on the backend; bf16 goes through a bounded
+// fp32 staging tensor (the backend's conversion, as refresh_compute_weights rounds).
+void upload_values(Backend& be, Tensor& dst, const float* src) {
+  const int64_t n = dst.numel();
+  if (dst.dtype == DType::F32) return be.upload(dst, src);
+  if (dst.dtype == DType::F64) {
+    std::vector<double> tmp(src, src + n);
+    return be.upload(dst, tmp.data());
+  }
+  Tensor flat = dst.view({n});
+  const int64_t chunk = std::min<int64_t>(n, int64_t(1) << 22);
+  Tensor stage = be.alloc({std::max<int64_t>(chunk, 1)}, DType::F32);
+  for (int64_t k = 0; k < n; k += chunk) {
+    const int64_t len = std::min(chunk, n - k);
+    Tensor s = stage.rows(0, len), d = flat.rows(k, len);
+    be.upload(s, src + k);
+    be.convert(s, d);
+  }
+}
+
+}  // namespace
+
 std::vector<std::vector<float>> Mamba2LM::params_to_host() {
+  SSD_CHECK(!master_in_shards_, "the master weights are in ZeRO-1 shards: gather them with "
+            "GradSync::params_to_root");
   std::vector<std::vector<float>> out;
   for (auto& p : params_) {
     out.emplace_back(p.numel());
@@ -205,16 +262,17 @@ std::vector<std::vector<float>> Mamba2LM::params_to_host() {
 
 void Mamba2LM::params_from_host(const std::vector<std::vector<float>>& values) {
   SSD_CHECK(values.size() == params_.size());
+  SSD_CHECK(!master_in_shards_ || master_loader_,
+            "internal: the master weights are in shards but nothing keeps them (GradSync)");
   for (size_t i = 0; i < params_.size(); ++i) {
-    SSD_CHECK(static_cast<int64_t>(values[i].size()) == params_[i].numel(), table_[i].name);
-    if (params_[i].dtype == DType::F32) {
-      be_.upload(params_[i], values[i].data());
-    } else {
-      std::vector<double> tmp(values[i].begin(), values[i].end());
-      be_.upload(params_[i], tmp.data());
-    }
+    SSD_CHECK(static_cast<int64_t>(values[i].size()) == compute_[i].numel(), table_[i].name);
+    // With the master in shards, what the forward reads: compute_ (= params_ for non-GEMM).
+    upload_values(be_, master_in_shards_ ? compute_[i] : params_[i], values[i].data());
   }
-  refresh_compute_weights();
+  if (master_in_shards_)
+    master_loader_(values);
+  else
+    refresh_compute_weights();
 }
 
 std::vector<HostTensor> Mamba2LM::named_params_to_host() {
@@ -245,11 +303,19 @@ void Mamba2LM::load_params(const std::vector<HostTensor>& tensors) {
 }
 
 void Mamba2LM::refresh_compute_weights() {
-  for (size_t i = 0; i < params_.size(); ++i)
-    if (compute_[i].data != params_[i].data) be_.convert(params_[i], compute_[i]);
+  SSD_CHECK(!master_in_shards_, "internal: refresh_compute_weights with the master in shards");
+  // Every parameter in one conversion (the GEMMs read only their own weights' part of it).
+  if (compute_flat_.data != param_flat_.data) be_.convert(param_flat_, compute_flat_);
 }
 
 void Mamba2LM::zero_grads() { be_.zero(grad_flat_); }
+
+int64_t Mamba2LM::non_gemm_bytes() const {
+  int64_t n = 0;
+  for (size_t i = 0; i < table_.size(); ++i)
+    if (!table_[i].gemm_weight) n += shape_numel(shards_[i].local_shape);
+  return n * static_cast<int64_t>(dtype_size(be_.accum_dtype()));
+}
 
 Tensor Mamba2LM::new_stats() {
   Tensor s = be_.alloc({3}, DType::F64);

@@ -25,9 +25,12 @@ class Mamba2LM {
   // sequence_parallel (tp > 1): the residual stream, its adds and RMSNorms hold this rank's
   // 1/tp of the micro-batch's tokens (rows [rank*T/tp, (rank+1)*T/tp) of batch*seqlen); the
   // mixer all-gathers its input and reduce-scatters its output instead of one all-reduce.
+  // master_in_shards (ZeRO-1, parallel.zero=1): the model holds no fp32 master weights, only
+  // what the forward reads (see compute_buffer); GradSync keeps this rank's shard of the master
+  // and writes the updated weights back after each step.
   Mamba2LM(const ModelConfig& cfg, Backend& be, int64_t batch, int64_t seqlen,
            bool recompute_activations = false, int64_t flat_align = 64, int64_t tp = 1,
-           int64_t tp_rank = 0, bool sequence_parallel = false);
+           int64_t tp_rank = 0, bool sequence_parallel = false, bool master_in_shards = false);
 
   const ModelConfig& config() const { return cfg_; }
   Backend& backend() { return be_; }
@@ -39,15 +42,35 @@ class Mamba2LM {
   int64_t batch() const { return batch_; }
   int64_t seqlen() const { return seqlen_; }
 
-  // Master parameters and gradients (accum dtype), in table order.
+  // Master parameters and gradients (accum dtype), in table order. With the master in shards,
+  // params() are only the accum-dtype weights the kernels read (the non-GEMM parameters, full);
+  // the GEMM weights' entries are undefined there (they exist as compute_buffer() views only).
   std::vector<Tensor>& params() { return params_; }
   std::vector<Tensor>& grads() { return grads_; }
   // All of grads() in one buffer, and all of params() in another with the same layout (views
   // into them, each 64-element aligned; the gaps stay 0): one zeroing, and gradient buckets and
   // ZeRO shards that are plain ranges. The layout is in backward order (norm_f, the last layer
   // first, ..., the embedding last), so the gradients the backward finishes first are one range.
+  // param_buffer() is undefined with the master in shards.
   Tensor& grad_buffer() { return grad_flat_; }
   Tensor& param_buffer() { return param_flat_; }
+  // Every parameter in compute dtype, the same layout again: the GEMMs read their weights from
+  // it. Where compute dtype is accum dtype (the CPU) and the master is here, it is
+  // param_buffer() itself.
+  Tensor& compute_buffer() { return compute_flat_; }
+  bool master_in_shards() const { return master_in_shards_; }
+  // With the master in shards: the non-GEMM parameters in accum dtype, full, in a compact layout
+  // of their own (params() are views into it); the kernels read them. Undefined otherwise.
+  Tensor& accum_weights_buffer() { return accum_small_; }
+  // Bytes of the non-GEMM parameters held here in accum dtype (what accum_weights_buffer holds,
+  // without its alignment gaps).
+  int64_t non_gemm_bytes() const;
+  // With the master in shards, every load of parameter values (init, params_from_host,
+  // load_params) also hands the values (this rank's tensor-parallel parts, table order) to
+  // this function, which keeps the master shard (GradSync). Required before loading.
+  void set_master_loader(std::function<void(const std::vector<std::vector<float>>&)> f) {
+    master_loader_ = std::move(f);
+  }
   // Offset of parameter i (table order) in both flat buffers.
   int64_t flat_offset(int i) const { return flat_off_[i]; }
   // When the backward has finished the gradients of parameter i (for the micro-batch running):
@@ -85,6 +108,7 @@ class Mamba2LM {
   // the tensor-parallel layout: each rank takes its part of the full tensors).
   void init(uint64_t seed);
   // Host fp32 copies of the parameters this rank holds (local shapes), and loading them.
+  // params_to_host needs the full master (not in shards: GradSync::params_to_root gathers it).
   std::vector<std::vector<float>> params_to_host();
   void params_from_host(const std::vector<std::vector<float>>& values);
   // Full tensors with names, in table order (tp = 1 only; a tensor-parallel model's full
@@ -92,7 +116,8 @@ class Mamba2LM {
   std::vector<HostTensor> named_params_to_host();
   // Loads full tensors named as the table (checked); each rank keeps its part.
   void load_params(const std::vector<HostTensor>& tensors);
-  // Re-derives the compute-dtype copies of the GEMM weights; call after changing params.
+  // Re-derives the compute-dtype copies of the GEMM weights from the full master; call after
+  // changing params (with the master in shards GradSync writes compute_buffer() instead).
   void refresh_compute_weights();
   void zero_grads();
 
@@ -177,7 +202,9 @@ class Mamba2LM {
   Tensor sp_hidden_, sp_red_;  // [Tl, d_model]: a norm's output (compute), a summed part (accum)
   Tensor sp_full_;             // [T, d_model] compute: gathered rows
   std::vector<Tensor> params_, grads_, compute_;
-  Tensor grad_flat_, param_flat_;
+  Tensor grad_flat_, param_flat_, compute_flat_, accum_small_;
+  bool master_in_shards_ = false;
+  std::function<void(const std::vector<std::vector<float>>&)> master_loader_;
   std::vector<int64_t> flat_off_;
   std::function<void(int)> ready_hook_;
   void ready(int stage) { if (ready_hook_) ready_hook_(stage); }

@@ -34,67 +34,89 @@ GradSync::GradSync(Mamba2LM& model, Backend& be, ProcessGrid& grid, const Parall
   }
   for (auto& b : buckets_) SSD_CHECK(b.len % group_ == 0, "bucket of ", b.len);
 
-  // The optimizer's slots: whole parameters, or the pieces of them in this rank's parts.
-  const int64_t len_full = total;
+  // The shard buffers: this rank's parts of every bucket (zero=1), or everything (zero=0).
   shard_len_ = 0;
   if (zero_)
     for (auto& b : buckets_) b.shard_pos = shard_len_, shard_len_ += part(b);
   else
-    shard_len_ = len_full;
+    shard_len_ = total;
+  SSD_CHECK(zero_ == model_.master_in_shards(), "internal: parallel.zero=", zero_ ? 1 : 0,
+            " needs a model made with master_in_shards=", zero_ ? "true" : "false");
   m_ = be_.alloc({std::max<int64_t>(shard_len_, 1)}, be_.accum_dtype());
   v_ = be_.alloc({std::max<int64_t>(shard_len_, 1)}, be_.accum_dtype());
   be_.zero(m_);
   be_.zero(v_);
-  Tensor& P = model_.param_buffer();
-  Tensor& G = model_.grad_buffer();
-  for (size_t i = 0; i < table.size(); ++i) {
-    const Shape& sh = model_.params()[i].shape;  // this rank's part (tensor parallelism)
-    const int64_t off = model_.flat_offset(static_cast<int>(i)), n = shape_numel(sh);
-    const double wd = table[i].weight_decay ? weight_decay : 0.0;
-    if (!zero_) {
-      slots_.push_back({model_.params()[i], model_.grads()[i], m_.rows(off, n).view(sh),
-                        v_.rows(off, n).view(sh), wd});
-      continue;
-    }
-    for (const auto& b : buckets_) {
-      const int64_t lo = std::max(off, own_lo(b, rank_));
-      const int64_t hi = std::min(off + n, own_lo(b, rank_) + part(b));
-      if (hi <= lo) continue;
-      const int64_t at = b.shard_pos + (lo - own_lo(b, rank_));
-      slots_.push_back({P.rows(lo, hi - lo), G.rows(lo, hi - lo), m_.rows(at, hi - lo),
-                        v_.rows(at, hi - lo), wd});
-    }
+  if (zero_) {
+    master_ = be_.alloc({std::max<int64_t>(shard_len_, 1)}, be_.accum_dtype());
+    be_.zero(master_);
   }
-  for (auto& s : slots_) slot_grads_.push_back(s.grad);
-  if (model_.tp_dims().tp > 1) build_norm_groups();
+  build_pieces();
+  // The optimizer's slots: the pieces (whole parameters with zero=0).
+  Tensor& P = master();
+  Tensor& G = model_.grad_buffer();
+  for (const Piece& pc : pieces_) {
+    const double wd = table[pc.param].weight_decay ? weight_decay : 0.0;
+    slots_.push_back({P.rows(pc.at, pc.len), G.rows(pc.lo, pc.len), m_.rows(pc.at, pc.len),
+                      v_.rows(pc.at, pc.len), wd});
+  }
+  norm_groups_ = counted_tensors(false);
+  param_groups_ = counted_tensors(true);
   model_.set_ready_hook([this](int stage) { on_ready(stage); });
+  if (zero_)
+    model_.set_master_loader([this](const std::vector<std::vector<float>>& v) { load_master(v); });
 }
 
-void GradSync::build_norm_groups() {
-  // Under tensor parallelism some gradients are on several ranks of the tp group: the
-  // replicated parameters' (norms) on all tp of them, the shared B/C rows' on span of them.
-  // The norm counts each once: the gradients held here, grouped by how many ranks hold them.
-  const TpDims& d = model_.tp_dims();
-  std::vector<std::pair<int64_t, int64_t>> owned;  // flat ranges whose reduced sums are here
-  if (zero_)
-    for (const auto& b : buckets_) owned.push_back({own_lo(b, rank_), part(b)});
-  else
-    owned.push_back({0, model_.grad_buffer().numel()});
-  Tensor& G = model_.grad_buffer();
-  auto add = [&](int64_t lo, int64_t len, int64_t copies) {
-    for (auto [olo, olen] : owned) {
-      const int64_t a = std::max(lo, olo), b = std::min(lo + len, olo + olen);
-      if (b > a) norm_groups_[copies].push_back(G.rows(a, b - a));
+std::vector<GradSync::Part> GradSync::parts(int q) const {
+  if (!zero_) return {{0, model_.grad_buffer().numel(), 0}};
+  std::vector<Part> out;
+  for (const auto& b : buckets_) out.push_back({own_lo(b, q), part(b), b.shard_pos});
+  return out;
+}
+
+void GradSync::build_pieces() {
+  const auto own = parts(rank_);
+  for (size_t i = 0; i < model_.table().size(); ++i) {
+    const int64_t off = model_.flat_offset(static_cast<int>(i));
+    const int64_t n = shape_numel(model_.shard(static_cast<int>(i)).local_shape);
+    for (const Part& p : own) {
+      const int64_t lo = std::max(off, p.lo), hi = std::min(off + n, p.lo + p.len);
+      if (hi > lo) pieces_.push_back({static_cast<int>(i), lo, hi - lo, p.at + (lo - p.lo)});
     }
+  }
+}
+
+std::map<int64_t, std::vector<Tensor>> GradSync::counted_tensors(bool of_master) {
+  Tensor& src = of_master ? master() : model_.grad_buffer();
+  auto piece = [&](int64_t lo, int64_t len, int64_t at) {
+    return of_master ? src.rows(at, len) : src.rows(lo, len);
   };
+  std::map<int64_t, std::vector<Tensor>> groups;
+  const TpDims& d = model_.tp_dims();
+  if (d.tp == 1) {
+    for (const Piece& pc : pieces_) groups[1].push_back(piece(pc.lo, pc.len, pc.at));
+    return groups;
+  }
+  // Under tensor parallelism some values are on several ranks of the tp group: the replicated
+  // parameters' (norms) on all tp of them, the shared B/C rows' on span of them. Sums count
+  // each once: the values held here, grouped by how many ranks hold them.
+  const auto own = parts(rank_);
   for (size_t i = 0; i < model_.table().size(); ++i) {
     const int64_t off = model_.flat_offset(static_cast<int>(i));
     for (const auto& r : model_.shard(static_cast<int>(i)).counted_ranges(d.span))
-      add(off + r.offset, r.length, r.copies);
+      for (const Part& p : own) {
+        const int64_t a = std::max(off + r.offset, p.lo);
+        const int64_t b = std::min(off + r.offset + r.length, p.lo + p.len);
+        if (b > a) groups[r.copies].push_back(piece(a, b - a, p.at + (a - p.lo)));
+      }
   }
+  return groups;
 }
 
 int64_t GradSync::unsharded_moment_bytes() const { return 2 * model_.grad_buffer().numel() * 4; }
+
+int64_t GradSync::unsharded_master_bytes() const {
+  return model_.grad_buffer().numel() * static_cast<int64_t>(dtype_size(be_.accum_dtype()));
+}
 
 void GradSync::before_micro_batch(bool last) {
   armed_ = last;
@@ -129,29 +151,61 @@ void GradSync::finish_backward() {
   comm_.join();
 }
 
-double GradSync::grad_norm() {
+double GradSync::sum_squares(const std::map<int64_t, std::vector<Tensor>>& groups) {
   double ss = 0;
-  if (norm_groups_.empty()) {
-    ss = be_.sum_squares(slot_grads_);
-  } else {
-    for (const auto& [copies, ts] : norm_groups_) ss += be_.sum_squares(ts) / double(copies);
-  }
+  for (const auto& [copies, ts] : groups) ss += be_.sum_squares(ts) / double(copies);
   if (zero_) grid_.host(Group::DpCp).all_reduce(&ss, 1, DType::F64, ReduceOp::Sum);
-  if (!norm_groups_.empty()) grid_.host(Group::Tp).all_reduce(&ss, 1, DType::F64, ReduceOp::Sum);
-  return std::sqrt(ss);
+  if (model_.tp_dims().tp > 1) grid_.host(Group::Tp).all_reduce(&ss, 1, DType::F64, ReduceOp::Sum);
+  return ss;
 }
+
+double GradSync::grad_norm() { return std::sqrt(sum_squares(norm_groups_)); }
+
+double GradSync::param_sumsq() { return sum_squares(param_groups_); }
 
 void GradSync::step(const AdamWHyper& h) {
   be_.adamw_step(slots_, h);
-  if (zero_ && !comm_.trivial()) {
-    Tensor& P = model_.param_buffer();
-    char* base = static_cast<char*>(P.data);
-    const size_t es = dtype_size(P.dtype);
-    for (const auto& b : buckets_)
-      comm_.all_gather(base + own_lo(b, rank_) * es, base + b.lo * es, part(b), P.dtype);
-    comm_.join();
+  if (!zero_) {
+    model_.refresh_compute_weights();
+    return;
   }
-  model_.refresh_compute_weights();
+  // This rank's updated parts into the compute buffer's same ranges, then every rank's parts
+  // gathered there (bf16 on CUDA: half the bytes of gathering fp32).
+  Tensor& C = model_.compute_buffer();
+  for (const Part& p : parts(rank_)) {
+    Tensor dst = C.rows(p.lo, p.len);
+    be_.convert(master_.rows(p.at, p.len), dst);
+  }
+  const bool gather = !comm_.trivial();
+  if (gather) {
+    char* base = static_cast<char*>(C.data);
+    const size_t es = dtype_size(C.dtype);
+    for (const auto& b : buckets_)
+      comm_.all_gather(base + own_lo(b, rank_) * es, base + b.lo * es, part(b), C.dtype);
+  }
+  // The non-GEMM parameters' full accum-dtype copies (the kernels read them; their parts of C
+  // are not read). The pieces of a rank's parts do not line up with an even split of their
+  // compact buffer, so no all-gather: each rank writes its pieces into zeros and the sum over
+  // the group is every value exactly (x + 0; only a -0 would become +0).
+  Tensor& S = model_.accum_weights_buffer();
+  be_.zero(S);
+  for (const Piece& pc : pieces_) {
+    Tensor& w = model_.params()[pc.param];
+    if (!w.defined()) continue;  // a GEMM weight: in C
+    Tensor dst = w.view({w.numel()}).rows(pc.lo - model_.flat_offset(pc.param), pc.len);
+    be_.convert(master_.rows(pc.at, pc.len), dst);
+  }
+  if (gather) comm_.all_reduce(S);
+  comm_.join();
+}
+
+void GradSync::load_master(const std::vector<std::vector<float>>& local) {
+  std::vector<float> shard(shard_len_, 0.f);
+  for (const Piece& pc : pieces_) {
+    const float* src = local[pc.param].data() + (pc.lo - model_.flat_offset(pc.param));
+    std::copy(src, src + pc.len, shard.begin() + pc.at);
+  }
+  upload_range(master_, 0, shard.data(), shard_len_);
 }
 
 std::vector<float> GradSync::download_range(const Tensor& flat, int64_t lo, int64_t len) {
@@ -179,99 +233,110 @@ void GradSync::upload_range(Tensor& flat, int64_t lo, const float* src, int64_t 
   }
 }
 
+std::vector<std::vector<float>> GradSync::shards_to_root(const std::vector<const Tensor*>& bufs) {
+  Communicator& host = grid_.host(Group::DpCp);
+  const int64_t total = model_.grad_buffer().numel();
+  std::vector<std::vector<float>> full(bufs.size());
+  if (!zero_) {  // every rank holds them whole
+    if (rank_ == 0)
+      for (size_t k = 0; k < bufs.size(); ++k) full[k] = download_range(*bufs[k], 0, total);
+    return full;
+  }
+  std::vector<std::vector<float>> mine;
+  for (const Tensor* t : bufs) mine.push_back(download_range(*t, 0, shard_len_));
+  if (rank_ == 0)
+    for (auto& f : full) f.assign(total, 0.f);
+  for (int q = 0; q < group_; ++q) {
+    std::vector<std::vector<float>> got(bufs.size());
+    for (size_t k = 0; k < bufs.size(); ++k) {
+      if (rank_ == 0 && q == 0) {
+        got[k] = std::move(mine[k]);
+      } else if (rank_ == 0) {
+        got[k].resize(shard_len_);  // every rank's shard has the same length
+        host.recv(got[k].data(), shard_len_, DType::F32, q);
+      } else if (rank_ == q) {
+        host.send(mine[k].data(), shard_len_, DType::F32, 0);
+      }
+    }
+    if (rank_ != 0) continue;
+    for (const Part& p : parts(q))
+      for (size_t k = 0; k < bufs.size(); ++k)
+        std::copy_n(got[k].begin() + p.at, p.len, full[k].begin() + p.lo);
+  }
+  return full;
+}
+
+void GradSync::shards_from_root(std::vector<std::vector<float>>& full,
+                                const std::vector<Tensor*>& bufs) {
+  Communicator& host = grid_.host(Group::DpCp);
+  const int64_t total = model_.grad_buffer().numel();
+  if (!zero_) {
+    for (size_t k = 0; k < bufs.size(); ++k) {
+      if (rank_ != 0) full[k].resize(total);
+      host.broadcast(full[k].data(), total, DType::F32, 0);
+      upload_range(*bufs[k], 0, full[k].data(), total);
+    }
+    return;
+  }
+  std::vector<float> shard(shard_len_);
+  for (int q = 0; q < group_; ++q)
+    for (size_t k = 0; k < bufs.size(); ++k) {
+      if (rank_ == 0) {
+        for (const Part& p : parts(q))
+          std::copy_n(full[k].begin() + p.lo, p.len, shard.begin() + p.at);
+        if (q == 0)
+          upload_range(*bufs[k], 0, shard.data(), shard_len_);
+        else
+          host.send(shard.data(), shard_len_, DType::F32, q);
+      } else if (rank_ == q) {
+        host.recv(shard.data(), shard_len_, DType::F32, 0);
+        upload_range(*bufs[k], 0, shard.data(), shard_len_);
+      }
+    }
+}
+
+std::vector<std::vector<float>> GradSync::by_param(const std::vector<float>& flat) const {
+  std::vector<std::vector<float>> out;
+  for (size_t i = 0; i < model_.table().size(); ++i) {
+    const int64_t off = model_.flat_offset(static_cast<int>(i));
+    const int64_t n = shape_numel(model_.shard(static_cast<int>(i)).local_shape);
+    out.emplace_back(flat.begin() + off, flat.begin() + off + n);
+  }
+  return out;
+}
+
+std::vector<float> GradSync::to_flat(const std::vector<std::vector<float>>& per_param) const {
+  std::vector<float> flat(model_.grad_buffer().numel(), 0.f);
+  for (size_t i = 0; i < per_param.size(); ++i)
+    std::copy(per_param[i].begin(), per_param[i].end(),
+              flat.begin() + model_.flat_offset(static_cast<int>(i)));
+  return flat;
+}
+
 void GradSync::moments_to_root(std::vector<std::vector<float>>& m,
                                std::vector<std::vector<float>>& v) {
-  Communicator& host = grid_.host(Group::DpCp);
-  const auto& table = model_.table();
-  const int64_t total = model_.grad_buffer().numel();
+  auto full = shards_to_root({&m_, &v_});
   m.clear();
   v.clear();
-  std::vector<float> fm, fv;  // full flat moments, on rank 0
-  if (!zero_) {
-    if (rank_ == 0) fm = download_range(m_, 0, total), fv = download_range(v_, 0, total);
-  } else {
-    std::vector<float> sm = download_range(m_, 0, shard_len_), sv = download_range(v_, 0, shard_len_);
-    if (rank_ == 0) {
-      fm.assign(total, 0.f);
-      fv.assign(total, 0.f);
-    }
-    for (int q = 0; q < group_; ++q) {
-      std::vector<float> qm, qv;
-      if (rank_ == 0 && q == 0) {
-        qm = sm, qv = sv;
-      } else if (rank_ == 0) {
-        qm.resize(shard_len_), qv.resize(shard_len_);  // every rank's shard has the same length
-        host.recv(qm.data(), shard_len_, DType::F32, q);
-        host.recv(qv.data(), shard_len_, DType::F32, q);
-      } else if (rank_ == q) {
-        host.send(sm.data(), shard_len_, DType::F32, 0);
-        host.send(sv.data(), shard_len_, DType::F32, 0);
-      }
-      if (rank_ != 0) continue;
-      for (const auto& b : buckets_)
-        for (int64_t k = 0; k < part(b); ++k) {
-          fm[own_lo(b, q) + k] = qm[b.shard_pos + k];
-          fv[own_lo(b, q) + k] = qv[b.shard_pos + k];
-        }
-    }
-  }
   if (rank_ != 0) return;
-  for (size_t i = 0; i < table.size(); ++i) {
-    const int64_t off = model_.flat_offset(static_cast<int>(i)), n = model_.params()[i].numel();
-    m.emplace_back(fm.begin() + off, fm.begin() + off + n);
-    v.emplace_back(fv.begin() + off, fv.begin() + off + n);
-  }
+  m = by_param(full[0]);
+  v = by_param(full[1]);
 }
 
 void GradSync::moments_from_root(const std::vector<std::vector<float>>& m,
                                  const std::vector<std::vector<float>>& v) {
-  Communicator& host = grid_.host(Group::DpCp);
-  const auto& table = model_.table();
-  const int64_t total = model_.grad_buffer().numel();
-  std::vector<float> fm, fv;
-  if (rank_ == 0) {
-    fm.assign(total, 0.f);
-    fv.assign(total, 0.f);
-    for (size_t i = 0; i < table.size(); ++i) {
-      const int64_t off = model_.flat_offset(static_cast<int>(i));
-      std::copy(m[i].begin(), m[i].end(), fm.begin() + off);
-      std::copy(v[i].begin(), v[i].end(), fv.begin() + off);
-    }
-  }
-  if (!zero_) {
-    if (rank_ != 0) fm.resize(total), fv.resize(total);
-    host.broadcast(fm.data(), total, DType::F32, 0);
-    host.broadcast(fv.data(), total, DType::F32, 0);
-    upload_range(m_, 0, fm.data(), total);
-    upload_range(v_, 0, fv.data(), total);
-    return;
-  }
-  std::vector<float> sm(shard_len_), sv(shard_len_);
-  for (int q = 0; q < group_; ++q) {
-    if (rank_ == 0) {
-      for (const auto& b : buckets_)
-        for (int64_t k = 0; k < part(b); ++k) {
-          sm[b.shard_pos + k] = fm[own_lo(b, q) + k];
-          sv[b.shard_pos + k] = fv[own_lo(b, q) + k];
-        }
-      if (q == 0) {
-        upload_range(m_, 0, sm.data(), shard_len_);
-        upload_range(v_, 0, sv.data(), shard_len_);
-      } else {
-        host.send(sm.data(), shard_len_, DType::F32, q);
-        host.send(sv.data(), shard_len_, DType::F32, q);
-      }
-    } else if (rank_ == q) {
-      host.recv(sm.data(), shard_len_, DType::F32, 0);
-      host.recv(sv.data(), shard_len_, DType::F32, 0);
-      upload_range(m_, 0, sm.data(), shard_len_);
-      upload_range(v_, 0, sv.data(), shard_len_);
-    }
-  }
+  std::vector<std::vector<float>> full(2);
+  if (rank_ == 0) full[0] = to_flat(m), full[1] = to_flat(v);
+  shards_from_root(full, {&m_, &v_});
+}
+
+std::vector<std::vector<float>> GradSync::params_to_root() {
+  auto full = shards_to_root({&master()});
+  if (rank_ != 0) return {};
+  return by_param(full[0]);
 }
 
 std::vector<std::vector<float>> GradSync::gathered_grads() {
-  const auto& table = model_.table();
   const int64_t total = model_.grad_buffer().numel();
   std::vector<float> full = download_range(model_.grad_buffer(), 0, total);
   if (zero_ && group_ > 1) {
@@ -283,12 +348,7 @@ std::vector<std::vector<float>> GradSync::gathered_grads() {
       host.all_gather(mine.data(), full.data() + b.lo, part(b), DType::F32);
     }
   }
-  std::vector<std::vector<float>> out;
-  for (size_t i = 0; i < table.size(); ++i) {
-    const int64_t off = model_.flat_offset(static_cast<int>(i)), n = model_.params()[i].numel();
-    out.emplace_back(full.begin() + off, full.begin() + off + n);
-  }
-  return out;
+  return by_param(full);
 }
 
 }  // namespace ssd

@@ -6,10 +6,18 @@
 // GPUs the NCCL reduction of the late layers overlaps the backward of the early ones. Buckets are
 // issued in one fixed order, so a step is bitwise reproducible.
 //
-// zero=0: each bucket is all-reduced; every rank updates every parameter.
-// zero=1 (ZeRO-1): each bucket is reduce-scattered; rank r of the group keeps the AdamW moments
-// of the r-th part of every bucket only, updates that part of the parameters, and the parts are
-// all-gathered back into every rank's parameters.
+// zero=0: each bucket is all-reduced; every rank updates every parameter (the model's full
+// fp32 master), then the model refreshes its compute copies.
+// zero=1 (ZeRO-1): each bucket is reduce-scattered; rank r of the group keeps the fp32 master
+// weights and the AdamW moments of the r-th part of every bucket only (three shard buffers of
+// the same layout: the parts, bucket after bucket). AdamW updates the master shard; each part
+// is converted into the model's compute buffer (flat layout, compute dtype: bf16 on CUDA, the
+// fp32 weights themselves on the CPU) and the parts are all-gathered there. The non-GEMM
+// parameters, read in accum dtype by the kernels, are full copies in a small buffer of the
+// model: each rank writes its parts into zeros and the buffer is summed over the group (exact:
+// one term). The CPU runs the same steps, so its multi-process tests check the GPU's algorithm.
+// The model is made with master_in_shards; every load of its weights (init, resume) reaches the
+// master shard through its master loader, and checkpoints gather the shards (params_to_root).
 #pragma once
 #include <cstdint>
 #include <map>
@@ -32,6 +40,9 @@ class GradSync {
   void finish_backward();
   // sqrt of the sum of squares of the reduced gradients (all of them, over the group).
   double grad_norm();
+  // Sum of the squared master parameters of the whole model (each tensor-parallel copy counted
+  // once), on every rank. Collective over the dp x cp and tp groups.
+  double param_sumsq();
   // AdamW on this rank's part, then (zero=1) the parameters gathered back everywhere, and the
   // model's compute copies refreshed.
   void step(const AdamWHyper& h);
@@ -42,6 +53,10 @@ class GradSync {
   void moments_to_root(std::vector<std::vector<float>>& m, std::vector<std::vector<float>>& v);
   void moments_from_root(const std::vector<std::vector<float>>& m,
                          const std::vector<std::vector<float>>& v);
+  // The master parameters (table order; this tensor-parallel rank's parts) on the group's rank
+  // 0, empty elsewhere: the ZeRO-1 shards gathered, or the model's full master. Collective over
+  // the dp x cp group. (Loading goes through the model: Mamba2LM::params_from_host.)
+  std::vector<std::vector<float>> params_to_root();
   // The reduced gradients (this tensor-parallel rank's parts) as host tensors in table order,
   // on every rank; for tests.
   std::vector<std::vector<float>> gathered_grads();
@@ -49,7 +64,21 @@ class GradSync {
   // Bytes of AdamW moments this rank holds, and what it would hold without sharding.
   int64_t moment_bytes() const { return 2 * shard_len_ * 4; }
   int64_t unsharded_moment_bytes() const;
+  // Bytes of fp32 master weights this rank holds (its shard, or the model's full master), and
+  // the full master's.
+  int64_t master_bytes() const { return zero_ ? master_.nbytes() : model_.param_buffer().nbytes(); }
+  int64_t unsharded_master_bytes() const;
   int num_buckets() const { return static_cast<int>(buckets_.size()); }
+
+  // This rank's parts of the flat buffers in shard order: {flat offset, length, offset in the
+  // shard buffers} (zero=0: the whole buffer at 0). The master shard and the moments are these
+  // ranges of the full flat tensors, one after the other.
+  struct Part {
+    int64_t lo = 0, len = 0, at = 0;
+  };
+  std::vector<Part> parts(int group_rank) const;
+  // The master shard (zero=1; undefined with zero=0: the model's param_buffer is the master).
+  const Tensor& master_shard() const { return master_; }
 
  private:
   struct Bucket {
@@ -58,8 +87,28 @@ class GradSync {
     int64_t shard_pos = 0;    // where this rank's part sits in the moment shard (zero=1)
     bool launched = false;
   };
+  // A piece of parameter `param` in this rank's parts: flat range [lo, lo + len), at `at` of
+  // the shard buffers (the master: master_ or, zero=0, the model's param_buffer; m_, v_).
+  struct Piece {
+    int param = 0;
+    int64_t lo = 0, len = 0, at = 0;
+  };
   void on_ready(int stage);
-  void build_norm_groups();
+  void build_pieces();
+  // Tensors of the master (master) or of the reduced gradients, grouped by how many
+  // tensor-parallel ranks hold the same values (tp = 1: all in one group of 1).
+  std::map<int64_t, std::vector<Tensor>> counted_tensors(bool master);
+  // Sum of squares of such groups, each counted once over the whole model.
+  double sum_squares(const std::map<int64_t, std::vector<Tensor>>& groups);
+  Tensor& master() { return zero_ ? master_ : model_.param_buffer(); }
+  void load_master(const std::vector<std::vector<float>>& local);
+  // Host fp32 full flat buffers (flat layout) of the shard buffers `bufs` on the group's rank
+  // 0 (empty elsewhere), and the reverse: rank 0's full flat buffers into every rank's shards.
+  std::vector<std::vector<float>> shards_to_root(const std::vector<const Tensor*>& bufs);
+  void shards_from_root(std::vector<std::vector<float>>& full, const std::vector<Tensor*>& bufs);
+  // A host flat buffer cut into parameters (table order, local shapes), and the reverse.
+  std::vector<std::vector<float>> by_param(const std::vector<float>& flat) const;
+  std::vector<float> to_flat(const std::vector<std::vector<float>>& per_param) const;
   void launch(Bucket& b);
   // This rank's part of bucket b: [own_lo, own_lo + part) of the flat buffers.
   int64_t part(const Bucket& b) const { return b.len / group_; }
@@ -76,12 +125,13 @@ class GradSync {
   bool zero_ = false, armed_ = false;
   std::vector<Bucket> buckets_;
   Tensor m_, v_;           // moments: full flat buffers (zero=0) or this rank's shard (zero=1)
-  int64_t shard_len_ = 0;  // elements of m_ (and v_)
+  Tensor master_;          // zero=1: this rank's shard of the fp32 master weights
+  int64_t shard_len_ = 0;  // elements of m_ (and v_, master_)
+  std::vector<Piece> pieces_;
   std::vector<AdamWSlot> slots_;
-  std::vector<Tensor> slot_grads_;
-  // Tensor parallelism: the gradients this rank sums for the norm, by how many ranks of the
-  // tp group hold the same values (empty when tp = 1: slot_grads_ are all of them).
-  std::map<int64_t, std::vector<Tensor>> norm_groups_;
+  // The reduced gradients this rank sums for the norm and its master parameters, by how many
+  // ranks of the tp group hold the same values.
+  std::map<int64_t, std::vector<Tensor>> norm_groups_, param_groups_;
 };
 
 }  // namespace ssd

@@ -94,7 +94,8 @@ class Trainer {
       model_ = std::make_unique<Mamba2LM>(cfg_.model, *be_, layout_.micro_batch,
                                           cfg_.train.seq_len / layout_.cp,
                                           cfg_.train.recompute == "layers", align, layout_.tp,
-                                          grid_->tp_rank(), cfg_.parallel.sequence_parallel);
+                                          grid_->tp_rank(), cfg_.parallel.sequence_parallel,
+                                          cfg_.parallel.zero == 1);
     });
     grid_->attach(*be_);
     model_->set_context_parallel(&grid_->dev(Group::Cp));
@@ -120,8 +121,6 @@ class Trainer {
       fail("cannot write ", cfg_.run.dir, "/metrics.jsonl: ", std::strerror(errno));
   }
   std::pair<double, double> evaluate();
-  // Sum of the squared parameters of the whole model (each tensor-parallel copy counted once).
-  double param_sumsq();
   Communicator& world() { return grid_->host(Group::World); }
 
   Config cfg_;
@@ -250,18 +249,16 @@ void Trainer::start_state() {
 }
 
 void Trainer::save_checkpoint() {
-  // Moments gathered to rank 0 (ZeRO shards included); every rank holds the full parameters.
+  // Master parameters and moments gathered to rank 0 of each dp x cp group (ZeRO shards
+  // included): full tensors of this tensor-parallel rank's parts.
   std::vector<std::vector<float>> m, v, params;
   sync_->moments_to_root(m, v);
-  if (layout_.tp > 1) {  // full tensors from the parts of the root's tensor-parallel group
-    if (in_root_tp_group()) {
-      Communicator& tp = grid_->host(Group::Tp);
-      params = gather_full(tp, model_->table(), cfg_.model, model_->params_to_host());
-      m = gather_full(tp, model_->table(), cfg_.model, m);
-      v = gather_full(tp, model_->table(), cfg_.model, v);
-    }
-  } else if (grid_->is_root()) {
-    params = model_->params_to_host();
+  params = sync_->params_to_root();
+  if (layout_.tp > 1 && in_root_tp_group()) {  // full tensors from the root tp group's parts
+    Communicator& tp = grid_->host(Group::Tp);
+    params = gather_full(tp, model_->table(), cfg_.model, params);
+    m = gather_full(tp, model_->table(), cfg_.model, m);
+    v = gather_full(tp, model_->table(), cfg_.model, v);
   }
   std::string path = checkpoint_path(cfg_.checkpoint.dir, step_);
   // A failed write (disk full, say) ends every rank with the message, not with a hang.
@@ -292,20 +289,6 @@ void Trainer::save_checkpoint() {
   });
   last_ckpt_ = path;
   log("checkpoint " + path);
-}
-
-double Trainer::param_sumsq() {
-  if (layout_.tp == 1) return be_->sum_squares(model_->params());
-  const auto local = model_->params_to_host();
-  double s = 0;
-  for (size_t i = 0; i < local.size(); ++i)
-    for (const auto& r : model_->shard(static_cast<int>(i)).counted_ranges(layout_.tp_span)) {
-      double t = 0;
-      for (int64_t k = r.offset; k < r.offset + r.length; ++k) t += double(local[i][k]) * local[i][k];
-      s += t / double(r.copies);
-    }
-  grid_->host(Group::Tp).all_reduce(&s, 1, DType::F64, ReduceOp::Sum);
-  return s;
 }
 
 std::pair<double, double> Trainer::evaluate() {
@@ -378,8 +361,14 @@ TrainResult Trainer::run() {
                                          : ""));
   }
   if (cfg_.parallel.zero)
-    log("ZeRO-1: AdamW moments " + std::to_string(sync_->moment_bytes() >> 20) + " MiB on each rank instead of " +
-        std::to_string(sync_->unsharded_moment_bytes() >> 20) + " MiB");
+    log("ZeRO-1: AdamW moments " + std::to_string(sync_->moment_bytes() >> 20) +
+        " MiB on each rank instead of " + std::to_string(sync_->unsharded_moment_bytes() >> 20) +
+        " MiB; fp32 master weights " + std::to_string(sync_->master_bytes() >> 20) +
+        " MiB instead of " + std::to_string(sync_->unsharded_master_bytes() >> 20) +
+        " MiB, beside the weights the forward reads: " +
+        std::to_string(model_->compute_buffer().nbytes() >> 20) + " MiB in " +
+        dtype_name(be_->compute_dtype()) + " and the non-GEMM ones full in fp32, " +
+        std::to_string(model_->accum_weights_buffer().nbytes() >> 20) + " MiB");
   log("run dir " + cfg_.run.dir + "; " + std::to_string(tokens_per_step) +
       " tokens per step; steps " + std::to_string(step_ + 1) + ".." + std::to_string(tc.max_steps));
 
@@ -415,14 +404,7 @@ TrainResult Trainer::run() {
       if (step == tc.max_steps) save_checkpoint();  // the last step is always saved
       continue;
     }
-    AdamWHyper h;
-    h.lr = lr;
-    h.beta1 = tc.beta1;
-    h.beta2 = tc.beta2;
-    h.eps = tc.adam_eps;
-    h.step = step - skipped_;
-    h.grad_scale = (tc.grad_clip > 0 && gnorm > tc.grad_clip) ? tc.grad_clip / (gnorm + 1e-6) : 1.0;
-    sync_->step(h);
+    sync_->step(adamw_hyper(tc, step, skipped_, gnorm));
     step_ = step;
     ++steps_this_run;
     tokens_seen_ += tokens_per_step;
@@ -491,7 +473,7 @@ TrainResult Trainer::run() {
     }
   }
   res.steps_done = step_;
-  res.param_sumsq = param_sumsq();
+  res.param_sumsq = sync_->param_sumsq();
   if (steps_this_run == 0 && !res.stopped_early)
     log("nothing to do: the run is already at step " + std::to_string(step_) + " of " +
         std::to_string(tc.max_steps) + " (raise train.max_steps to continue it)");
@@ -501,6 +483,18 @@ TrainResult Trainer::run() {
 }
 
 }  // namespace
+
+AdamWHyper adamw_hyper(const TrainConfig& tc, int64_t step, int64_t skipped, double grad_norm) {
+  AdamWHyper h;
+  h.lr = lr_at(step, tc.lr, tc.min_lr, tc.warmup_steps, tc.max_steps);
+  h.beta1 = tc.beta1;
+  h.beta2 = tc.beta2;
+  h.eps = tc.adam_eps;
+  h.step = step - skipped;
+  h.grad_scale = (tc.grad_clip > 0 && grad_norm > tc.grad_clip) ? tc.grad_clip / (grad_norm + 1e-6)
+                                                                 : 1.0;
+  return h;
+}
 
 void take_segment(const std::vector<int32_t>& tok, const std::vector<int32_t>& tgt, int64_t n,
                   int64_t L, int64_t cp, int64_t r, std::vector<int32_t>& stok,

@@ -49,6 +49,11 @@ StepResult compute_gradients(Mamba2LM& model, GradSync& sync, ProcessGrid& grid,
                              const Layout& layout, int64_t position, int64_t seqlen, Tensor& stats,
                              bool reset_at_eos = false);
 
+// The AdamW settings of optimizer step `step` (1-based; `skipped` steps before it were skipped
+// for a non-finite loss, so AdamW's own count is step - skipped): train.lr's schedule, the betas
+// and eps, and gradient clipping at train.grad_clip given the step's gradient norm.
+AdamWHyper adamw_hyper(const TrainConfig& tc, int64_t step, int64_t skipped, double grad_norm);
+
 // Context parallelism: rank r's segment (tokens [r*L/cp, (r+1)*L/cp)) of each of n sequences of
 // length L, into stok/stgt.
 void take_segment(const std::vector<int32_t>& tok, const std::vector<int32_t>& tgt, int64_t n,

@@ -12,6 +12,7 @@
 #include "config/config.h"
 #include "data/data.h"
 #include "dist/grid.h"
+#include "io/export.h"
 #include "model/mamba2.h"
 #include "layout_step.h"
 #include "mpi_main.h"
@@ -78,4 +79,93 @@ TEST(CudaLayouts, ShardedShapesMatchTheCpuReference) {
                             what.c_str(), got.loss, ref.loss, worst);
     MPI_Comm_free(&c);
   }
+}
+
+// ZeRO-1 on the GPU, two ranks sharing it over MPI. No rank holds an fp32 master of the GEMM
+// weights beyond its shard (each element on one rank, about half per rank); the bf16 weights the
+// GEMMs read are the shards converted and gathered, the same on both ranks, and the non-GEMM
+// fp32 weights the kernels read are the master values, the same on both; three training steps
+// track the one-process CPU run at the bf16 tolerance of the layout test above.
+TEST(CudaLayouts, ZeroShardsTheMasterWeights) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA GPU here (or built without CUDA)";
+  const int r = process_info().rank;
+  MPI_Comm pair;
+  MPI_Comm_split(MPI_COMM_WORLD, r / 2, r, &pair);
+  int pr = 0;
+  MPI_Comm_rank(pair, &pr);
+  auto gpu = make_cuda_backend(0);
+  auto cpu = make_cpu_backend(DType::F32);
+  LayoutRun two(parse_config(kModel, {"parallel.zero=1"}, "mpitest"), pair, *gpu, 7);
+  LayoutRun ref(parse_config(kModel, {}, "mpitest"), MPI_COMM_SELF, *cpu, 7);
+  ASSERT_EQ(two.layout.dp, 2);
+  Mamba2LM& m = *two.model;
+  GradSync& s = *two.sync;
+  const auto& table = m.table();
+  const int64_t total = m.grad_buffer().numel();
+  EXPECT_FALSE(m.param_buffer().defined()) << "no full fp32 master in the model";
+  EXPECT_EQ(m.compute_buffer().dtype, DType::BF16);
+  EXPECT_EQ(m.compute_buffer().numel(), total);
+  EXPECT_EQ(s.master_bytes(), total / 2 * 4);
+  EXPECT_EQ(s.unsharded_master_bytes(), total * 4);
+
+  // fp32 master bytes of the GEMM weights on this rank: its shard's pieces of them, nothing else.
+  int64_t gemm_total = 0, gemm_mine = 0, small_total = 0;
+  for (size_t i = 0; i < table.size(); ++i) {
+    const int64_t off = m.flat_offset(int(i)), n = shape_numel(m.shard(int(i)).local_shape);
+    if (!table[i].gemm_weight) {
+      small_total += n;
+      EXPECT_EQ(m.params()[i].dtype, DType::F32) << table[i].name;
+      continue;
+    }
+    gemm_total += n;
+    EXPECT_FALSE(m.params()[i].defined()) << table[i].name << ": no fp32 copy in the model";
+    for (const auto& p : s.parts(pr))
+      gemm_mine += std::max<int64_t>(0, std::min(off + n, p.lo + p.len) - std::max(off, p.lo));
+  }
+  int64_t gemm_sum = gemm_mine;
+  MPI_Allreduce(MPI_IN_PLACE, &gemm_sum, 1, MPI_INT64_T, MPI_SUM, pair);
+  EXPECT_EQ(gemm_sum, gemm_total) << "each GEMM weight element's master on one rank";
+  EXPECT_NEAR(double(gemm_mine), gemm_total / 2.0, double(small_total + 64 * table.size()));
+  EXPECT_GE(m.accum_weights_buffer().nbytes(), size_t(small_total * 4));
+  if (r == 0)
+    std::printf("ZeRO-1 dp=2 on the GPU: fp32 master of the GEMM weights %.3f MiB on this rank of "
+                "%.3f MiB (%.4f); fp32 non-GEMM weights %.3f MiB full; bf16 compute %.3f MiB\n",
+                gemm_mine * 4 / 1048576.0, gemm_total * 4 / 1048576.0,
+                double(gemm_mine) / gemm_total, m.accum_weights_buffer().nbytes() / 1048576.0,
+                m.compute_buffer().nbytes() / 1048576.0);
+
+  std::vector<double> lg, lc;
+  for (int64_t step = 1; step <= 3; ++step)
+    lg.push_back(two.train_step(step)), lc.push_back(ref.train_step(step));
+  for (size_t k = 0; k < lg.size(); ++k) {
+    EXPECT_NEAR(lg[k], lc[k], 1e-2 * lc[k]) << "step " << k + 1;
+    if (r == 0) std::printf("step %zu: loss %.6f vs CPU %.6f\n", k + 1, lg[k], lc[k]);
+  }
+
+  std::vector<float> sh(s.master_shard().numel());
+  gpu->download(sh.data(), s.master_shard());
+  std::vector<uint16_t> comp(total), comp0;
+  gpu->download(comp.data(), m.compute_buffer());
+  const Tensor& small = m.accum_weights_buffer();
+  std::vector<float> acc(small.numel()), acc0;
+  gpu->download(acc.data(), small);
+  for (const auto& p : s.parts(pr))
+    for (int64_t k = 0; k < p.len; ++k)
+      ASSERT_EQ(comp[p.lo + k], fp32_to_bf16(sh[p.at + k])) << "flat element " << p.lo + k;
+  for (size_t i = 0; i < table.size(); ++i) {
+    if (table[i].gemm_weight) continue;
+    const Tensor& w = m.params()[i];
+    std::vector<float> host(w.numel());
+    gpu->download(host.data(), w);
+    const int64_t off = m.flat_offset(int(i)), n = w.numel();
+    for (const auto& p : s.parts(pr))
+      for (int64_t e = std::max(off, p.lo); e < std::min(off + n, p.lo + p.len); ++e)
+        ASSERT_EQ(host[e - off], sh[p.at + (e - p.lo)]) << table[i].name << "[" << e - off << "]";
+  }
+  comp0 = comp, acc0 = acc;
+  MPI_Bcast(comp0.data(), int(total), MPI_UINT16_T, 0, pair);
+  MPI_Bcast(acc0.data(), int(acc0.size()), MPI_FLOAT, 0, pair);
+  EXPECT_TRUE(comp0 == comp) << "the bf16 compute weights differ between the ranks";
+  EXPECT_TRUE(acc0 == acc) << "the fp32 non-GEMM weights differ between the ranks";
+  MPI_Comm_free(&pair);
 }

@@ -5,6 +5,7 @@
 // the job; the one-process references run on MPI_COMM_SELF.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <iterator>
@@ -15,6 +16,7 @@
 #include "data/data.h"
 #include "data/indexed_file.h"
 #include "dist/grid.h"
+#include "io/export.h"
 #include "model/mamba2.h"
 #include "layout_checks.h"
 #include "layout_step.h"
@@ -279,5 +281,156 @@ TEST(Layouts, ResumeOnAnotherNumberOfRanksContinuesTheOneProcessRun) {
   // Written once, by rank 0: one checkpoint of step 16 in the dp=4 run.
   if (r == 0) EXPECT_TRUE(fs::exists(tmpdir("dp4") + "/checkpoints/step_00000016.h5"));
   MPI_Comm_free(&pairs);
+  clean();
+}
+
+// ZeRO-1 keeps the fp32 master weights as each rank's part of every bucket only. At dp=4 the
+// shard is a quarter of the flat buffers, each element on exactly one rank, in a buffer of its
+// own (the model holds no master: on the CPU only the fp32 weights it computes with); after
+// training steps it holds the one-process run's parameters of its ranges, and the weights every
+// rank computes with are the gathered shards, bitwise.
+TEST(Layouts, ZeroShardsTheMasterWeights) {
+  auto be = make_cpu_backend(DType::F32);
+  const int r = world_rank();
+  LayoutRun four(config({"parallel.zero=1"}), MPI_COMM_WORLD, *be, 11);
+  LayoutRun one(config({}), MPI_COMM_SELF, *be, 11);
+  ASSERT_EQ(four.layout.dp, 4);
+  Mamba2LM& m = *four.model;
+  GradSync& s = *four.sync;
+  const int64_t total = m.grad_buffer().numel();
+  ASSERT_EQ(total, one.model->grad_buffer().numel());
+  for (size_t i = 0; i < m.table().size(); ++i)
+    ASSERT_EQ(m.flat_offset(int(i)), one.model->flat_offset(int(i))) << "the same flat layout";
+
+  EXPECT_FALSE(m.param_buffer().defined()) << "no full master in the model";
+  for (size_t i = 0; i < m.table().size(); ++i)
+    if (m.table()[i].gemm_weight) EXPECT_FALSE(m.params()[i].defined()) << m.table()[i].name;
+  EXPECT_EQ(s.master_shard().numel(), total / 4);
+  EXPECT_EQ(s.master_bytes(), total / 4 * 4);
+  EXPECT_EQ(s.unsharded_master_bytes(), total * 4);
+  EXPECT_EQ(s.moment_bytes(), 2 * s.master_bytes());
+  const Tensor& shard = s.master_shard();
+  const char* c0 = static_cast<const char*>(m.compute_buffer().data);
+  const char* s0 = static_cast<const char*>(shard.data);
+  EXPECT_TRUE(s0 + shard.nbytes() <= c0 || s0 >= c0 + m.compute_buffer().nbytes())
+      << "the shard is a buffer of its own";
+  std::vector<int> holders(total, 0);
+  for (int q = 0; q < 4; ++q) {
+    int64_t held = 0, at = 0;
+    for (const auto& p : s.parts(q)) {
+      EXPECT_EQ(p.at, at) << "the parts one after the other";
+      at += p.len, held += p.len;
+      for (int64_t k = 0; k < p.len; ++k) ++holders[p.lo + k];
+    }
+    EXPECT_EQ(held, total / 4) << "rank " << q;
+  }
+  EXPECT_EQ(std::count(holders.begin(), holders.end(), 1), total) << "each element on one rank";
+
+  std::vector<double> la, lb;
+  for (int64_t step = 1; step <= 3; ++step)
+    la.push_back(four.train_step(step)), lb.push_back(one.train_step(step));
+  expect_losses_close(la, lb, "ZeRO-1 dp=4, 3 steps by hand");
+  std::vector<float> sh(shard.numel()), comp(total), ref(total);
+  be->download(sh.data(), shard);
+  be->download(comp.data(), m.compute_buffer());
+  be->download(ref.data(), one.model->param_buffer());
+  double mx = 0, worst = 0;
+  for (float x : ref) mx = std::max(mx, std::fabs(double(x)));
+  for (const auto& p : s.parts(r))
+    for (int64_t k = 0; k < p.len; ++k) {
+      ASSERT_EQ(sh[p.at + k], comp[p.lo + k]) << "flat element " << p.lo + k;
+      worst = std::max(worst, std::fabs(double(sh[p.at + k]) - ref[p.lo + k]));
+    }
+  EXPECT_LE(worst, 1e-5 * mx) << "the shard holds the one-process parameters of its ranges";
+  for (int64_t k = 0; k < total; ++k)
+    ASSERT_LE(std::fabs(double(comp[k]) - ref[k]), 1e-5 * mx) << "flat element " << k;
+  // The non-GEMM weights the kernels read: full fp32 copies of their own, the master values,
+  // the same on every rank.
+  const Tensor& small = m.accum_weights_buffer();
+  ASSERT_TRUE(small.defined());
+  std::vector<float> sm(small.numel()), sm0;
+  be->download(sm.data(), small);
+  for (size_t i = 0; i < m.table().size(); ++i) {
+    if (m.table()[i].gemm_weight) continue;
+    const Tensor& w = m.params()[i];
+    const char* w0 = static_cast<const char*>(w.data);
+    ASSERT_TRUE(w0 >= static_cast<const char*>(small.data) &&
+                w0 + w.nbytes() <= static_cast<const char*>(small.data) + small.nbytes())
+        << m.table()[i].name;
+    const int64_t off = m.flat_offset(int(i));
+    for (int64_t k = 0; k < w.numel(); ++k)
+      ASSERT_EQ(w.ptr<float>()[k], comp[off + k]) << m.table()[i].name << "[" << k << "]";
+  }
+  sm0 = sm;
+  MPI_Bcast(sm0.data(), int(sm0.size()), MPI_FLOAT, 0, MPI_COMM_WORLD);
+  EXPECT_TRUE(sm0 == sm) << "the non-GEMM weights differ between the ranks";
+  // Gathered for a checkpoint: the full master, equal to what every rank computes with.
+  auto full = s.params_to_root();
+  ASSERT_EQ(full.size(), r == 0 ? m.table().size() : 0u);
+  for (size_t i = 0; i < full.size(); ++i)
+    for (size_t k = 0; k < full[i].size(); ++k)
+      ASSERT_EQ(full[i][k], comp[m.flat_offset(int(i)) + k]) << m.table()[i].name;
+  if (r == 0)
+    std::printf("ZeRO-1 dp=4: master shard %lld of %lld elements per rank; largest difference "
+                "from the one-process parameters %.2e of max|p|\n",
+                (long long)shard.numel(), (long long)total, worst / mx);
+}
+
+// A checkpoint of a ZeRO-1 dp=4 run (its master shards gathered into full tensors) resumed by
+// one process, and one process's checkpoint resumed by ZeRO-1 dp=4 (cut into shards), continue
+// the uninterrupted one-process run.
+TEST(Layouts, ZeroCheckpointsResumeAcrossLayouts) {
+  clean();
+  const int r = world_rank();
+  auto cfg = [&](const std::string& dir, std::vector<std::string> extra) {
+    extra.push_back("train.max_steps=12");
+    extra.push_back("checkpoint.every=0");
+    extra.push_back("run.dir=" + tmpdir(dir));
+    return config(extra);
+  };
+  TrainResult one = train(cfg("zone_r" + std::to_string(r), {}), MPI_COMM_SELF);
+  ASSERT_EQ(one.losses.size(), 12u);
+  const std::vector<double> head(one.losses.begin(), one.losses.begin() + 6);
+  const std::vector<double> tail(one.losses.begin() + 6, one.losses.end());
+
+  TrainResult a = train(cfg("z4", {"parallel.zero=1", "train.stop_after=6"}), MPI_COMM_WORLD);
+  EXPECT_EQ(a.steps_done, 6);
+  expect_losses_close(a.losses, head, "ZeRO-1 dp=4 first half");
+  TrainResult b = train(cfg("zsolo_r" + std::to_string(r), {"train.stop_after=6"}), MPI_COMM_SELF);
+  EXPECT_EQ(b.steps_done, 6);
+  MPI_Barrier(MPI_COMM_WORLD);
+  fs::copy(tmpdir("z4"), tmpdir("z4to1_r" + std::to_string(r)), fs::copy_options::recursive);
+  if (r == 0) fs::copy(tmpdir("zsolo_r0"), tmpdir("z1to4"), fs::copy_options::recursive);
+  MPI_Barrier(MPI_COMM_WORLD);
+
+  TrainResult solo = train(cfg("z4to1_r" + std::to_string(r), {}), MPI_COMM_SELF);
+  EXPECT_EQ(solo.steps_done, 12);
+  expect_losses_close(solo.losses, tail, "ZeRO-1 dp=4 -> 1 process");
+  TrainResult four = train(cfg("z1to4", {"parallel.zero=1"}), MPI_COMM_WORLD);
+  EXPECT_EQ(four.steps_done, 12);
+  expect_losses_close(four.losses, tail, "1 process -> ZeRO-1 dp=4");
+  EXPECT_NEAR(four.param_sumsq, one.param_sumsq, 1e-4 * one.param_sumsq);
+  EXPECT_NEAR(solo.param_sumsq, one.param_sumsq, 1e-4 * one.param_sumsq);
+
+  // train.init_from (an export) reaches the master shards too: at a learning rate of nothing
+  // the run ends on the exported weights, not on its seed's.
+  const std::string exported = tmpdir("zexport");
+  double want = 0;
+  if (r == 0) {
+    auto be = make_cpu_backend(DType::F32);
+    Mamba2LM src(config({}).model, *be, 1, 24);
+    src.init(77);
+    export_model(config({}).model, src.named_params_to_host(), exported,
+                 ExportFormat::HuggingFace, ExportDType::F32);
+    want = be->sum_squares(src.params());
+  }
+  MPI_Bcast(&want, 1, MPI_DOUBLE, 0, MPI_COMM_WORLD);
+  TrainResult imported = train(config({"parallel.zero=1", "train.max_steps=1",
+                                       "train.init_from=" + exported, "train.lr=1e-12",
+                                       "train.min_lr=0", "train.warmup_steps=0",
+                                       "run.dir=" + tmpdir("zimport")}),
+                               MPI_COMM_WORLD);
+  EXPECT_EQ(imported.steps_done, 1);
+  EXPECT_NEAR(imported.param_sumsq, want, 1e-6 * want);
   clean();
 }
