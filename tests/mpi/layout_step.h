@@ -27,7 +27,8 @@ inline LayoutGrads layout_step(const ssd::Config& cfg, MPI_Comm comm, ssd::Backe
   ProcessGrid grid(l, comm);
   grid.attach(be);
   auto data = make_data_source(cfg);
-  Mamba2LM model(cfg.model, be, l.micro_batch, cfg.train.seq_len / l.cp, false,
+  Mamba2LM model(cfg.model, be, l.micro_batch, cfg.train.seq_len / l.cp,
+                 cfg.train.recompute == "layers",
                  std::lcm<int64_t>(64, l.dp * l.cp), l.tp, grid.tp_rank(),
                  cfg.parallel.sequence_parallel);
   model.init(init_seed);
