@@ -668,6 +668,13 @@ TEST(ConfigErrors, RecomputeMustBeNoneOrLayers) {
   EXPECT_NO_THROW(parse_config(default_yaml(), {"train.recompute=layers"}, "d"));
 }
 
+TEST(ConfigErrors, CpCombineMustBeRingOrAllgather) {
+  expect_set_error({"parallel.cp_combine=tree"}, {"parallel.cp_combine", "ring or allgather", "tree"});
+  EXPECT_EQ(parse_config(default_yaml(), {}, "d").parallel.cp_combine, "ring");
+  EXPECT_EQ(parse_config(default_yaml(), {"parallel.cp_combine=allgather"}, "d").parallel.cp_combine,
+            "allgather");
+}
+
 // data.reset_at_eos: a boolean, true by default for indexed data only, refused by name where the
 // data has no documents, and written back as given.
 TEST(ConfigErrors, ResetAtEosNeedsDocuments) {

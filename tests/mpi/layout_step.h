@@ -32,7 +32,7 @@ inline LayoutGrads layout_step(const ssd::Config& cfg, MPI_Comm comm, ssd::Backe
                  std::lcm<int64_t>(64, l.dp * l.cp), l.tp, grid.tp_rank(),
                  cfg.parallel.sequence_parallel);
   model.init(init_seed);
-  model.set_context_parallel(&grid.dev(Group::Cp));
+  model.set_context_parallel(&grid.dev(Group::Cp), cp_combine_of(cfg.parallel));
   model.set_tensor_parallel(&grid.dev(Group::Tp), &grid.dev(Group::TpSpan));
   GradSync sync(model, be, grid, cfg.parallel, cfg.train.weight_decay);
   Tensor stats = model.new_stats();
