@@ -48,11 +48,11 @@ TEST(CudaLayouts, ShardedShapesMatchTheCpuReference) {
   // model: keys that change the model (its own CPU reference); sets: the layout.
   struct Case { int n; std::vector<std::string> sets; std::vector<std::string> model; };
   const std::vector<std::string> g1 = {"model.ngroups=1"};
-  const std::string allgather = "parallel.cp_combine=allgather";
-  for (const Case& k : {Case{1, {}, {}}, Case{2, {}, {}}, Case{2, {"parallel.cp=2"}, {}},
-                        Case{4, {"parallel.cp=4"}, {}},
-                        // the all-gather combine: the cheap passes, the segment decay and the
-                        // scans on the GPU
+  // context parallelism with each SSD state combine (the all-gather's cheap passes, segment
+  // decay and scans on the GPU); the other layouts take the default combine
+  const std::string ring = "parallel.cp_combine=ring", allgather = "parallel.cp_combine=allgather";
+  for (const Case& k : {Case{1, {}, {}}, Case{2, {}, {}}, Case{2, {"parallel.cp=2", ring}, {}},
+                        Case{4, {"parallel.cp=4", ring}, {}},
                         Case{2, {"parallel.cp=2", allgather}, {}},
                         Case{4, {"parallel.cp=4", allgather}, {}},
                         Case{4, {"parallel.cp=2", "parallel.zero=1"}, {}},
