@@ -62,4 +62,24 @@ void ssd_bwd(const SsdDims& d, const bf16* xBC, const bf16* dt, int64_t ld_dt,
              float* d_initial_state, void* workspace, const void* saved, cudaStream_t stream,
              const int32_t* reset = nullptr);
 
+// Context parallelism's all-gather combine (Backend::ssd_final_state and the ops after it in
+// backend.h), from the same steps: ssd_fwd's final state without y (chunk_cumsum, chunk_state,
+// state_passing); ssd_bwd's d_initial_state without the other gradients (chunk_cumsum unless
+// saved has it, chunk_state of dy, state_passing_bwd); the segment decay [batch, nheads]
+// (chunk_cumsum, then the product of the chunks' decays); the scan over n summary rows. The
+// workspace is ssd_workspace_bytes(d) (any part of it); saved is only read.
+void ssd_final_state(const SsdDims& d, const bf16* xBC, const bf16* dt, int64_t ld_dt,
+                     const float* dt_bias, const float* A_log, const float* initial_state,
+                     float* final_state, void* workspace, cudaStream_t stream,
+                     const int32_t* reset = nullptr);
+void ssd_dinitial(const SsdDims& d, const bf16* xBC, const bf16* dt, int64_t ld_dt,
+                  const float* dt_bias, const float* A_log, const bf16* dy,
+                  const float* dfinal_state, float* d_initial_state, void* workspace,
+                  const void* saved, cudaStream_t stream, const int32_t* reset = nullptr);
+void ssd_segment_decay(const SsdDims& d, const bf16* dt, int64_t ld_dt, const float* dt_bias,
+                       const float* A_log, float* decay, void* workspace, cudaStream_t stream,
+                       const int32_t* reset = nullptr);
+void cp_state_scan(const SsdDims& d, const float* summaries, int n, int k, bool reverse,
+                   float* out, cudaStream_t stream);
+
 }  // namespace ssd::cuda

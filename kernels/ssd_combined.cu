@@ -6,6 +6,8 @@
 // Variant 2 (the default; ssd_set_variant / SSD_KERNEL_VARIANT) replaces the backward's dB
 // kernel, dC kernel and bc_reduce by ssd_chunk_bwd_dbdc_v2.cu's merged kernel and its
 // reduction; every other step, and the forward, are the same kernels in both variants.
+// Context parallelism's all-gather combine (ssd_final_state, ssd_dinitial, ssd_segment_decay,
+// cp_state_scan, at the end) chains the same steps, plus ssd_cp_combine.cu's two small kernels.
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -179,6 +181,68 @@ void ssd_bwd(const SsdDims& d, const bf16* xBC, const bf16* dt, int64_t ld_dt,
   mark("dt_bwd", stream);
   launch_param_grad_reduce(d, w.pg_dD, w.pg_dtb, w.pg_dA, dD, d_dt_bias, dA_log, stream);
   mark("param_grad_reduce", stream);
+}
+
+void ssd_final_state(const SsdDims& d, const bf16* xBC, const bf16* dt, int64_t ld_dt,
+                     const float* dt_bias, const float* A_log, const float* initial_state,
+                     float* final_state, void* workspace, cudaStream_t stream,
+                     const int32_t* reset) {
+  using namespace detail;
+  check_dims(d);
+  SsdWorkspace w;
+  carve_workspace(d, workspace, false, &w);  // never the caller's saved: its backward reads it
+  const int nc = static_cast<int>(d.nchunks());
+  mark("start", stream);
+  launch_chunk_cumsum(d, dt, ld_dt, dt_bias, A_log, reset, w.dt, w.cs, stream);
+  mark("chunk_cumsum", stream);
+  launch_chunk_state(d, xBC, d.conv_dim(), xBC, d.d_inner(), w.dt, w.cs, 0, w.states, nc + 1, 1,
+                     stream);
+  mark("chunk_state", stream);
+  launch_state_passing(d, w.states, nullptr, false, w.cs, initial_state, final_state, stream);
+  mark("state_passing", stream);
+}
+
+void ssd_dinitial(const SsdDims& d, const bf16* xBC, const bf16* dt, int64_t ld_dt,
+                  const float* dt_bias, const float* A_log, const bf16* dy,
+                  const float* dfinal_state, float* d_initial_state, void* workspace,
+                  const void* saved, cudaStream_t stream, const int32_t* reset) {
+  using namespace detail;
+  check_dims(d);
+  SsdWorkspace w;
+  carve_workspace(d, workspace, true, &w, false, const_cast<void*>(saved));  // saved: read only
+  const int nc = static_cast<int>(d.nchunks());
+  const int64_t d_inner = d.d_inner(), GN = d.ngroups * d.dstate;
+  mark("start", stream);
+  if (!saved) {
+    launch_chunk_cumsum(d, dt, ld_dt, dt_bias, A_log, reset, w.dt, w.cs, stream);
+    mark("chunk_cumsum", stream);
+  }
+  launch_chunk_state(d, dy, d_inner, xBC, d_inner + GN, w.dt, w.cs, 1, w.dstates, nc, 0,
+                     stream);
+  mark("chunk_state(dS_local)", stream);
+  launch_state_passing_bwd(d, nullptr, w.dstates, nullptr, w.cs, dfinal_state, d_initial_state,
+                           nullptr, stream);
+  mark("state_passing_bwd", stream);
+}
+
+void ssd_segment_decay(const SsdDims& d, const bf16* dt, int64_t ld_dt, const float* dt_bias,
+                       const float* A_log, float* decay, void* workspace, cudaStream_t stream,
+                       const int32_t* reset) {
+  using namespace detail;
+  check_dims(d);
+  SsdWorkspace w;
+  carve_workspace(d, workspace, false, &w);
+  mark("start", stream);
+  launch_chunk_cumsum(d, dt, ld_dt, dt_bias, A_log, reset, w.dt, w.cs, stream);
+  mark("chunk_cumsum", stream);
+  launch_segment_decay(d, w.cs, decay, stream);
+  mark("segment_decay", stream);
+}
+
+void cp_state_scan(const SsdDims& d, const float* summaries, int n, int k, bool reverse,
+                   float* out, cudaStream_t stream) {
+  if (k < 0 || k >= n) fail("ssd (cuda): cp_state_scan of segment ", k, " of ", n);
+  detail::launch_cp_state_scan(d, summaries, n, k, reverse, out, stream);
 }
 
 }  // namespace ssd::cuda

@@ -188,7 +188,8 @@ void launch_chunk_state(const SsdDims& d, const bf16* U, int64_t ldu, const bf16
                         int out_slots, int slot_off, cudaStream_t st);
 // ssd_state_passing.cu: states slots 1..nc hold the chunks' own states on entry. Writes the
 // entering states to states_bf (bf16), and, when write_f32, to slots 0..nc of states (slot nc
-// = final state); final_state (may be null) gets the final state.
+// = final state); final_state (may be null) gets the final state. states_bf may be null (only
+// the final state wanted).
 void launch_state_passing(const SsdDims& d, float* states, bf16* states_bf, bool write_f32,
                           const float* cs, const float* initial_state, float* final_state,
                           cudaStream_t st);
@@ -199,7 +200,8 @@ void launch_chunk_scan_fwd(const SsdDims& d, const bf16* xBC, const float* D, co
 // ssd_state_passing_bwd.cu: from the local gradients in dstates, writes
 // dL/d(state leaving chunk c) to dstates_bf; writes exp(cs_last) <dstate_out, state_in> per
 // warp to dcs_last [.., NX + warp] of each chunk (the chunk's own state's share comes from the
-// dx kernel, as sum_s v_s).
+// dx kernel, as sum_s v_s). states, dstates_bf and dcs_last may be null together (only dinit
+// wanted).
 void launch_state_passing_bwd(const SsdDims& d, const float* states, const float* dstates,
                               bf16* dstates_bf, const float* cs, const float* dfinal,
                               float* dinit, float* dcs_last, cudaStream_t st);
@@ -247,6 +249,13 @@ void launch_dt_bwd(const SsdDims& d, const bf16* dt_raw, int64_t ld_dt, const fl
 void launch_param_grad_reduce(const SsdDims& d, const float* pg_dD, const float* pg_dtb,
                               const float* pg_dA, float* dD, float* d_dt_bias, float* dA_log,
                               cudaStream_t st);
+
+// ssd_cp_combine.cu: decay [batch, nheads] = prod over chunks of exp(cs_last) (0 past a
+// document start, whose cs drop zeroes its chunk's factor), as state_passing applies them; and
+// the scan of Backend::cp_state_scan over n summary rows.
+void launch_segment_decay(const SsdDims& d, const float* cs, float* decay, cudaStream_t st);
+void launch_cp_state_scan(const SsdDims& d, const float* summaries, int n, int k, bool reverse,
+                          float* out, cudaStream_t st);
 
 void check_launch(const char* what);  // throws ssd::Error on a launch error
 

@@ -2,8 +2,8 @@
 //   S_in[0] = initial (or 0);  S_in[c+1] = exp(cs_last[c]) * S_in[c] + S_chunk[c].
 // states ([batch, nc+1, nheads, P, N] fp32): slot c+1 holds S_chunk[c] on entry; with
 // write_f32 it is overwritten with S_in[c+1] (slot 0 = S_in[0], slot nc = final state), which
-// the backward pass needs. S_in[0..nc-1] always go to states_bf (bf16), which the chunk scan
-// and the backward matmuls read.
+// the backward pass needs. S_in[0..nc-1] go to states_bf (bf16), which the chunk scan and the
+// backward matmuls read; null states_bf: only the final state is wanted (ssd_final_state).
 #include "ssd_common.cuh"
 
 namespace ssd::cuda::detail {
@@ -33,7 +33,7 @@ __global__ __launch_bounds__(256) void state_passing_kernel(
   for (int c = 0; c < nc; ++c) {
     const float4 v = nxt;
     if (c + 1 < nc) nxt = *reinterpret_cast<const float4*>(base + (c + 2) * slot_stride);
-    store_bf16x4(bbase + c * slot_stride, s);
+    if (states_bf) store_bf16x4(bbase + c * slot_stride, s);
     const float dec = expf(cs[(bh * nc + c) * Q + Q - 1]);
     s.x = dec * s.x + v.x;
     s.y = dec * s.y + v.y;

@@ -5,7 +5,8 @@
 //                   state's share, sum_s v_s, comes from the dx kernel with the matching -v_s,
 //                   so that the two cancel to rounding exactly as they do in exact arithmetic)
 //   dstates_bf[c] = g (bf16);  g <- exp(cs_last[c]) * g + dS_local[c]   (dS_local: dstates)
-// and finally d_initial_state = g.
+// and finally d_initial_state = g. ssd_dinitial wants that alone: states, dstates_bf and
+// dcs_last null skip the rest.
 #include "ssd_common.cuh"
 
 namespace ssd::cuda::detail {
@@ -32,16 +33,22 @@ __global__ __launch_bounds__(256) void state_passing_bwd_kernel(
     float4 dl = make_float4(0.f, 0.f, 0.f, 0.f);
     const float dec = expf(cs[(bh * nc + c) * Q + Q - 1]);
     if (active) {
-      const float4 so = *reinterpret_cast<const float4*>(sbase + c * slot_stride);
       dl = *reinterpret_cast<const float4*>(dbase + c * slot_stride);
-      dot = g.x * so.x + g.y * so.y + g.z * so.z + g.w * so.w;
-      uint2 u;
-      u.x = pack_bf16(g.x, g.y);
-      u.y = pack_bf16(g.z, g.w);
-      *reinterpret_cast<uint2*>(obase + c * slot_stride) = u;
+      if (states) {
+        const float4 so = *reinterpret_cast<const float4*>(sbase + c * slot_stride);
+        dot = g.x * so.x + g.y * so.y + g.z * so.z + g.w * so.w;
+      }
+      if (dstates_bf) {
+        uint2 u;
+        u.x = pack_bf16(g.x, g.y);
+        u.y = pack_bf16(g.z, g.w);
+        *reinterpret_cast<uint2*>(obase + c * slot_stride) = u;
+      }
     }
-    dot = warp_sum(dot) * dec;
-    if ((threadIdx.x & 31) == 0) dcs_last[(bh * nc + c) * last_len + slot] = dot;
+    if (dcs_last) {  // the same for every thread of the block
+      dot = warp_sum(dot) * dec;
+      if ((threadIdx.x & 31) == 0) dcs_last[(bh * nc + c) * last_len + slot] = dot;
+    }
     g.x = dec * g.x + dl.x;
     g.y = dec * g.y + dl.y;
     g.z = dec * g.z + dl.z;

@@ -180,6 +180,38 @@ class Backend {
   virtual void ssd_bwd(const SsdDims& d, const SsdInputs& in, const Tensor& dy,
                        const Tensor* dfinal_state, SsdGrads& g) = 0;
 
+  // Context parallelism's all-gather combine (parallel.cp_combine=allgather). A sequence split
+  // into segments: segment j's final state is g_j H_j + S_j, with H_j the state entering it,
+  // S_j its final state from a zero start and g_j [batch, nheads] how much of H_j survives it.
+  // So H_k is a scan over the earlier segments' (S_j, g_j), and the gradient of the state
+  // leaving segment k one over the later segments' (D_j = dL/dH_j through segment j's outputs,
+  // g_j). The ops below give these summaries for less than a full ssd_fwd / ssd_bwd, and the
+  // scan. None of them touches in.saved except as ssd_bwd reads it.
+  //
+  // final_state of ssd_fwd with these inputs (from in.initial_state; null: zero), without y:
+  // the chunk states and the pass between chunks only.
+  virtual void ssd_final_state(const SsdDims& d, const SsdInputs& in, Tensor& final_state) = 0;
+  // d_initial_state of ssd_bwd with these inputs, dy and dfinal_state (may be null), without
+  // the other gradients: the chunks' local state gradients and the pass back over chunks. It
+  // does not depend on in.initial_state; in.saved, when given, is read as ssd_bwd reads it.
+  virtual void ssd_dinitial(const SsdDims& d, const SsdInputs& in, const Tensor& dy,
+                            const Tensor* dfinal_state, Tensor& d_initial_state) = 0;
+  // decay [batch, nheads] (accum dtype): the share of the initial state that reaches the final
+  // state, final = decay * initial + (final from a zero start): exp of the sum of dt_t * A_h
+  // over the sequence, evaluated as ssd_fwd passes states from chunk to chunk (the product of
+  // the chunks' decays, with the backend's cut-offs), and 0 where a token of the sequence
+  // begins a document (in.reset). Reads only dt, dt_bias, A_log and reset.
+  virtual void ssd_segment_decay(const SsdDims& d, const SsdInputs& in, Tensor& decay) = 0;
+  // The scan over n segment summaries: summaries [n, S + G] (accum dtype; S = batch * nheads *
+  // headdim * dstate, G = batch * nheads), row j holding a state-shaped S_j then g_j: what one
+  // all-gather of every segment's summary leaves. out [batch, nheads, headdim, dstate]:
+  //   forward (reverse false): out = H_k,     H_0 = 0, H_{j+1} = g_j H_j + S_j
+  //   reverse:                 out = G_{k+1}, G_n = 0, G_j = S_j + g_j G_{j+1}
+  // i.e. the state entering segment k, or (rows = (D_j, g_j)) the gradient of the state leaving
+  // segment k. Rows j >= k (forward) or j <= k (reverse) are not read.
+  virtual void cp_state_scan(const SsdDims& d, const Tensor& summaries, int64_t k, bool reverse,
+                             Tensor& out) = 0;
+
   // out = rmsnorm_groups(y * silu(z)) * weight, normalised over groups of group_size columns.
   // y, out: [tokens, D]; z: D columns; rstd: [tokens, D/group_size] saved for backward.
   // With a span (tensor parallelism), the mean is over group_size * span->ranks columns, the

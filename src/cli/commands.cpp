@@ -350,7 +350,7 @@ int bench_train(const std::vector<std::string>& in) {
                  cfg.train.recompute == "layers", align, layout.tp, grid.tp_rank(),
                  cfg.parallel.sequence_parallel, cfg.parallel.zero == 1);
   grid.attach(*be);
-  model.set_context_parallel(&grid.dev(Group::Cp));
+  model.set_context_parallel(&grid.dev(Group::Cp), cp_combine_of(cfg.parallel));
   model.set_tensor_parallel(&grid.dev(Group::Tp), &grid.dev(Group::TpSpan));
   GradSync sync(model, *be, grid, cfg.parallel, 0.0);
   model.init(cfg.train.seed);  // with ZeRO-1 the master shard (in sync) takes its part too
@@ -490,9 +490,11 @@ int bench_train(const std::vector<std::string>& in) {
                 mib(model.compute_buffer().nbytes()), separate ? "" : " (the master itself)");
   }
   if (layout.cp > 1)
-    std::printf("context parallel: cp=%lld, segments of %lld tokens, %.1f KiB sent per layer and "
-                "step by each rank\n", (long long)layout.cp, (long long)L,
-                model.cp_bytes_per_layer() / 1024.0);
+    std::printf("context parallel: cp=%lld, segments of %lld tokens, parallel.cp_combine=%s; per "
+                "layer and step each rank sends %.1f KiB for the SSD state and %.1f KiB of conv "
+                "halo (%.1f KiB)\n", (long long)layout.cp, (long long)L,
+                cfg.parallel.cp_combine.c_str(), model.cp_state_bytes_per_layer() / 1024.0,
+                model.cp_halo_bytes_per_layer() / 1024.0, model.cp_bytes_per_layer() / 1024.0);
   if (layout.tp > 1)
     std::printf("tensor parallel: tp=%lld (%lld heads, %lld B/C group(s) per rank; a group shared "
                 "by %lld rank(s)); parameters %.1f MiB per rank\n",

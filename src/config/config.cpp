@@ -139,6 +139,7 @@ const std::vector<Field>& fields() {
       field("parallel.tp", &Config::parallel, &ParallelConfig::tp),
       field("parallel.sequence_parallel", &Config::parallel, &ParallelConfig::sequence_parallel),
       field("parallel.cp", &Config::parallel, &ParallelConfig::cp),
+      field("parallel.cp_combine", &Config::parallel, &ParallelConfig::cp_combine),
       field("parallel.zero", &Config::parallel, &ParallelConfig::zero),
       field("parallel.bucket_mb", &Config::parallel, &ParallelConfig::bucket_mb),
       field("parallel.timeout_s", &Config::parallel, &ParallelConfig::timeout_s),
@@ -394,6 +395,8 @@ void validate(const Config& c) {
   const auto& p = c.parallel;
   positive("parallel.tp", p.tp);
   positive("parallel.cp", p.cp);
+  if (p.cp_combine != "ring" && p.cp_combine != "allgather")
+    fail("config key 'parallel.cp_combine' must be ring or allgather, got '", p.cp_combine, "'");
   if (p.zero != 0 && p.zero != 1) fail("config key 'parallel.zero' must be 0 or 1, got ", p.zero);
   positive("parallel.bucket_mb", p.bucket_mb);
   positive("parallel.timeout_s", p.timeout_s);

@@ -100,6 +100,12 @@ struct ParallelConfig {
   // after out_proj, all-gather before in_proj instead of one all-reduce).
   bool sequence_parallel = false;
   int64_t cp = 1;              // context parallelism (by sequence segments)
+  // How the cp ranks pass the SSD state on: allgather (every rank summarises its segment from a
+  // zero start, one all-gather of the summaries and a local scan; the backward likewise in
+  // reverse) | ring (each rank waits for the previous rank's final state, a chain of cp-1
+  // hand-offs per layer, and the gradient back the same way). The same math; the default is the
+  // one measured faster (docs/performance.md).
+  std::string cp_combine = "allgather";
   int64_t zero = 0;            // 1: shard the fp32 master weights and AdamW moments over dp
   double bucket_mb = 160;      // gradient all-reduce bucket size (MB of fp32 gradients)
   double timeout_s = 600;      // a collective unfinished after this long ends the job

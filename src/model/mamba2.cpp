@@ -5,6 +5,12 @@
 
 namespace ssd {
 
+CpCombine cp_combine_of(const ParallelConfig& p) {
+  if (p.cp_combine == "ring") return CpCombine::Ring;
+  if (p.cp_combine == "allgather") return CpCombine::AllGather;
+  fail("config key 'parallel.cp_combine' must be ring or allgather, got '", p.cp_combine, "'");
+}
+
 Mamba2LM::Mamba2LM(const ModelConfig& cfg, Backend& be, int64_t batch, int64_t seqlen,
                    bool recompute_activations, int64_t flat_align, int64_t tp, int64_t tp_rank,
                    bool sequence_parallel, bool master_in_shards)
@@ -401,12 +407,16 @@ void Mamba2LM::layer_forward(int i, bool with_output, bool exchange) {
   }
   be_.linear_fwd(a.hidden, w(p.in_proj), a.zxbcdt);
   conv_forward(i, a, exchange);
-  // Context parallelism: start from the state the previous segment ended with, hand ours on.
-  const bool hand_on = cp_ && exchange && cp_rank_ + 1 < cp_size_;
-  if (cp_ && exchange && cp_rank_ > 0) {
+  // Context parallelism: start from the state the previous segment ended with (the ring: from
+  // the previous rank, which then waits for ours; the all-gather: scanned from every earlier
+  // rank's summary).
+  const bool ring = cp_ && cp_combine_ == CpCombine::Ring;
+  const bool hand_on = ring && exchange && cp_rank_ + 1 < cp_size_;
+  if (ring && exchange && cp_rank_ > 0) {
     cp_->recv(cp_init_[i].data, cp_init_[i].numel(), cp_init_[i].dtype, cp_rank_ - 1);
     cp_->join();
   }
+  if (cp_ && !ring && exchange) cp_gather_state(i, a);
   be_.ssd_fwd(ssd_dims(), ssd_inputs(i, a), a.y, hand_on ? &cp_final_ : nullptr);
   if (hand_on) {
     cp_->send(cp_final_.data, cp_final_.numel(), cp_final_.dtype, cp_rank_ + 1);
@@ -507,8 +517,45 @@ void Mamba2LM::conv_backward(int i, LayerActs& a) {
   }
 }
 
-void Mamba2LM::set_context_parallel(Communicator* cp) {
+void Mamba2LM::cp_scan(bool reverse, Tensor& out) {
+  cp_->all_gather(cp_summary_.data, cp_gathered_.data, cp_summary_.numel(), cp_summary_.dtype);
+  cp_->join();
+  be_.cp_state_scan(ssd_dims(), cp_gathered_, cp_rank_, reverse, out);
+}
+
+void Mamba2LM::cp_gather_state(int i, LayerActs& a) {
+  // Our summary from a zero start (the last rank's reaches no one: its row is not read).
+  SsdInputs in = ssd_inputs(i, a);
+  in.initial_state = nullptr;
+  in.saved = nullptr;
+  if (cp_rank_ + 1 < cp_size_) {
+    be_.ssd_final_state(ssd_dims(), in, cp_sum_state_);
+    be_.ssd_segment_decay(ssd_dims(), in, cp_sum_decay_);
+  }
+  cp_scan(false, cp_init_[i]);  // rank 0: zero, and not used
+}
+
+const Tensor* Mamba2LM::cp_gather_state_grad(int i, LayerActs& a) {
+  // D_r: our entering state's gradient through our outputs alone (rank 0's is no one's), with
+  // the decay that carries the later ranks' gradients through our segment.
+  const SsdInputs in = ssd_inputs(i, a);
+  if (cp_rank_ > 0) {
+    be_.ssd_dinitial(ssd_dims(), in, d_y_, nullptr, cp_sum_state_);
+    be_.ssd_segment_decay(ssd_dims(), in, cp_sum_decay_);
+  }
+  cp_scan(true, cp_dfinal_);
+  return cp_rank_ + 1 < cp_size_ ? &cp_dfinal_ : nullptr;
+}
+
+int64_t Mamba2LM::cp_state_bytes_per_layer() const {
+  if (!cp_) return 0;
+  if (cp_combine_ == CpCombine::Ring) return 2 * static_cast<int64_t>(cp_final_.nbytes());
+  return 2 * (cp_size_ - 1) * static_cast<int64_t>(cp_summary_.nbytes());
+}
+
+void Mamba2LM::set_context_parallel(Communicator* cp, CpCombine combine) {
   cp_ = cp && cp->size() > 1 ? cp : nullptr;
+  cp_combine_ = combine;
   if (!cp_) return;
   cp_rank_ = cp_->rank();
   cp_size_ = cp_->size();
@@ -534,6 +581,14 @@ void Mamba2LM::set_context_parallel(Communicator* cp) {
   reset_ext_ = be_.alloc({batch_ * (L + H)}, DType::I32);
   cp_flags_send_ = be_.alloc({batch_ * H}, DType::I32);
   cp_flags_recv_ = be_.alloc({batch_ * H}, DType::I32);
+  if (cp_combine_ == CpCombine::AllGather) {
+    const int64_t S = shape_numel(st), G = batch_ * tpd_.nheads;
+    cp_summary_ = be_.alloc({S + G}, acc);
+    be_.zero(cp_summary_);  // the rows no rank fills stay finite (the scans skip them anyway)
+    cp_sum_state_ = cp_summary_.rows(0, S).view(st);
+    cp_sum_decay_ = cp_summary_.rows(S, G).view({batch_, tpd_.nheads});
+    cp_gathered_ = be_.alloc({cp_size_, S + G}, acc);
+  }
 }
 
 void Mamba2LM::forward() {
@@ -645,17 +700,20 @@ void Mamba2LM::forward_backward(const int32_t* tokens, const int32_t* targets,
     g.d_dt_bias = grads_[p.dt_bias];
     g.dA_log = grads_[p.A_log];
     g.dD = grads_[p.D];
-    // Context parallelism: the gradient of the state we handed on comes back from the next
-    // rank; the gradient of the state we started from goes to the previous one.
+    // Context parallelism: the gradient of the state we ended with, from the next rank (the
+    // ring, which then sends the gradient of the state we started from to the previous one) or
+    // scanned from every later rank's (the all-gather).
+    const bool ring = cp_ && cp_combine_ == CpCombine::Ring;
     const Tensor* dfinal = nullptr;
-    if (cp_ && cp_rank_ + 1 < cp_size_) {
+    if (ring && cp_rank_ + 1 < cp_size_) {
       cp_->recv(cp_dfinal_.data, cp_dfinal_.numel(), cp_dfinal_.dtype, cp_rank_ + 1);
       cp_->join();
       dfinal = &cp_dfinal_;
     }
-    if (cp_ && cp_rank_ > 0) g.d_initial_state = &cp_dinit_;
+    if (cp_ && !ring) dfinal = cp_gather_state_grad(i, a);
+    if (ring && cp_rank_ > 0) g.d_initial_state = &cp_dinit_;
     be_.ssd_bwd(ssd_dims(), ssd_inputs(i, a), d_y_, dfinal, g);
-    if (cp_ && cp_rank_ > 0) {
+    if (ring && cp_rank_ > 0) {
       cp_->send(cp_dinit_.data, cp_dinit_.numel(), cp_dinit_.dtype, cp_rank_ - 1);
       cp_->join();
     }

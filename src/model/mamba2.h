@@ -16,6 +16,11 @@
 
 namespace ssd {
 
+// How context-parallel ranks pass the SSD state on (parallel.cp_combine; set_context_parallel).
+enum class CpCombine { Ring, AllGather };
+// parallel.cp_combine ("ring" | "allgather", validated with the config).
+CpCombine cp_combine_of(const ParallelConfig& p);
+
 class Mamba2LM {
  public:
   // flat_align: every parameter's offset in the flat buffers is a multiple of it (64, or a
@@ -82,15 +87,29 @@ class Mamba2LM {
 
   // Context parallelism: this model holds segment cp.rank() of cp.size() of every sequence
   // (its seqlen is the segment's length). Only the SSD state entering each segment and the conv's
-  // last d_conv-1 inputs cross ranks: in each layer's forward the state is handed on from rank
-  // to rank (rank r runs its SSD from the state rank r-1 ended with), and in the backward the
-  // state's gradient goes back the other way; the conv halo likewise. `cp` lives on the
-  // backend's memory; null turns it off.
-  void set_context_parallel(Communicator* cp);
-  // Bytes one rank sends per layer and step, forward and backward together: the SSD state and
-  // the conv halo each way (independent of the sequence length). 0 without context parallelism.
+  // last d_conv-1 inputs cross ranks. The state, by `combine`:
+  //  - Ring: in each layer's forward the state is handed on from rank to rank (rank r runs its
+  //    SSD from the state rank r-1 ended with), and in the backward the state's gradient goes
+  //    back the other way, each rank waiting for its neighbour.
+  //  - AllGather: each rank summarises its segment (its final state from a zero start, S_r, and
+  //    the share g_r of an entering state that survives it), one all-gather of the summaries,
+  //    and each rank scans the earlier ranks' to its entering state H_r (H_{r+1} = g_r H_r +
+  //    S_r). The backward gathers each rank's gradient of its entering state through its own
+  //    outputs, D_r, and scans the later ranks' in reverse (G_r = D_r + g_r G_{r+1}) to the
+  //    gradient of the state it ends with. Exact: the final state's dependence on the inputs,
+  //    the decay's included, is in the full ssd_bwd given G_{r+1}.
+  // The conv halo goes from neighbour to neighbour either way. `cp` lives on the backend's
+  // memory; null turns it off.
+  void set_context_parallel(Communicator* cp, CpCombine combine);
+  CpCombine cp_combine() const { return cp_combine_; }
+  // Bytes one rank sends per layer and step, forward and backward together (independent of the
+  // sequence length; 0 without context parallelism): for the SSD state, the ring's state each
+  // way, or the all-gathers' (cp - 1) summaries each way (what a rank receives, and what ring
+  // all-gather algorithms send); for the conv halo, its rows each way.
+  int64_t cp_state_bytes_per_layer() const;
+  int64_t cp_halo_bytes_per_layer() const { return cp_ ? 2 * cp_send_.nbytes() : 0; }
   int64_t cp_bytes_per_layer() const {
-    return cp_ ? 2 * (cp_final_.nbytes() + cp_send_.nbytes()) : 0;
+    return cp_state_bytes_per_layer() + cp_halo_bytes_per_layer();
   }
 
   // Tensor parallelism: the communicators of the tensor-parallel group and of its ranks that
@@ -169,6 +188,13 @@ class Mamba2LM {
   void conv_backward(int i, LayerActs& a);
   // cp_ext_ = per sequence, the previous rank's halo rows, then this segment's conv inputs.
   void build_conv_ext(int i, LayerActs& a);
+  // The all-gather combine of layer i (cp_combine_ == AllGather): the state entering this
+  // segment into cp_init_[i] (rank > 0); in the backward, given d_y_, the gradient of the state
+  // leaving it into cp_dfinal_, returned (null on the last rank, whose final state is no one's).
+  void cp_gather_state(int i, LayerActs& a);
+  const Tensor* cp_gather_state_grad(int i, LayerActs& a);
+  // One all-gather of cp_summary_ into cp_gathered_, then the scan to segment cp_rank_.
+  void cp_scan(bool reverse, Tensor& out);
   LayerActs& acts(int i) { return acts_[recompute_ ? 0 : i]; }
   // Layer i reads input(i) and writes input(i + 1); the last layer writes x_.
   Tensor& input(int i) { return recompute_ && i < cfg_.n_layer ? x_in_[i] : x_; }
@@ -229,6 +255,10 @@ class Mamba2LM {
   Tensor cp_final_, cp_dfinal_, cp_dinit_;          // [batch, nheads, headdim, dstate]
   Tensor cp_ext_, cp_ext_out_, cp_ext_grad_;         // [batch * (seqlen + d_conv-1), conv_dim]
   Tensor cp_send_, cp_recv_;                         // [batch * (d_conv-1), conv_dim]
+  CpCombine cp_combine_ = CpCombine::Ring;
+  // AllGather: this rank's summary [S + G] (S = batch*nheads*headdim*dstate: a state-shaped S_r
+  // or D_r, then G = batch*nheads decays g_r) as views into it, and every rank's [cp, S + G].
+  Tensor cp_summary_, cp_sum_state_, cp_sum_decay_, cp_gathered_;
   // backward scratch (shared by all layers)
   Tensor d_hidden_, d_ynorm_, d_y_, d_xBC_, d_zxbcdt_, d_res_[2], d_x_;
 };

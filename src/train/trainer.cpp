@@ -98,7 +98,7 @@ class Trainer {
                                           cfg_.parallel.zero == 1);
     });
     grid_->attach(*be_);
-    model_->set_context_parallel(&grid_->dev(Group::Cp));
+    model_->set_context_parallel(&grid_->dev(Group::Cp), cp_combine_of(cfg_.parallel));
     model_->set_tensor_parallel(&grid_->dev(Group::Tp), &grid_->dev(Group::TpSpan));
     sync_ = std::make_unique<GradSync>(*model_, *be_, *grid_, cfg_.parallel, cfg_.train.weight_decay);
     stats_ = model_->new_stats();
@@ -344,8 +344,9 @@ TrainResult Trainer::run() {
       (cfg_.parallel.zero ? ", ZeRO-1" : "") + "; " + std::to_string(sync_->num_buckets()) +
       " gradient bucket(s)");
   if (layout_.cp > 1)
-    log("context parallel: segments of " + std::to_string(L / layout_.cp) + " tokens; each rank "
-        "sends " + std::to_string(model_->cp_bytes_per_layer() >> 10) + " KiB per layer and step "
+    log("context parallel: segments of " + std::to_string(L / layout_.cp) + " tokens, SSD state "
+        "combined by " + cfg_.parallel.cp_combine + "; each rank sends " +
+        std::to_string(model_->cp_bytes_per_layer() >> 10) + " KiB per layer and step "
         "(SSD state and conv halo, forward and backward)");
   if (layout_.tp > 1) {
     const TpDims& d = model_->tp_dims();

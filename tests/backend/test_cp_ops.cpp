@@ -5,9 +5,15 @@
 // Segments of unequal lengths leave partial chunks inside them; two groups. CPU fp32 against the
 // unsplit CPU op (1e-5), and the CUDA backend's split ops against the unsplit CPU op on the same
 // bf16-rounded inputs (the 1e-2 of the CUDA SSD tests).
+// The all-gather combine (parallel.cp_combine=allgather) likewise: its cheap passes
+// (ssd_final_state, ssd_dinitial) against the full ops, ssd_segment_decay against a float64
+// evaluation, and the whole combine (summaries from zero starts, one gathered buffer, the scans,
+// the full ops from the scanned states) against the unsplit op, with packed documents whose
+// starts fall inside segments and on their boundaries.
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <numeric>
 
@@ -31,13 +37,16 @@ struct Rows {
   int64_t width = 0;
   std::vector<float> v;  // [batch * len, width]
 };
-// Tokens [t0, t0 + n) of every sequence.
-Rows slice(const Rows& r, int64_t batch, int64_t len, int64_t t0, int64_t n) {
-  Rows out{r.width, std::vector<float>(batch * n * r.width)};
+// Tokens [t0, t0 + n) of every sequence, `width` values each.
+template <class V>
+V slice_tokens(const V& v, int64_t width, int64_t batch, int64_t len, int64_t t0, int64_t n) {
+  V out(batch * n * width);
   for (int64_t b = 0; b < batch; ++b)
-    std::copy_n(r.v.begin() + (b * len + t0) * r.width, n * r.width,
-                out.v.begin() + b * n * r.width);
+    std::copy_n(v.begin() + (b * len + t0) * width, n * width, out.begin() + b * n * width);
   return out;
+}
+Rows slice(const Rows& r, int64_t batch, int64_t len, int64_t t0, int64_t n) {
+  return {r.width, slice_tokens(r.v, r.width, batch, len, t0, n)};
 }
 void put(Rows& r, int64_t batch, int64_t len, int64_t t0, const Rows& part, int64_t n) {
   for (int64_t b = 0; b < batch; ++b)
@@ -71,8 +80,18 @@ struct SsdCase {
 
 struct Problem {
   Rows xBC, dt, dy;
-  std::vector<float> dt_bias, A_log, D, init, dfinal;
+  std::vector<float> dt_bias, A_log, D, init, dfinal;  // init, dfinal empty: none
+  std::vector<int32_t> reset;                           // [tokens] document starts; empty: none
 };
+
+// Document starts of the combine checks: inside segments, on the boundaries of the cases'
+// segmentations (96; 100, 150; 64, 192), and the second sequence's first segment of 2 without.
+std::vector<int32_t> document_starts(const SsdDims& d) {
+  std::vector<int32_t> r(d.tokens(), 0);
+  for (int64_t t : {96, 160}) r[t] = 1;
+  for (int64_t t : {100, 150, 192, 195, 197}) r[d.seqlen + t] = 1;
+  return r;
+}
 
 Problem make_problem(const SsdDims& d, bool bf16) {
   const int64_t T = d.tokens(), H = d.nheads, SN = d.batch * H * d.headdim * d.dstate;
@@ -98,23 +117,52 @@ struct SsdOut {
   std::vector<float> d_dt_bias, dA_log, dD, final_state, d_init;
 };
 
-// One SSD call (forward and backward) over `len` tokens of each sequence.
-void ssd_call(Backend& be, SsdDims d, const Rows& xBC, const Rows& dt, const Rows& dy,
-              const Problem& p, const std::vector<float>* init, const std::vector<float>* dfinal,
+Shape state_shape(const SsdDims& d) { return {d.batch, d.nheads, d.headdim, d.dstate}; }
+
+// One segment's inputs on a backend: tokens [t0, t0 + d.seqlen) of the problem's sequences of
+// `len` tokens, and (given) the state entering it.
+struct Segment {
+  Tensor xBC, dt, dy, dt_bias, A_log, D, reset, init;
+  SsdInputs inputs() const {
+    SsdInputs in;
+    in.xBC = xBC;
+    in.dt = all_cols(dt);
+    in.dt_bias = dt_bias, in.A_log = A_log, in.D = D;
+    if (init.defined()) in.initial_state = &init;
+    if (reset.defined()) in.reset = &reset;
+    return in;
+  }
+};
+Segment segment(Backend& be, const SsdDims& d, const Problem& p, int64_t len, int64_t t0,
+                const std::vector<float>* init) {
+  const DType cd = be.compute_dtype(), ad = be.accum_dtype();
+  const int64_t T = d.tokens(), H = d.nheads;
+  Segment s;
+  s.xBC = up(be, slice(p.xBC, d.batch, len, t0, d.seqlen).v, {T, d.conv_dim()}, cd);
+  s.dt = up(be, slice(p.dt, d.batch, len, t0, d.seqlen).v, {T, H}, cd);
+  s.dy = up(be, slice(p.dy, d.batch, len, t0, d.seqlen).v, {T, d.d_inner()}, cd);
+  s.dt_bias = up(be, p.dt_bias, {H}, ad);
+  s.A_log = up(be, p.A_log, {H}, ad);
+  s.D = up(be, p.D, {H}, ad);
+  if (!p.reset.empty()) {
+    s.reset = be.alloc({T}, DType::I32);
+    be.upload(s.reset, slice_tokens(p.reset, 1, d.batch, len, t0, d.seqlen).data());
+  }
+  if (init) s.init = up(be, *init, state_shape(d), ad);
+  return s;
+}
+
+// One SSD call (forward and backward) over tokens [t0, t0 + d.seqlen) of each sequence.
+void ssd_call(Backend& be, SsdDims d, int64_t len, int64_t t0, const Problem& p,
+              const std::vector<float>* init, const std::vector<float>* dfinal,
               Tensor& d_dt_bias, Tensor& dA_log, Tensor& dD, SsdOut& out) {
   const DType cd = be.compute_dtype(), ad = be.accum_dtype();
   const int64_t T = d.tokens(), H = d.nheads;
-  const Shape st = {d.batch, H, d.headdim, d.dstate};
-  Tensor tx = up(be, xBC.v, {T, d.conv_dim()}, cd), tdt = up(be, dt.v, {T, H}, cd);
-  Tensor tdy = up(be, dy.v, {T, d.d_inner()}, cd);
-  Tensor tinit, tdfinal;
-  SsdInputs in;
-  in.xBC = tx;
-  in.dt = all_cols(tdt);
-  in.dt_bias = up(be, p.dt_bias, {H}, ad);
-  in.A_log = up(be, p.A_log, {H}, ad);
-  in.D = up(be, p.D, {H}, ad);
-  if (init) tinit = up(be, *init, st, ad), in.initial_state = &tinit;
+  const Shape st = state_shape(d);
+  const Segment seg = segment(be, d, p, len, t0, init);
+  const SsdInputs in = seg.inputs();
+  const Tensor& tdy = seg.dy;
+  Tensor tdfinal;
   Tensor y = be.alloc({T, d.d_inner()}, cd), fin = be.alloc(st, ad);
   be.ssd_fwd(d, in, y, &fin);
   SsdGrads g;
@@ -141,13 +189,22 @@ Tensor zeros(Backend& be, int64_t n) {
   return t;
 }
 
+const std::vector<float>* given(const std::vector<float>& v) { return v.empty() ? nullptr : &v; }
+
 // The whole sequences in one call.
 SsdOut ssd_whole(Backend& be, const SsdDims& d, const Problem& p) {
   SsdOut o;
   Tensor a = zeros(be, d.nheads), b = zeros(be, d.nheads), c = zeros(be, d.nheads);
-  ssd_call(be, d, p.xBC, p.dt, p.dy, p, &p.init, &p.dfinal, a, b, c, o);
+  ssd_call(be, d, d.seqlen, 0, p, given(p.init), given(p.dfinal), a, b, c, o);
   o.d_dt_bias = down(be, a), o.dA_log = down(be, b), o.dD = down(be, c);
   return o;
+}
+
+// A segment's token rows of o into the whole sequences' out.
+void put_segment(SsdOut& out, const SsdDims& d, int64_t t0, const SsdOut& o, int64_t n) {
+  put(out.y, d.batch, d.seqlen, t0, o.y, n);
+  put(out.dxBC, d.batch, d.seqlen, t0, o.dxBC, n);
+  put(out.ddt, d.batch, d.seqlen, t0, o.ddt, n);
 }
 
 // Segment by segment: states handed forward, their gradients back.
@@ -165,8 +222,7 @@ SsdOut ssd_split(Backend& be, const SsdDims& d, const Problem& p, const std::vec
     ds.seqlen = segs[s];
     SsdOut o;
     Tensor x = zeros(be, d.nheads), y = zeros(be, d.nheads), z = zeros(be, d.nheads);
-    ssd_call(be, ds, slice(p.xBC, d.batch, L, t0[s], segs[s]), slice(p.dt, d.batch, L, t0[s], segs[s]),
-             slice(p.dy, d.batch, L, t0[s], segs[s]), p, &init[s], nullptr, x, y, z, o);
+    ssd_call(be, ds, L, t0[s], p, &init[s], nullptr, x, y, z, o);
     init[s + 1] = o.final_state;
   }
   SsdOut out;
@@ -178,15 +234,82 @@ SsdOut ssd_split(Backend& be, const SsdDims& d, const Problem& p, const std::vec
     SsdDims ds = d;
     ds.seqlen = segs[s];
     SsdOut o;
-    ssd_call(be, ds, slice(p.xBC, d.batch, L, t0[s], segs[s]), slice(p.dt, d.batch, L, t0[s], segs[s]),
-             slice(p.dy, d.batch, L, t0[s], segs[s]), p, &init[s], &dnext, a, b, c, o);
-    put(out.y, d.batch, L, t0[s], o.y, segs[s]);
-    put(out.dxBC, d.batch, L, t0[s], o.dxBC, segs[s]);
-    put(out.ddt, d.batch, L, t0[s], o.ddt, segs[s]);
+    ssd_call(be, ds, L, t0[s], p, &init[s], &dnext, a, b, c, o);
+    put_segment(out, d, t0[s], o, segs[s]);
     dnext = o.d_init;
     if (s == n - 1) out.final_state = o.final_state;
   }
   out.d_init = dnext;
+  out.d_dt_bias = down(be, a), out.dA_log = down(be, b), out.dD = down(be, c);
+  return out;
+}
+
+// The all-gather combine, the ranks of a cp group played in turn. Forward: every segment's
+// summary (its final state from a zero start, its decay) as row s of one buffer, as the
+// all-gather leaves it; each segment's entering state scanned from the rows before it.
+// Backward: every segment's d_initial_state through its own outputs and its decay, gathered
+// likewise; each segment's final-state gradient scanned from the rows after it. Then each
+// segment's full ssd_fwd / ssd_bwd from those (the sequences start from a zero state, and no
+// gradient reaches their final states: the model's case).
+SsdOut ssd_allgather(Backend& be, const SsdDims& d, const Problem& p,
+                     const std::vector<int64_t>& segs) {
+  const int64_t L = d.seqlen, n = static_cast<int64_t>(segs.size());
+  const int64_t S = shape_numel(state_shape(d)), G = d.batch * d.nheads;
+  const DType ad = be.accum_dtype();
+  std::vector<int64_t> t0(n, 0);
+  for (int64_t s = 1; s < n; ++s) t0[s] = t0[s - 1] + segs[s - 1];
+  auto seg_dims = [&](int64_t s) {
+    SsdDims ds = d;
+    ds.seqlen = segs[s];
+    return ds;
+  };
+  // The scan of every segment over `rows` [n, S + G]: the state entering (or, reverse, the
+  // gradient of the state leaving) each segment.
+  auto scan = [&](const std::vector<float>& rows, bool reverse) {
+    const Tensor all = up(be, rows, {n, S + G}, ad);
+    std::vector<std::vector<float>> out;
+    Tensor t = be.alloc(state_shape(d), ad);
+    for (int64_t s = 0; s < n; ++s) {
+      be.cp_state_scan(d, all, s, reverse, t);
+      out.push_back(down(be, t));
+    }
+    return out;
+  };
+  std::vector<float> rows(n * (S + G), 0.f);
+  Tensor state = be.alloc(state_shape(d), ad), decay = be.alloc({d.batch, d.nheads}, ad);
+  auto put_row = [&](int64_t s) {
+    const auto st = down(be, state), dc = down(be, decay);
+    std::copy(st.begin(), st.end(), rows.begin() + s * (S + G));
+    std::copy(dc.begin(), dc.end(), rows.begin() + s * (S + G) + S);
+  };
+  for (int64_t s = 0; s < n; ++s) {
+    const Segment seg = segment(be, seg_dims(s), p, L, t0[s], nullptr);
+    be.ssd_final_state(seg_dims(s), seg.inputs(), state);
+    be.ssd_segment_decay(seg_dims(s), seg.inputs(), decay);
+    put_row(s);
+  }
+  const auto init = scan(rows, false);
+  for (int64_t s = 0; s < n; ++s) {
+    const Segment seg = segment(be, seg_dims(s), p, L, t0[s], &init[s]);
+    be.ssd_dinitial(seg_dims(s), seg.inputs(), seg.dy, nullptr, state);
+    be.ssd_segment_decay(seg_dims(s), seg.inputs(), decay);
+    put_row(s);
+  }
+  const auto dfinal = scan(rows, true);
+
+  SsdOut out;
+  out.y = {d.d_inner(), std::vector<float>(d.tokens() * d.d_inner())};
+  out.dxBC = {d.conv_dim(), std::vector<float>(d.tokens() * d.conv_dim())};
+  out.ddt = {d.nheads, std::vector<float>(d.tokens() * d.nheads)};
+  Tensor a = zeros(be, d.nheads), b = zeros(be, d.nheads), c = zeros(be, d.nheads);
+  for (int64_t s = 0; s < n; ++s) {
+    SsdOut o;
+    ssd_call(be, seg_dims(s), L, t0[s], p, s > 0 ? &init[s] : nullptr,
+             s + 1 < n ? &dfinal[s] : nullptr, a, b, c, o);
+    put_segment(out, d, t0[s], o, segs[s]);
+    if (s == 0) out.d_init = o.d_init;
+    if (s == n - 1) out.final_state = o.final_state;
+  }
   out.d_dt_bias = down(be, a), out.dA_log = down(be, b), out.dD = down(be, c);
   return out;
 }
@@ -201,8 +324,13 @@ void expect_same(const SsdOut& got, const SsdOut& ref, double tol, const std::st
       {"d_dt_bias", {&got.d_dt_bias, &ref.d_dt_bias}},
       {"dA_log", {&got.dA_log, &ref.dA_log}},
       {"dD", {&got.dD, &ref.dD}}};
-  for (const auto& [name, ab] : cmp)
-    EXPECT_LE(ssdtest::rel_err(*ab.first, *ab.second), tol) << what << ": " << name;
+  double worst = 0;
+  for (const auto& [name, ab] : cmp) {
+    const double e = ssdtest::rel_err(*ab.first, *ab.second);
+    worst = std::max(worst, e);
+    EXPECT_LE(e, tol) << what << ": " << name;
+  }
+  std::printf("%s: largest relative difference %.2e\n", what.c_str(), worst);
 }
 
 // The causal conv + SiLU over whole sequences, and segment by segment with halos.
@@ -297,7 +425,154 @@ void check_backend(Backend& be, bool gpu) {
   }
 }
 
+// Decays that carry a good share of a state across a segment (exp(-0.1) to exp(-5) over 100
+// tokens), so that every term of the scans weighs in the results.
+void moderate_decays(Problem& p) {
+  p.A_log = ssdtest::uniform<float>(p.A_log.size(), 31, 0.02, 0.5);
+  for (auto& v : p.A_log) v = std::log(v);
+  p.dt_bias = ssdtest::uniform<float>(p.dt_bias.size(), 32, 0.01, 0.1);
+  for (auto& v : p.dt_bias) v = std::log(std::expm1(v));
+}
+
+std::string docs_name(bool docs) { return docs ? " with document starts" : ""; }
+
+// ssd_final_state equals ssd_fwd's final state and ssd_dinitial ssd_bwd's d_initial_state, with
+// and without an initial state and a final-state gradient, with and without document starts;
+// where the backend keeps the forward's intermediates, ssd_dinitial reading them too.
+void check_cheap_passes(Backend& be, bool gpu) {
+  auto cpu = make_cpu_backend(DType::F32);
+  const double tol = gpu ? 1e-2 : 1e-5;
+  const DType ad = be.accum_dtype();
+  const SsdDims& d = cases()[0].d;
+  for (bool docs : {false, true})
+      for (bool boundary : {false, true}) {
+        Problem p = make_problem(d, gpu);
+        if (docs) p.reset = document_starts(d);
+        if (!boundary) p.init.clear(), p.dfinal.clear();
+        const SsdOut ref = ssd_whole(*cpu, d, p);
+        const std::string what = std::string(gpu ? "cuda" : "cpu") + docs_name(docs) +
+                                 (boundary ? ", from an initial state" : "");
+        const Segment seg = segment(be, d, p, d.seqlen, 0, given(p.init));
+        Tensor st = be.alloc(state_shape(d), ad), dfinal;
+        be.ssd_final_state(d, seg.inputs(), st);
+        const double ef = ssdtest::rel_err(down(be, st), ref.final_state);
+        EXPECT_LE(ef, tol) << what << ": final state";
+        if (boundary) dfinal = up(be, p.dfinal, state_shape(d), ad);
+        be.ssd_dinitial(d, seg.inputs(), seg.dy, boundary ? &dfinal : nullptr, st);
+        const double ed = ssdtest::rel_err(down(be, st), ref.d_init);
+        EXPECT_LE(ed, tol) << what << ": d_initial_state";
+        std::printf("%s, seqlen %lld: final state %.2e, d_initial_state %.2e\n", what.c_str(),
+                    (long long)d.seqlen, ef, ed);
+        if (const int64_t bytes = be.ssd_saved_bytes(d); bytes > 0) {
+          Tensor saved = be.alloc({(bytes + 3) / 4}, DType::F32);
+          SsdInputs in = seg.inputs();
+          in.saved = &saved;
+          Tensor y = be.alloc({d.tokens(), d.d_inner()}, be.compute_dtype());
+          be.ssd_fwd(d, in, y, nullptr);
+          be.ssd_dinitial(d, in, seg.dy, boundary ? &dfinal : nullptr, st);
+          EXPECT_LE(ssdtest::rel_err(down(be, st), ref.d_init), tol)
+              << what << ": d_initial_state from the forward's saved intermediates";
+        }
+      }
+}
+
+// ssd_segment_decay against exp(sum_t dt_t A_h) in float64, 0 for a sequence with a document
+// start (the first sequence has one, the second none).
+void check_segment_decay(Backend& be, bool gpu) {
+  const SsdDims d = cases()[0].d;
+  for (bool docs : {false, true}) {
+    Problem p = make_problem(d, gpu);
+    moderate_decays(p);
+    if (docs) {
+      p.reset.assign(d.tokens(), 0);
+      p.reset[150] = 1;
+    }
+    std::vector<double> naive(d.batch * d.nheads);
+    for (int64_t b = 0; b < d.batch; ++b)
+      for (int64_t h = 0; h < d.nheads; ++h) {
+        double sum = 0;
+        bool any = false;
+        for (int64_t t = 0; t < d.seqlen; ++t) {
+          const double z = double(p.dt.v[(b * d.seqlen + t) * d.nheads + h]) + p.dt_bias[h];
+          const double dt = z > 20 ? z : std::log1p(std::exp(z));
+          sum += dt * -std::exp(double(p.A_log[h]));
+          any |= !p.reset.empty() && p.reset[b * d.seqlen + t] != 0;
+        }
+        naive[b * d.nheads + h] = any ? 0.0 : std::exp(sum);
+      }
+    const Segment seg = segment(be, d, p, d.seqlen, 0, nullptr);
+    Tensor g = be.alloc({d.batch, d.nheads}, be.accum_dtype());
+    be.ssd_segment_decay(d, seg.inputs(), g);
+    const auto got = down(be, g);
+    const std::string what = std::string(gpu ? "cuda" : "cpu") + " segment decay" + docs_name(docs);
+    const double e = ssdtest::rel_err(got, naive);
+    EXPECT_LE(e, gpu ? 1e-2 : 1e-5) << what;
+    std::printf("%s: relative difference %.2e\n", what.c_str(), e);
+    double hi = 0;  // the second sequence's decays are neither negligible nor 1
+    for (int64_t h = 0; h < d.nheads; ++h) {
+      hi = std::max(hi, naive[d.nheads + h]);
+      if (docs) EXPECT_EQ(got[h], 0.f) << what << ": head " << h;
+    }
+    EXPECT_GT(hi, 1e-2) << what;
+    EXPECT_LT(hi, 0.99) << what;
+  }
+}
+
+// The all-gather combine over the cases' segmentations equals the unsplit op.
+void check_allgather(Backend& be, bool gpu) {
+  auto cpu = make_cpu_backend(DType::F32);
+  const double tol = gpu ? 1e-2 : 1e-5;
+  for (const auto& c : cases())
+    for (bool docs : {false, true}) {
+      Problem p = make_problem(c.d, gpu);
+      moderate_decays(p);
+      p.init.clear(), p.dfinal.clear();
+      if (docs) p.reset = document_starts(c.d);
+      const SsdOut ref = ssd_whole(*cpu, c.d, p);
+      expect_same(ssd_allgather(be, c.d, p, c.segments), ref, tol,
+                  std::string(gpu ? "cuda" : "cpu") + " all-gather combine, segments " +
+                      seg_name(c.segments) + docs_name(docs));
+    }
+}
+
+bool no_gpu() { return cuda_device_count() == 0; }
+#define SKIP_WITHOUT_GPU() \
+  if (no_gpu()) GTEST_SKIP() << "no CUDA GPU here (or built without CUDA)"
+
 }  // namespace
+
+TEST(ContextParallelOps, CpuCheapPassesEqualTheFullOps) {
+  auto be = make_cpu_backend(DType::F32);
+  check_cheap_passes(*be, false);
+}
+
+TEST(ContextParallelOps, CpuSegmentDecayEqualsFloat64) {
+  auto be = make_cpu_backend(DType::F32);
+  check_segment_decay(*be, false);
+}
+
+TEST(ContextParallelOps, CpuAllGatherCombineEqualsTheWholeSequence) {
+  auto be = make_cpu_backend(DType::F32);
+  check_allgather(*be, false);
+}
+
+TEST(ContextParallelOps, CudaCheapPassesEqualTheFullCpuOps) {
+  SKIP_WITHOUT_GPU();
+  auto be = make_cuda_backend(0);
+  check_cheap_passes(*be, true);
+}
+
+TEST(ContextParallelOps, CudaSegmentDecayEqualsFloat64) {
+  SKIP_WITHOUT_GPU();
+  auto be = make_cuda_backend(0);
+  check_segment_decay(*be, true);
+}
+
+TEST(ContextParallelOps, CudaAllGatherCombineEqualsTheWholeCpuSequence) {
+  SKIP_WITHOUT_GPU();
+  auto be = make_cuda_backend(0);
+  check_allgather(*be, true);
+}
 
 TEST(ContextParallelOps, CpuSegmentsEqualTheWholeSequence) {
   auto be = make_cpu_backend(DType::F32);
@@ -305,7 +580,7 @@ TEST(ContextParallelOps, CpuSegmentsEqualTheWholeSequence) {
 }
 
 TEST(ContextParallelOps, CudaSegmentsEqualTheWholeCpuSequence) {
-  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA GPU here (or built without CUDA)";
+  SKIP_WITHOUT_GPU();
   auto be = make_cuda_backend(0);
   check_backend(*be, true);
 }

@@ -668,6 +668,15 @@ TEST(ConfigErrors, RecomputeMustBeNoneOrLayers) {
   EXPECT_NO_THROW(parse_config(default_yaml(), {"train.recompute=layers"}, "d"));
 }
 
+TEST(ConfigErrors, CpCombineMustBeRingOrAllgather) {
+  expect_set_error({"parallel.cp_combine=tree"}, {"parallel.cp_combine", "ring or allgather", "tree"});
+  EXPECT_EQ(parse_config(default_yaml(), {}, "d").parallel.cp_combine,
+            ssd::ParallelConfig{}.cp_combine);
+  for (const char* c : {"ring", "allgather"})
+    EXPECT_EQ(parse_config(default_yaml(), {std::string("parallel.cp_combine=") + c}, "d")
+                  .parallel.cp_combine, c);
+}
+
 // data.reset_at_eos: a boolean, true by default for indexed data only, refused by name where the
 // data has no documents, and written back as given.
 TEST(ConfigErrors, ResetAtEosNeedsDocuments) {

@@ -41,11 +41,12 @@ struct LayoutRun {
     grid->attach(be);
     data = make_data_source(cfg);
     model = std::make_unique<Mamba2LM>(cfg.model, be, layout.micro_batch,
-                                       cfg.train.seq_len / layout.cp, false,
+                                       cfg.train.seq_len / layout.cp,
+                                       cfg.train.recompute == "layers",
                                        std::lcm<int64_t>(64, layout.dp * layout.cp), layout.tp,
                                        grid->tp_rank(), cfg.parallel.sequence_parallel,
                                        cfg.parallel.zero == 1);
-    model->set_context_parallel(&grid->dev(Group::Cp));
+    model->set_context_parallel(&grid->dev(Group::Cp), cp_combine_of(cfg.parallel));
     model->set_tensor_parallel(&grid->dev(Group::Tp), &grid->dev(Group::TpSpan));
     sync = std::make_unique<GradSync>(*model, be, *grid, cfg.parallel, cfg.train.weight_decay);
     model->init(init_seed);

@@ -1,9 +1,9 @@
 // The parallel layouts on the CUDA backend (run by ctest under mpirun -np 4; skips without a
 // GPU). NCCL refuses several ranks on one GPU, so the ranks share it over the MPI communicator
 // (parallel.comm=mpi, staged through host memory): this checks the CUDA kernels at the shapes a
-// layout gives them (SSD segments that start from a handed-on state and return its gradient, the
-// conv halo's row copies) against the one-process CPU reference, at the bf16 tolerance of the
-// GPU-vs-CPU model test. Tensor parallelism runs the kernels on a rank's heads, with the
+// layout gives them (SSD segments that start from a handed-on or scanned state and return its
+// gradient, the conv halo's row copies) against the one-process CPU reference, at the bf16
+// tolerance of the GPU-vs-CPU model test. Tensor parallelism runs the kernels on a rank's heads, with the
 // vocabulary-parallel LM head and (ngroups 1) the gated norm spanning ranks.
 #include <gtest/gtest.h>
 
@@ -49,8 +49,13 @@ TEST(CudaLayouts, ShardedShapesMatchTheCpuReference) {
   // model: keys that change the model (its own CPU reference); sets: the layout.
   struct Case { int n; std::vector<std::string> sets; std::vector<std::string> model; };
   const std::vector<std::string> g1 = {"model.ngroups=1"};
-  for (const Case& k : {Case{1, {}, {}}, Case{2, {}, {}}, Case{2, {"parallel.cp=2"}, {}},
-                        Case{4, {"parallel.cp=4"}, {}},
+  // context parallelism with each SSD state combine (the all-gather's cheap passes, segment
+  // decay and scans on the GPU); the other layouts take the default combine
+  const std::string ring = "parallel.cp_combine=ring", allgather = "parallel.cp_combine=allgather";
+  for (const Case& k : {Case{1, {}, {}}, Case{2, {}, {}}, Case{2, {"parallel.cp=2", ring}, {}},
+                        Case{4, {"parallel.cp=4", ring}, {}},
+                        Case{2, {"parallel.cp=2", allgather}, {}},
+                        Case{4, {"parallel.cp=4", allgather}, {}},
                         Case{4, {"parallel.cp=2", "parallel.zero=1"}, {}},
                         // tensor parallelism: 2 of the 4 heads per rank, one B/C group each,
                         // or (ngroups 1) the group shared, its norm spanning the ranks

@@ -102,26 +102,51 @@ TEST(Layouts, LossAndGradientsEqualOneProcess) {
   }
 }
 
-// Context parallelism: sequences of 32 tokens in segments of 16 (cp=2) or 8 (cp=4, one chunk
-// each), the SSD state and the conv halo handed from segment to segment.
-TEST(Layouts, ContextParallelLossAndGradientsEqualOneProcess) {
+// The SSD state combines of context parallelism (parallel.cp_combine): every context-parallel
+// check runs with each.
+const char* const kCombines[] = {"ring", "allgather"};
+std::string combine_key(const char* combine) { return std::string("parallel.cp_combine=") + combine; }
+
+// Context-parallel layouts: how many ranks, and the keys that make the layout.
+struct CpCase {
+  int n;
+  std::vector<std::string> sets;
+};
+
+// One step of each case under each combine at positions 0 and 40 equals the one-process step
+// under `base` (the keys every run shares).
+void expect_cp_cases_equal_one_process(const std::vector<std::string>& base,
+                                       const std::vector<CpCase>& cases, const std::string& label) {
   for (int64_t position : {0, 40}) {
-    const Grads ref = step_gradients(config({"train.seq_len=32"}), MPI_COMM_SELF, position);
-    struct Case { int n; std::vector<std::string> sets; };
-    for (const Case& k : {Case{2, {"parallel.cp=2"}}, Case{4, {"parallel.cp=4"}},
-                          Case{4, {"parallel.cp=2", "parallel.zero=1"}},
-                          Case{4, {"parallel.cp=2", "train.recompute=layers"}}}) {
-      std::vector<std::string> sets = k.sets;
-      sets.push_back("train.seq_len=32");
-      MPI_Comm c = groups_of(k.n);
-      Grads got = step_gradients(config(sets), c, position);
-      std::string what = "np=" + std::to_string(k.n);
-      for (const auto& x : k.sets) what += " " + x;
-      EXPECT_NEAR(got.loss, ref.loss, 1e-5 * ref.loss) << what;
-      expect_close(got.g, ref.g, what);
-      MPI_Comm_free(&c);
-    }
+    const Grads ref = step_gradients(config(base), MPI_COMM_SELF, position);
+    for (const char* combine : kCombines)
+      for (const CpCase& k : cases) {
+        std::vector<std::string> sets = base;
+        sets.insert(sets.end(), k.sets.begin(), k.sets.end());
+        sets.push_back(combine_key(combine));
+        MPI_Comm c = groups_of(k.n);
+        Grads got = step_gradients(config(sets), c, position);
+        std::string what = label + "np=" + std::to_string(k.n) + " " + combine_key(combine);
+        for (const auto& x : k.sets) what += " " + x;
+        EXPECT_NEAR(got.loss, ref.loss, 1e-5 * ref.loss) << what;
+        expect_close(got.g, ref.g, what);
+        MPI_Comm_free(&c);
+      }
   }
+}
+
+// Context parallelism: sequences of 32 tokens in segments of 16 (cp=2) or 8 (cp=4, one chunk
+// each), the SSD state passed from segment to segment (ring) or combined from every earlier
+// segment's summary (all-gather), the conv halo handed on; with data and tensor parallelism,
+// ZeRO-1 and recomputation.
+TEST(Layouts, ContextParallelLossAndGradientsEqualOneProcess) {
+  expect_cp_cases_equal_one_process(
+      {"train.seq_len=32"},
+      {CpCase{2, {"parallel.cp=2"}}, CpCase{4, {"parallel.cp=4"}},
+       CpCase{4, {"parallel.cp=2", "parallel.zero=1"}},
+       CpCase{4, {"parallel.cp=2", "parallel.tp=2"}},
+       CpCase{4, {"parallel.cp=2", "train.recompute=layers"}}},
+      "");
 }
 
 // Packed documents under context parallelism: an indexed dataset whose documents begin at
@@ -165,24 +190,18 @@ TEST(Layouts, ContextParallelPackedDocumentsEqualOneProcess) {
   };
   ASSERT_TRUE(with({}).data.reset_at_eos) << "the default for indexed data";
   for (int64_t position : {0, 40}) {
-    const Grads ref = step_gradients(with({}), MPI_COMM_SELF, position);
     // The flags matter here: without them the one-process step is another one.
+    const Grads ref = step_gradients(with({}), MPI_COMM_SELF, position);
     const Grads leaky = step_gradients(with({"data.reset_at_eos=false"}), MPI_COMM_SELF, position);
     double differ = 0;
     for (size_t i = 0; i < ref.g.size(); ++i) differ = std::max(differ, ssdtest::rel_err(leaky.g[i], ref.g[i]));
     EXPECT_GT(differ, 1e-3);
-    struct Case { int n; std::vector<std::string> sets; };
-    for (const Case& k : {Case{2, {"parallel.cp=2"}}, Case{4, {"parallel.cp=4"}},
-                          Case{4, {"parallel.cp=2", "train.recompute=layers"}}}) {
-      MPI_Comm c = groups_of(k.n);
-      Grads got = step_gradients(with(k.sets), c, position);
-      std::string what = "packed documents, np=" + std::to_string(k.n);
-      for (const auto& x : k.sets) what += " " + x;
-      EXPECT_NEAR(got.loss, ref.loss, 1e-5 * ref.loss) << what;
-      expect_close(got.g, ref.g, what);
-      MPI_Comm_free(&c);
-    }
   }
+  expect_cp_cases_equal_one_process(
+      base,
+      {CpCase{2, {"parallel.cp=2"}}, CpCase{4, {"parallel.cp=4"}},
+       CpCase{4, {"parallel.cp=2", "train.recompute=layers"}}},
+      "packed documents, ");
 }
 
 TEST(Layouts, ContextParallelTrainsOneProcessLossesAndResumesOnOne) {
@@ -196,10 +215,13 @@ TEST(Layouts, ContextParallelTrainsOneProcessLossesAndResumesOnOne) {
   };
   TrainResult one = train(cfg("cp_one_r" + std::to_string(r), {}), MPI_COMM_SELF);
   ASSERT_EQ(one.losses.size(), 20u);
-  TrainResult four = train(cfg("cp4", {"parallel.cp=4"}), MPI_COMM_WORLD);
-  expect_losses_close(four.losses, one.losses, "cp=4, 20 steps");
-  TrainResult mixed = train(cfg("cp2dp2", {"parallel.cp=2"}), MPI_COMM_WORLD);
-  expect_losses_close(mixed.losses, one.losses, "cp=2 x dp=2, 20 steps");
+  for (const char* combine : kCombines) {
+    const std::string c = combine;
+    TrainResult four = train(cfg("cp4_" + c, {"parallel.cp=4", combine_key(combine)}), MPI_COMM_WORLD);
+    expect_losses_close(four.losses, one.losses, "cp=4, " + c + ", 20 steps");
+    TrainResult mixed = train(cfg("cp2dp2_" + c, {"parallel.cp=2", combine_key(combine)}), MPI_COMM_WORLD);
+    expect_losses_close(mixed.losses, one.losses, "cp=2 x dp=2, " + c + ", 20 steps");
+  }
   // cp=2 for 10 steps, then one process resumes it.
   MPI_Comm pairs = groups_of(2);
   const std::string first = "cp2_g" + std::to_string(r / 2);

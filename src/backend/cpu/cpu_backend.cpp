@@ -198,6 +198,53 @@ class CpuBackend final : public Backend {
     });
   }
 
+  void ssd_final_state(const SsdDims& d, const SsdInputs& in, Tensor& final_state) override {
+    check_ssd(d, in);
+    check_shape(final_state, state_shape(d), "ssd final state");
+    run([&](auto z) {
+      using T = decltype(z);
+      cpu::ssd_final_state<T>(d, in.xBC.ptr<T>(), in.dt.t.ptr<T>() + in.dt.off, in.dt.ld(),
+                              in.dt_bias.ptr<T>(), in.A_log.ptr<T>(),
+                              in.initial_state ? in.initial_state->ptr<T>() : nullptr,
+                              final_state.ptr<T>(), reset_flags(in.reset, d.tokens(), "ssd"));
+    });
+  }
+  void ssd_dinitial(const SsdDims& d, const SsdInputs& in, const Tensor& dy,
+                    const Tensor* dfinal, Tensor& d_initial_state) override {
+    check_ssd(d, in);
+    check_shape(dy, {d.tokens(), d.d_inner()}, "ssd dy");
+    check_shape(d_initial_state, state_shape(d), "ssd d_initial_state");
+    run([&](auto z) {
+      using T = decltype(z);
+      cpu::ssd_dinitial<T>(d, in.xBC.ptr<T>(), in.dt.t.ptr<T>() + in.dt.off, in.dt.ld(),
+                           in.dt_bias.ptr<T>(), in.A_log.ptr<T>(), dy.ptr<T>(),
+                           dfinal ? dfinal->ptr<T>() : nullptr, d_initial_state.ptr<T>(),
+                           reset_flags(in.reset, d.tokens(), "ssd"));
+    });
+  }
+  void ssd_segment_decay(const SsdDims& d, const SsdInputs& in, Tensor& decay) override {
+    SSD_CHECK(in.dt.width == d.nheads && in.dt.rows() == d.tokens());
+    check_shape(decay, {d.batch, d.nheads}, "ssd segment decay");
+    run([&](auto z) {
+      using T = decltype(z);
+      cpu::ssd_segment_decay<T>(d, in.dt.t.ptr<T>() + in.dt.off, in.dt.ld(), in.dt_bias.ptr<T>(),
+                                in.A_log.ptr<T>(), decay.ptr<T>(),
+                                reset_flags(in.reset, d.tokens(), "ssd"));
+    });
+  }
+  void cp_state_scan(const SsdDims& d, const Tensor& summaries, int64_t k, bool reverse,
+                     Tensor& out) override {
+    const int64_t BH = d.batch * d.nheads, PN = d.headdim * d.dstate;
+    SSD_CHECK(summaries.dim() == 2 && summaries.size(1) == BH * PN + BH, "cp_state_scan: summaries ",
+              shape_str(summaries.shape), " for ", BH, " x ", PN, " states");
+    check_shape(out, state_shape(d), "cp_state_scan output");
+    run([&](auto z) {
+      using T = decltype(z);
+      cpu::cp_state_scan<T>(summaries.size(0), BH, PN, summaries.ptr<T>(), k, reverse,
+                            out.ptr<T>());
+    });
+  }
+
   void gated_rmsnorm_fwd(const Tensor& y, const ColSlice& z, const Tensor& w, int64_t gs,
                          double eps, Tensor& out, Tensor& rstd, const NormSpan* span) override {
     const int64_t n = y.size(0), d = y.size(1);
@@ -289,6 +336,7 @@ class CpuBackend final : public Backend {
     check_shape(*reset, {tokens}, "reset flags");
     return reset->ptr<int32_t>();
   }
+  static Shape state_shape(const SsdDims& d) { return {d.batch, d.nheads, d.headdim, d.dstate}; }
   static void check_ssd(const SsdDims& d, const SsdInputs& in) {
     SSD_CHECK(d.nheads % d.ngroups == 0 && d.chunk > 0);
     check_shape(in.xBC, {d.tokens(), d.conv_dim()}, "ssd xBC");

@@ -73,6 +73,24 @@ void ssd_bwd(const SsdDims& d, const T* xBC, const T* dt, int64_t ld_dt, const T
              const T* A_log, const T* D, const T* initial_state, const T* dy,
              const T* dfinal_state, T* dxBC, T* ddt, int64_t ld_ddt, T* d_dt_bias, T* dA_log,
              T* dD, T* d_initial_state, const int32_t* reset = nullptr);
+// Context parallelism's all-gather combine (Backend::ssd_final_state and the ops after it):
+// ssd_fwd's final_state without y; ssd_bwd's d_initial_state without the other gradients;
+// decay [batch, nheads], the share of an entering state that reaches the sequence's end;
+// cp_state_scan over n summaries of rows BH*PN + BH (Backend::cp_state_scan).
+template <class T>
+void ssd_final_state(const SsdDims& d, const T* xBC, const T* dt, int64_t ld_dt,
+                     const T* dt_bias, const T* A_log, const T* initial_state, T* final_state,
+                     const int32_t* reset = nullptr);
+template <class T>
+void ssd_dinitial(const SsdDims& d, const T* xBC, const T* dt, int64_t ld_dt, const T* dt_bias,
+                  const T* A_log, const T* dy, const T* dfinal_state, T* d_initial_state,
+                  const int32_t* reset = nullptr);
+template <class T>
+void ssd_segment_decay(const SsdDims& d, const T* dt, int64_t ld_dt, const T* dt_bias,
+                       const T* A_log, T* decay, const int32_t* reset = nullptr);
+template <class T>
+void cp_state_scan(int64_t n, int64_t BH, int64_t PN, const T* summaries, int64_t k,
+                   bool reverse, T* out);
 // ssd_naive.cpp: the sequential recurrence, token by token (the specification tests use).
 template <class T>
 void ssd_naive_fwd(const SsdDims& d, const T* xBC, const T* dt, int64_t ld_dt,

@@ -143,6 +143,21 @@ struct GroupChunk {
   }
 };
 
+// dt_in = dt_raw + dt_bias, dt = softplus(dt_in) and the cumulative log-decay cum of head h
+// over tokens [tok0, tok0 + len): the one place they are computed, so that every pass over a
+// chunk (and the segment decay) sees the same values.
+template <class T>
+void chunk_dt(const T* dt_raw, int64_t ld_dt, T dt_bias, T A, int64_t h, int64_t tok0,
+              int64_t len, T* dt_in, T* dt, T* cum) {
+  T c = 0;
+  for (int64_t s = 0; s < len; ++s) {
+    dt_in[s] = dt_raw[(tok0 + s) * ld_dt + h] + dt_bias;
+    dt[s] = softplus(dt_in[s]);
+    c += dt[s] * A;
+    cum[s] = c;
+  }
+}
+
 // One head's inputs of a chunk, and the per-token decays derived from them (used by the
 // forward and the backward alike).
 template <class T>
@@ -166,14 +181,9 @@ struct HeadChunk {
             int64_t ld_dt, T dt_bias, T A, int64_t h, int64_t tok0) {
     const int64_t P = lay.P, N = lay.N;
     len = gc.len;
-    T cum = 0;
-    for (int64_t s = 0; s < len; ++s) {
+    for (int64_t s = 0; s < len; ++s)
       std::copy_n(xBC + (tok0 + s) * lay.conv_dim + lay.x_col(h), P, &x[s * P]);
-      dt_in[s] = dt_raw[(tok0 + s) * ld_dt + h] + dt_bias;
-      dt[s] = softplus(dt_in[s]);
-      cum += dt[s] * A;
-      dA_cumsum[s] = cum;
-    }
+    chunk_dt(dt_raw, ld_dt, dt_bias, A, h, tok0, len, dt_in.data(), dt.data(), dA_cumsum.data());
     const T last = dA_cumsum[len - 1];
     seg = gc.inner_reset ? gc.seg.data() : nullptr;
     for (int64_t s = 0; s < len; ++s) {
@@ -239,6 +249,27 @@ template <class T>
 void advance_state(const HeadChunk<T>& hc, int64_t P, int64_t N, T* state) {
   gemm(true, false, P, N, hc.len, T(1), hc.x.data(), P, hc.B_out.data(), N, hc.decay_all(),
        state, N);
+}
+
+// Runs the states of the heads of group g of sequence b through chunks [0, nc), in place:
+// `states` [head of group, P, N] holds the state entering chunk 0, and after(c) sees it hold the
+// state leaving chunk c. The chunk states and the pass between chunks, no outputs.
+template <class T, class After>
+void pass_states(const SsdDims& d, const Layout& lay, const T* xBC, const T* dt, int64_t ld_dt,
+                 const T* dt_bias, const T* A_log, const int32_t* reset, int64_t b, int64_t g,
+                 int64_t nc, GroupChunk<T>& gc, HeadChunk<T>& hc, T* states, After&& after) {
+  const int64_t hpg = lay.heads_per_group, PN = lay.P * lay.N;
+  for (int64_t c = 0; c < nc; ++c) {
+    const int64_t t0 = c * d.chunk, tok0 = b * d.seqlen + t0;
+    gc.load(lay, xBC, g, tok0, std::min(d.chunk, d.seqlen - t0), /*with_CB=*/false,
+            reset ? reset + tok0 : nullptr);
+    for (int64_t hh = 0; hh < hpg; ++hh) {
+      const int64_t h = g * hpg + hh;
+      hc.load(lay, gc, xBC, dt, ld_dt, dt_bias[h], -std::exp(A_log[h]), h, tok0);
+      advance_state(hc, lay.P, lay.N, states + hh * PN);
+    }
+    after(c);
+  }
 }
 
 }  // namespace
@@ -353,21 +384,17 @@ void ssd_bwd(const SsdDims& d, const T* xBC, const T* dt, int64_t ld_dt, const T
         const int64_t states_off = (b * d.nheads + h0) * PN;
         auto S_in_of = [&](int64_t hh, int64_t c) { return &states_in[(hh * nchunks + c) * PN]; };
 
-        // Forward over chunks only to recover the state entering each chunk.
+        // Forward over chunks only to recover the state entering each chunk (carried in dS,
+        // which is not needed yet).
         for (int64_t hh = 0; hh < hpg; ++hh)
           for (int64_t i = 0; i < PN; ++i)
-            S_in_of(hh, 0)[i] = initial_state ? initial_state[states_off + hh * PN + i] : T(0);
-        for (int64_t c = 0; c + 1 < nchunks; ++c) {
-          const int64_t t0 = c * d.chunk, tok0 = b * d.seqlen + t0;
-          gc.load(lay, xBC, g, tok0, std::min(d.chunk, d.seqlen - t0), /*with_CB=*/false,
-                  reset ? reset + tok0 : nullptr);
-          for (int64_t hh = 0; hh < hpg; ++hh) {
-            const int64_t h = h0 + hh;
-            hc.load(lay, gc, xBC, dt, ld_dt, dt_bias[h], -std::exp(A_log[h]), h, tok0);
-            std::copy_n(S_in_of(hh, c), PN, S_in_of(hh, c + 1));
-            advance_state(hc, P, N, S_in_of(hh, c + 1));
-          }
-        }
+            S_in_of(hh, 0)[i] = dS[hh * PN + i] =
+                initial_state ? initial_state[states_off + hh * PN + i] : T(0);
+        pass_states(d, lay, xBC, dt, ld_dt, dt_bias, A_log, reset, b, g, nchunks - 1, gc, hc,
+                    dS.data(), [&](int64_t c) {
+                      for (int64_t hh = 0; hh < hpg; ++hh)
+                        std::copy_n(&dS[hh * PN], PN, S_in_of(hh, c + 1));
+                    });
 
         for (int64_t i = 0; i < hpg * PN; ++i)
           dS[i] = dfinal_state ? dfinal_state[states_off + i] : T(0);
@@ -494,6 +521,125 @@ void ssd_bwd(const SsdDims& d, const T* xBC, const T* dt, int64_t ld_dt, const T
   }
 }
 
+// ---- context parallelism's all-gather combine (Backend::ssd_final_state, ssd_dinitial,
+// ssd_segment_decay, cp_state_scan) ----
+// A segment's final state is linear in the state entering it: final = g * initial + S, with S
+// its final state from a zero start and g (per batch and head) the product of its chunks'
+// decays. The pieces below give S, g, and the gradient reaching the entering state through the
+// segment's own outputs, each for less than a full pass.
+
+template <class T>
+void ssd_final_state(const SsdDims& d, const T* xBC, const T* dt, int64_t ld_dt,
+                     const T* dt_bias, const T* A_log, const T* initial_state, T* final_state,
+                     const int32_t* reset) {
+  check_dims(d);
+  const Layout lay(d);
+  const int64_t P = lay.P, N = lay.N, PN = P * N, hpg = lay.heads_per_group;
+  const int64_t max_len = std::min(d.chunk, d.seqlen);
+#pragma omp parallel
+  {
+    GroupChunk<T> gc(max_len, N);
+    HeadChunk<T> hc(max_len, P, N);
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < d.batch; ++b) {
+      for (int64_t g = 0; g < d.ngroups; ++g) {
+        T* states = final_state + (b * d.nheads + g * hpg) * PN;  // the group's heads, adjacent
+        for (int64_t i = 0; i < hpg * PN; ++i)
+          states[i] = initial_state ? initial_state[(b * d.nheads + g * hpg) * PN + i] : T(0);
+        pass_states(d, lay, xBC, dt, ld_dt, dt_bias, A_log, reset, b, g, d.nchunks(), gc, hc,
+                    states, [](int64_t) {});
+      }
+    }
+  }
+}
+
+// dS_in = exp(cum_last) dS_out + dY^T C_in per chunk, from the last: ssd_bwd's recursion for
+// the state gradient (the same GEMM), without the other gradients.
+template <class T>
+void ssd_dinitial(const SsdDims& d, const T* xBC, const T* dt, int64_t ld_dt, const T* dt_bias,
+                  const T* A_log, const T* dy, const T* dfinal_state, T* d_initial_state,
+                  const int32_t* reset) {
+  check_dims(d);
+  const Layout lay(d);
+  const int64_t P = lay.P, N = lay.N, PN = P * N, hpg = lay.heads_per_group;
+  const int64_t max_len = std::min(d.chunk, d.seqlen);
+#pragma omp parallel
+  {
+    GroupChunk<T> gc(max_len, N);
+    HeadChunk<T> hc(max_len, P, N);
+    std::vector<T> dY(max_len * P);
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < d.batch; ++b) {
+      for (int64_t g = 0; g < d.ngroups; ++g) {
+        const int64_t off = (b * d.nheads + g * hpg) * PN;
+        T* dS = d_initial_state + off;
+        for (int64_t i = 0; i < hpg * PN; ++i) dS[i] = dfinal_state ? dfinal_state[off + i] : T(0);
+        for (int64_t c = d.nchunks() - 1; c >= 0; --c) {
+          const int64_t t0 = c * d.chunk, tok0 = b * d.seqlen + t0;
+          gc.load(lay, xBC, g, tok0, std::min(d.chunk, d.seqlen - t0), /*with_CB=*/false,
+                  reset ? reset + tok0 : nullptr);
+          const int64_t L = gc.len;
+          for (int64_t hh = 0; hh < hpg; ++hh) {
+            const int64_t h = g * hpg + hh;
+            hc.load(lay, gc, xBC, dt, ld_dt, dt_bias[h], -std::exp(A_log[h]), h, tok0);
+            for (int64_t t = 0; t < L; ++t)
+              std::copy_n(dy + (tok0 + t) * lay.d_inner + lay.x_col(h), P, &dY[t * P]);
+            gemm(true, false, P, N, L, T(1), dY.data(), P, hc.C_in.data(), N, hc.decay_all(),
+                 dS + hh * PN, N);
+          }
+        }
+      }
+    }
+  }
+}
+
+// g = the product of the chunks' decay(cum_last), as advance_state applies them (decay()'s
+// cut-off included), and 0 when a token of the sequence begins a document (the chunk holding
+// it passes no state on).
+template <class T>
+void ssd_segment_decay(const SsdDims& d, const T* dt, int64_t ld_dt, const T* dt_bias,
+                       const T* A_log, T* decay_out, const int32_t* reset) {
+  check_dims(d);
+  const int64_t max_len = std::min(d.chunk, d.seqlen);
+#pragma omp parallel
+  {
+    std::vector<T> dt_in(max_len), dts(max_len), cum(max_len);
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < d.batch; ++b) {
+      for (int64_t h = 0; h < d.nheads; ++h) {
+        bool any_reset = false;
+        for (int64_t t = 0; reset && t < d.seqlen; ++t) any_reset |= reset[b * d.seqlen + t] != 0;
+        T g = any_reset ? T(0) : T(1);
+        for (int64_t t0 = 0; t0 < d.seqlen && g != T(0); t0 += d.chunk) {
+          const int64_t len = std::min(d.chunk, d.seqlen - t0);
+          chunk_dt(dt, ld_dt, dt_bias[h], -std::exp(A_log[h]), h, b * d.seqlen + t0, len,
+                   dt_in.data(), dts.data(), cum.data());
+          g *= decay(cum[len - 1]);
+        }
+        decay_out[b * d.nheads + h] = g;
+      }
+    }
+  }
+}
+
+template <class T>
+void cp_state_scan(int64_t n, int64_t BH, int64_t PN, const T* summaries, int64_t k,
+                   bool reverse, T* out) {
+  SSD_CHECK(k >= 0 && k < n, "cp_state_scan: segment ", k, " of ", n);
+  const int64_t row = BH * PN + BH;  // one segment's S, then its g
+  std::fill_n(out, BH * PN, T(0));
+  auto step = [&](int64_t j) {  // out = g_j out + S_j
+    const T* S = summaries + j * row;
+    const T* g = S + BH * PN;
+    for (int64_t bh = 0; bh < BH; ++bh)
+      for (int64_t e = 0; e < PN; ++e) out[bh * PN + e] = g[bh] * out[bh * PN + e] + S[bh * PN + e];
+  };
+  if (reverse)
+    for (int64_t j = n - 1; j > k; --j) step(j);
+  else
+    for (int64_t j = 0; j < k; ++j) step(j);
+}
+
 template void ssd_fwd<float>(const SsdDims&, const float*, const float*, int64_t, const float*,
                              const float*, const float*, const float*, float*, float*,
                              const int32_t*);
@@ -509,4 +655,15 @@ template void ssd_bwd<double>(const SsdDims&, const double*, const double*, int6
                               const double*, const double*, double*, double*, int64_t, double*,
                               double*, double*, double*, const int32_t*);
 
+#define SSD_CP_INSTANTIATE(T)                                                                    \
+  template void ssd_final_state<T>(const SsdDims&, const T*, const T*, int64_t, const T*,       \
+                                   const T*, const T*, T*, const int32_t*);                     \
+  template void ssd_dinitial<T>(const SsdDims&, const T*, const T*, int64_t, const T*,          \
+                                const T*, const T*, const T*, T*, const int32_t*);              \
+  template void ssd_segment_decay<T>(const SsdDims&, const T*, int64_t, const T*, const T*, T*, \
+                                     const int32_t*);                                           \
+  template void cp_state_scan<T>(int64_t, int64_t, int64_t, const T*, int64_t, bool, T*);
+SSD_CP_INSTANTIATE(float)
+SSD_CP_INSTANTIATE(double)
+#undef SSD_CP_INSTANTIATE
 }  // namespace ssd::cpu

@@ -471,6 +471,61 @@ class CudaBackend final : public Backend {
                   stream_, p<int32_t>(in.reset));
   }
 
+  void ssd_final_state(const SsdDims& d, const SsdInputs& in, Tensor& final_state) override {
+    const char* op = "ssd_final_state";
+    SsdSteps prof(this, op);
+    check_ssd(op, d, in);
+    need(op, "final_state", final_state, DType::F32, {d.batch, d.nheads, d.headdim, d.dstate});
+    if (d.tokens() == 0) return;
+    auto ws = scratch(cuda::ssd_workspace_bytes(d));
+    cuda::ssd_final_state(d, p<bf16>(in.xBC), slice_ptr<bf16>(in.dt), in.dt.ld(),
+                          p<float>(in.dt_bias), p<float>(in.A_log), p<float>(in.initial_state),
+                          p<float>(final_state), ws.get(), stream_, p<int32_t>(in.reset));
+  }
+
+  void ssd_dinitial(const SsdDims& d, const SsdInputs& in, const Tensor& dy,
+                    const Tensor* dfinal_state, Tensor& d_initial_state) override {
+    const char* op = "ssd_dinitial";
+    SsdSteps prof(this, op);
+    check_ssd(op, d, in);
+    const Shape st{d.batch, d.nheads, d.headdim, d.dstate};
+    need(op, "dy", dy, DType::BF16, {d.tokens(), d.d_inner()});
+    if (dfinal_state) need(op, "dfinal_state", *dfinal_state, DType::F32, st);
+    need(op, "d_initial_state", d_initial_state, DType::F32, st);
+    if (d.tokens() == 0) return;
+    auto ws = scratch(cuda::ssd_workspace_bytes(d));
+    cuda::ssd_dinitial(d, p<bf16>(in.xBC), slice_ptr<bf16>(in.dt), in.dt.ld(),
+                       p<float>(in.dt_bias), p<float>(in.A_log), p<bf16>(dy),
+                       p<float>(dfinal_state), p<float>(d_initial_state), ws.get(),
+                       in.saved ? in.saved->data : nullptr, stream_, p<int32_t>(in.reset));
+  }
+
+  void ssd_segment_decay(const SsdDims& d, const SsdInputs& in, Tensor& decay) override {
+    const char* op = "ssd_segment_decay";
+    SsdSteps prof(this, op);
+    check_ssd(op, d, in);
+    need(op, "decay", decay, DType::F32, {d.batch, d.nheads});
+    if (d.tokens() == 0) return;
+    auto ws = scratch(cuda::ssd_workspace_bytes(d));
+    cuda::ssd_segment_decay(d, slice_ptr<bf16>(in.dt), in.dt.ld(), p<float>(in.dt_bias),
+                            p<float>(in.A_log), p<float>(decay), ws.get(), stream_,
+                            p<int32_t>(in.reset));
+  }
+
+  void cp_state_scan(const SsdDims& d, const Tensor& summaries, int64_t k, bool reverse,
+                     Tensor& out) override {
+    const char* op = "cp_state_scan";
+    auto prof = profile(op);
+    const int64_t BH = d.batch * d.nheads;
+    need_2d(op, "summaries", summaries, {DType::F32});
+    if (summaries.size(1) != BH * d.headdim * d.dstate + BH)
+      fail("cuda ", op, ": summaries must be f32[n, ", BH * d.headdim * d.dstate + BH,
+           "] (states then decays per row), got ", desc(summaries));
+    need(op, "out", out, DType::F32, {d.batch, d.nheads, d.headdim, d.dstate});
+    cuda::cp_state_scan(d, p<float>(summaries), static_cast<int>(summaries.size(0)),
+                        static_cast<int>(k), reverse, p<float>(out), stream_);
+  }
+
   void gated_rmsnorm_fwd(const Tensor& y, const ColSlice& z, const Tensor& weight,
                          int64_t group_size, double eps, Tensor& out, Tensor& rstd,
                          const NormSpan* span) override {
