@@ -10,7 +10,8 @@
 #  3. tensor parallelism for 2.7b: tp=1 against tp=2 (and 4, 8): tokens/s, peak memory per GPU,
 #     the bytes of each collective per step and their time (per call: a layer's all-reduce);
 #  4. context parallelism for 1.3b: the longest sequence of those tried that one GPU trains,
-#     then cp=2 (4, 8) at it and at cp times it, against one GPU at the same tokens per GPU;
+#     then cp=2 (4, 8) at it and at cp times it, both combines (allgather, ring), against one
+#     GPU at the same tokens per GPU;
 #  5. N >= 8: dp x tp x cp = 2 x 2 x 2 against one GPU;
 #  6. kill -9 of a rank during a 2-GPU run: the job ends within 60 s, naming the rank.
 # SMOKE=1 runs the same flow on one GPU shared by the ranks over MPI (parallel.comm=mpi) with
@@ -76,16 +77,17 @@ grep -iE "resum" "$OUT/c_resume_b.log" | head -2
 compare /tmp/smg_resume /tmp/smg_one "dp=2 checkpoint resumed on one GPU, steps $((half + 1))-$n" $((half + 1)) $n
 
 step "2. data-parallel weak scaling (same micro-batch per GPU; tokens/s of all ranks)"
-if [ "$smoke" = 1 ]; then models="130m"; scale="2"; bsteps=3; else models="370m 1.3b"; scale="2 4 8"; bsteps=10; fi
+# SMOKE: the built-in default model (small: the ranks' gradients are staged through host memory)
+if [ "$smoke" = 1 ]; then models="default"; scale="2"; bsteps=2; else models="mamba2-370m mamba2-1.3b"; scale="2 4 8"; bsteps=10; fi
 for m in $models; do
-  "$bin" bench train --config configs/mamba2-$m.yaml --steps $bsteps > "$OUT/dp_${m}_1.log" 2>&1
+  "$bin" bench train --config configs/$m.yaml --steps $bsteps > "$OUT/dp_${m}_1.log" 2>&1
   one=$(field "$OUT/dp_${m}_1.log")
   echo "$m, 1 GPU: $one tokens/s"
   for k in $scale; do
     [ "$k" -le "$maxrank" ] || continue
     for z in 0 1; do
       f="$OUT/dp_${m}_${k}_z$z.log"
-      mpi "$k" "$bin" bench train --config configs/mamba2-$m.yaml --steps $bsteps "${comm[@]}" \
+      mpi "$k" "$bin" bench train --config configs/$m.yaml --steps $bsteps "${comm[@]}" \
         --set parallel.zero=$z > "$f" 2>&1 || { echo "$m dp=$k zero=$z failed"; tail -5 "$f"; continue; }
       tok=$(field "$f")
       eff=$(awk -v a="$tok" -v b="$one" -v k="$k" 'BEGIN { if (b > 0) printf "%.1f", 100 * a / (k * b) }')
@@ -96,7 +98,7 @@ for m in $models; do
 done
 
 step "3. tensor parallelism, 2.7b (micro-batch 1 x 2048): tp=1 against tp=2 (4, 8)"
-if [ "$smoke" = 1 ]; then tcfg=configs/mamba2-130m.yaml; tps="2"; else tcfg=configs/mamba2-2.7b.yaml; tps="2 4 8"; fi
+if [ "$smoke" = 1 ]; then tcfg=configs/default.yaml; tps="2"; else tcfg=configs/mamba2-2.7b.yaml; tps="2 4 8"; fi
 t=(--config $tcfg --steps $bsteps --set train.micro_batch=1 --set train.seq_len=2048)
 "$bin" bench train "${t[@]}" > "$OUT/tp_1.log" 2>&1 || tail -5 "$OUT/tp_1.log"
 echo "tp=1: $(field "$OUT/tp_1.log") tokens/s, peak $(peak "$OUT/tp_1.log") GiB"
@@ -109,7 +111,7 @@ for k in $tps; do
 done
 
 step "4. context parallelism, 1.3b (micro-batch 1): cp against one GPU at the same tokens per GPU"
-if [ "$smoke" = 1 ]; then ccfg=configs/mamba2-130m.yaml; tries="2048 4096"; cps="2";
+if [ "$smoke" = 1 ]; then ccfg=configs/default.yaml; tries="2048 4096"; cps="2";
 else ccfg=configs/mamba2-1.3b.yaml; tries="16384 24576 32768"; cps="2 4 8"; fi
 c=(--config $ccfg --steps $bsteps --set train.micro_batch=1)
 longest=0
@@ -125,12 +127,14 @@ for k in $cps; do
     per=$((L / k))
     [ -f "$OUT/cp_1_$per.log" ] || "$bin" bench train "${c[@]}" --set train.seq_len=$per > "$OUT/cp_1_$per.log" 2>&1
     one=$(field "$OUT/cp_1_$per.log")
-    f="$OUT/cp_${k}_$L.log"
-    mpi "$k" "$bin" bench train "${c[@]}" "${comm[@]}" --set train.seq_len=$L --set parallel.cp=$k \
-      > "$f" 2>&1 || { echo "cp=$k L=$L failed"; tail -5 "$f"; continue; }
-    tok=$(field "$f")
-    echo "cp=$k L=$L: $tok tokens/s ($(awk -v a="$tok" -v b="$one" -v k="$k" 'BEGIN { if (b > 0) printf "%.1f", 100 * a / (k * b) }')% per GPU of one GPU at $per: $one), peak $(peak "$f") GiB per GPU"
-    grep -E "^(context parallel|time in collectives)" "$f"
+    for comb in allgather ring; do
+      f="$OUT/cp_${k}_${L}_$comb.log"
+      mpi "$k" "$bin" bench train "${c[@]}" "${comm[@]}" --set train.seq_len=$L --set parallel.cp=$k \
+        --set parallel.cp_combine=$comb > "$f" 2>&1 || { echo "cp=$k L=$L $comb failed"; tail -5 "$f"; continue; }
+      tok=$(field "$f")
+      echo "cp=$k L=$L $comb: $tok tokens/s ($(awk -v a="$tok" -v b="$one" -v k="$k" 'BEGIN { if (b > 0) printf "%.1f", 100 * a / (k * b) }')% per GPU of one GPU at $per: $one), peak $(peak "$f") GiB per GPU"
+      grep -E "^(context parallel|parallel.cp_combine|time in collectives.*, cp:)" "$f"
+    done
   done
 done
 
