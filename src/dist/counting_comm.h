@@ -50,6 +50,8 @@ class CountingComm final : public Communicator {
 
   const CommBytes& counts() const { return counts_; }
   void reset_counts() { counts_ = {}; }
+  // Whether the inner communicator times its operations on the device (else: the calls).
+  bool device_timed() const { return inner_.times_ops_on_device(); }
   // Times every operation from now on, until take_times().
   void start_timing() {
     timing_ = true;

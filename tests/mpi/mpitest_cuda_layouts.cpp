@@ -11,7 +11,9 @@
 
 #include "config/config.h"
 #include "data/data.h"
+#include "dist/counting_comm.h"
 #include "dist/grid.h"
+#include "dist/mpi_comm.h"
 #include "io/export.h"
 #include "model/mamba2.h"
 #include "layout_step.h"
@@ -173,4 +175,33 @@ TEST(CudaLayouts, ZeroShardsTheMasterWeights) {
   EXPECT_TRUE(comp0 == comp) << "the bf16 compute weights differ between the ranks";
   EXPECT_TRUE(acc0 == acc) << "the fp32 non-GEMM weights differ between the ranks";
   MPI_Comm_free(&pair);
+}
+
+TEST(CudaLayouts, NcclOperationsAreTimedOnTheirStream) {
+  // The collective timing `bench train` prints, on the NCCL path: each rank makes an NCCL
+  // communicator of its own (a world of one; NCCL refuses two ranks of one communicator on one
+  // GPU), and the counting wrapper must get one device time per operation, by kind.
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA GPU here (or built without CUDA)";
+  auto gpu = make_cuda_backend(0);
+  MpiComm self(MPI_COMM_SELF, "self");
+  CountingComm c(make_nccl_comm(self, *gpu));
+  ASSERT_TRUE(c.device_timed());
+  Tensor buf = gpu->alloc({1 << 20}, DType::F32), out = gpu->alloc({1 << 20}, DType::F32);
+  gpu->zero(buf);
+  c.all_reduce(buf.data, buf.numel(), buf.dtype, ReduceOp::Sum);  // before timing: not timed
+  c.start_timing();
+  for (int i = 0; i < 3; ++i) c.all_reduce(buf.data, buf.numel(), buf.dtype, ReduceOp::Sum);
+  c.all_gather(buf.data, out.data, 1 << 20, DType::F32);
+  c.join();
+  const CommTimes t = c.take_times();
+  EXPECT_EQ(t.calls[static_cast<int>(CommOp::AllReduce)], 3);
+  EXPECT_EQ(t.calls[static_cast<int>(CommOp::AllGather)], 1);
+  EXPECT_EQ(t.calls[static_cast<int>(CommOp::ReduceScatter)], 0);
+  EXPECT_GT(t.seconds[static_cast<int>(CommOp::AllReduce)], 0);
+  EXPECT_GT(t.seconds[static_cast<int>(CommOp::AllGather)], 0);
+  // 4 MiB over a world of one takes far less than a second.
+  EXPECT_LT(t.seconds[static_cast<int>(CommOp::AllReduce)], 1.0);
+  c.all_reduce(buf.data, buf.numel(), buf.dtype, ReduceOp::Sum);  // after the take: not timed
+  EXPECT_EQ(c.take_times().calls[static_cast<int>(CommOp::AllReduce)], 0);
+  gpu->synchronize();
 }
