@@ -12,6 +12,9 @@
 #  4. context parallelism for 1.3b: the longest sequence of those tried that one GPU trains,
 #     then cp=2 (4, 8) at it and at cp times it, both combines (allgather, ring), against one
 #     GPU at the same tokens per GPU;
+#  N >= 4 also: a model no one GPU holds (d_model 4096, 64 layers) at tp=4 and 8 (tokens/s,
+#     memory, 20-step losses tp=8 against tp=4), and 1.3b at 131072 and 524288 tokens per
+#     sequence at cp=4 and 8 against one GPU at the same tokens per GPU (recomputation on);
 #  5. N >= 8: dp x tp x cp = 2 x 2 x 2 against one GPU;
 #  6. kill -9 of a rank during a 2-GPU run: the job ends within 60 s, naming the rank.
 # SMOKE=1 runs the same flow on one GPU shared by the ranks over MPI (parallel.comm=mpi) with
@@ -110,6 +113,24 @@ for k in $tps; do
   grep -E "^(tensor parallel|collectives per step|time in collectives)" "$OUT/tp_$k.log"
 done
 
+if [ "$maxrank" -ge 4 ] && [ "$smoke" != 1 ]; then
+  step "3b. a model no one GPU holds (2.7b's shape at d_model 4096, 64 layers): tp=4 and tp=8"
+  big=(--config configs/mamba2-2.7b.yaml --set model.d_model=4096 --set model.n_layer=64
+       --set train.micro_batch=1 --set train.seq_len=2048)
+  for k in 4 8; do
+    [ "$k" -le "$maxrank" ] || continue
+    mpi "$k" "$bin" bench train "${big[@]}" --steps $bsteps "${comm[@]}" --set parallel.tp=$k \
+      > "$OUT/big_tp$k.log" 2>&1 || { echo "big tp=$k failed"; tail -5 "$OUT/big_tp$k.log"; continue; }
+    echo "big tp=$k: $(field "$OUT/big_tp$k.log") tokens/s, peak $(peak "$OUT/big_tp$k.log") GiB per GPU"
+    grep -E "^(bench train|tensor parallel|time in collectives.*, tp:)" "$OUT/big_tp$k.log"
+    rm -rf /tmp/smg_big$k
+    mpi "$k" "$bin" train "${big[@]}" "${comm[@]}" --set parallel.tp=$k --set train.max_steps=20 \
+      --set run.log_every=1 --set checkpoint.every=0 --set run.dir=/tmp/smg_big$k > "$OUT/big_train$k.log" 2>&1 ||
+      { echo "big tp=$k training failed"; tail -5 "$OUT/big_train$k.log"; }
+  done
+  [ -d /tmp/smg_big8 ] && compare /tmp/smg_big8 /tmp/smg_big4 "big model, tp=8 vs tp=4, 20 steps"
+fi
+
 step "4. context parallelism, 1.3b (micro-batch 1): cp against one GPU at the same tokens per GPU"
 if [ "$smoke" = 1 ]; then ccfg=configs/default.yaml; tries="2048 4096"; cps="2";
 else ccfg=configs/mamba2-1.3b.yaml; tries="16384 24576 32768"; cps="2 4 8"; fi
@@ -137,6 +158,24 @@ for k in $cps; do
     done
   done
 done
+
+if [ "$maxrank" -ge 4 ] && [ "$smoke" != 1 ]; then
+  step "4b. long sequences, 1.3b with recomputation: cp=4 and cp=8 at 131072 and 524288 tokens"
+  r=(--config configs/mamba2-1.3b.yaml --steps $bsteps --set train.micro_batch=1 --set train.recompute=layers)
+  for k in 4 8; do
+    [ "$k" -le "$maxrank" ] || continue
+    for L in 131072 524288; do
+      per=$((L / k))
+      [ -f "$OUT/long_1_$per.log" ] || "$bin" bench train "${r[@]}" --set train.seq_len=$per > "$OUT/long_1_$per.log" 2>&1
+      one=$(field "$OUT/long_1_$per.log")
+      f="$OUT/long_${k}_$L.log"
+      mpi "$k" "$bin" bench train "${r[@]}" "${comm[@]}" --set train.seq_len=$L --set parallel.cp=$k \
+        > "$f" 2>&1 || { echo "cp=$k L=$L failed (the longest that trains is below it)"; tail -3 "$f"; continue; }
+      tok=$(field "$f")
+      echo "cp=$k L=$L: $tok tokens/s ($(awk -v a="$tok" -v b="$one" -v k="$k" 'BEGIN { if (b > 0) printf "%.1f", 100 * a / (k * b) }')% per GPU of one GPU at $per: ${one:-did not run}), peak $(peak "$f") GiB per GPU"
+    done
+  done
+fi
 
 if [ "$maxrank" -ge 8 ]; then
   step "5. dp x tp x cp = 2 x 2 x 2 against one GPU"
