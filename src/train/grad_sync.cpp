@@ -288,7 +288,8 @@ std::vector<std::vector<float>> GradSync::tensor_to_root(int i,
     placed += len;
   }
   // The parts cover every bucket, and the buckets every parameter: each value came once.
-  if (rank_ == 0) SSD_CHECK(placed == n, model_.table()[i].name, ": ", placed, " of ", n, " values");
+  if (rank_ == 0)
+    SSD_CHECK(placed == n, model_.table()[i].name, ": ", placed, " of ", n, " values");
   return out;
 }
 
