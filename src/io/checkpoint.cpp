@@ -325,39 +325,49 @@ struct Writer {
   }
 };
 
+// Checks parameter `i` of a checkpoint and, when given, its AdamW moments, before any of them is
+// written. `seen` holds the names of the parameters before it.
+void validate_entry(const std::string& path, size_t i, const HostTensor& t, const HostTensor* m,
+                    const HostTensor* v, std::set<std::string>& seen) {
+  check_name("parameter", t.name, path);
+  if (!seen.insert(t.name).second)
+    fail("cannot write checkpoint ", path, ": parameter ", t.name, " appears twice");
+  for (int64_t d : t.shape)
+    if (d < 0) fail("cannot write checkpoint ", path, ": parameter ", t.name, " has shape ",
+                    shape_str(t.shape));
+  if (static_cast<int64_t>(t.data.size()) != shape_numel(t.shape))
+    fail("cannot write checkpoint ", path, ": parameter ", t.name, " has ", t.data.size(),
+         " values for shape ", shape_str(t.shape));
+  for (const auto& [gname, g] : {std::pair<const char*, const HostTensor*>{"adam_m", m},
+                                 {"adam_v", v}}) {
+    if (!g) continue;
+    if (g->name != t.name || g->shape != t.shape)
+      fail("cannot write checkpoint ", path, ": ", gname, "[", i, "] is ", g->name, " ",
+           shape_str(g->shape), " but parameter ", i, " is ", t.name, " ", shape_str(t.shape));
+    if (static_cast<int64_t>(g->data.size()) != shape_numel(g->shape))
+      fail("cannot write checkpoint ", path, ": ", gname, " ", g->name, " has ", g->data.size(),
+           " values for shape ", shape_str(g->shape));
+  }
+}
+
+void validate_state_keys(const std::string& path,
+                         const std::map<std::string, std::vector<uint64_t>>& state) {
+  for (const auto& [key, v] : state) check_name("state", key, path);
+}
+
+// Everything validate_entry checks, for a whole checkpoint, before the file is created.
 void validate_for_write(const std::string& path, const CheckpointData& c) {
-  std::set<std::string> seen;
-  for (const auto& t : c.params) {
-    check_name("parameter", t.name, path);
-    if (!seen.insert(t.name).second)
-      fail("cannot write checkpoint ", path, ": parameter ", t.name, " appears twice");
-    for (int64_t d : t.shape)
-      if (d < 0) fail("cannot write checkpoint ", path, ": parameter ", t.name, " has shape ",
-                      shape_str(t.shape));
-    if (static_cast<int64_t>(t.data.size()) != shape_numel(t.shape))
-      fail("cannot write checkpoint ", path, ": parameter ", t.name, " has ", t.data.size(),
-           " values for shape ", shape_str(t.shape));
-  }
   const bool has_opt = !c.adam_m.empty() || !c.adam_v.empty();
-  if (has_opt) {
-    for (const auto* group : {&c.adam_m, &c.adam_v}) {
-      const char* gname = group == &c.adam_m ? "adam_m" : "adam_v";
+  if (has_opt)
+    for (const auto* group : {&c.adam_m, &c.adam_v})
       if (group->size() != c.params.size())
-        fail("cannot write checkpoint ", path, ": ", gname, " has ", group->size(),
-             " tensors but there are ", c.params.size(), " parameters");
-      for (size_t i = 0; i < c.params.size(); ++i) {
-        const auto& t = (*group)[i];
-        if (t.name != c.params[i].name || t.shape != c.params[i].shape)
-          fail("cannot write checkpoint ", path, ": ", gname, "[", i, "] is ", t.name, " ",
-               shape_str(t.shape), " but parameter ", i, " is ", c.params[i].name, " ",
-               shape_str(c.params[i].shape));
-        if (static_cast<int64_t>(t.data.size()) != shape_numel(t.shape))
-          fail("cannot write checkpoint ", path, ": ", gname, " ", t.name, " has ",
-               t.data.size(), " values for shape ", shape_str(t.shape));
-      }
-    }
-  }
-  for (const auto& [key, v] : c.state) check_name("state", key, path);
+        fail("cannot write checkpoint ", path, ": ", group == &c.adam_m ? "adam_m" : "adam_v",
+             " has ", group->size(), " tensors but there are ", c.params.size(), " parameters");
+  std::set<std::string> seen;
+  for (size_t i = 0; i < c.params.size(); ++i)
+    validate_entry(path, i, c.params[i], has_opt ? &c.adam_m[i] : nullptr,
+                   has_opt ? &c.adam_v[i] : nullptr, seen);
+  validate_state_keys(path, c.state);
 }
 
 // ---- reading ----
@@ -719,80 +729,192 @@ hid_t checked_driver() {
   return id;
 }
 
-void write_contents(const Writer& w, const CheckpointData& ckpt) {
-  w.attr_i64(w.file, "format_version", kCheckpointFormatVersion);
-  w.attr_i64(w.file, "step", ckpt.step);
-
-  const bool has_opt = !ckpt.adam_m.empty();
-  json::Value manifest = json::Value::object();
-  json::Value names = json::Value::array();
-  for (const auto& t : ckpt.params) names.push(t.name);
-  json::Value keys = json::Value::array();
-  for (const auto& [k, v] : ckpt.state) keys.push(k);
-  manifest.set("params", std::move(names));
-  manifest.set("optimizer", has_opt);
-  manifest.set("state", std::move(keys));
-  w.string("manifest", json::dump(manifest));
-  w.string("config_yaml", ckpt.config_yaml);
-
-  {
-    H5 g = w.make_group("params");
-    for (const auto& t : ckpt.params) w.tensor(g.get(), "params", t);
-  }
-  if (has_opt) {
-    H5 gm = w.make_group("adam_m");
-    for (const auto& t : ckpt.adam_m) w.tensor(gm.get(), "adam_m", t);
-    H5 gv = w.make_group("adam_v");
-    for (const auto& t : ckpt.adam_v) w.tensor(gv.get(), "adam_v", t);
-  }
-  {
-    H5 g = w.make_group("state");
-    for (const auto& [key, v] : ckpt.state)
-      w.dataset(g.get(), key, "/state/" + key, H5T_STD_U64LE, H5T_NATIVE_UINT64,
-                Shape{static_cast<int64_t>(v.size())}, v.data(), v.size() * sizeof(uint64_t));
-  }
-}
-
 }  // namespace
 
-// Each tensor goes from the caller's buffer to the temp file (H5Dwrite, then the driver's
-// pwrite): no copy of the file is held in memory. Then fsync, rename, fsync the directory.
-void write_checkpoint(const std::string& path, const CheckpointData& ckpt) {
-  validate_for_write(path, ckpt);
-  QuietHdf5 quiet;
-  const std::string tmp = temp_path(path);
-  CheckedIo io;
-  try {
+// ---------------------------------------------------------------------------------------------
+// The streaming writer. Each tensor goes from the caller's buffer to the temp file (H5Dwrite,
+// then the driver's pwrite): no copy of the file is held in memory. The groups /params, /adam_m
+// and /adam_v are open from the start, so a parameter and its moments are written together; the
+// attributes, /manifest (the names, collected as they came), /config_yaml and /state are written
+// by finish, which then fsyncs, renames and fsyncs the directory.
+
+struct CheckpointWriter::Impl {
+  std::string path, tmp;
+  bool optimizer = false;
+  CheckedIo io;  // the driver holds its address: Impl lives on the heap and never moves
+  H5 file, params, adam_m, adam_v;
+  std::vector<std::string> names;
+  std::set<std::string> seen;
+  bool failed = false;  // a call threw: the temp file is gone, nothing more is written
+  bool done = false;    // finish ran: the temp file was renamed (or removed by commit_file)
+
+  ~Impl() {
+    if (!done) close_and_remove();
+  }
+
+  // Closes what is open and removes the temp file; never throws.
+  void close_and_remove() noexcept {
+    QuietHdf5 quiet;
+    adam_v.reset();
+    adam_m.reset();
+    params.reset();
+    file.reset();
+    ::unlink(tmp.c_str());
+    H5Eclear2(H5E_DEFAULT);
+  }
+
+  void check_usable() const {
+    if (done) fail("internal: checkpoint ", path, " was already finished");
+    if (failed) fail("cannot write checkpoint ", path, ": an earlier write to it failed");
+  }
+
+  // Runs fn (validation: its message stands as it is) and removes the temp file if it throws.
+  template <class F>
+  void checked(F&& fn) {
+    try {
+      fn();
+    } catch (...) {
+      failed = true;
+      close_and_remove();
+      throw;
+    }
+  }
+
+  // Runs fn (HDF5 work on the temp file), then checks the driver for a failed write. On any
+  // error: removes the temp file and throws naming the checkpoint (and errno of a failed write).
+  template <class F>
+  void io_step(F&& fn) {
+    QuietHdf5 quiet;
+    try {
+      fn();
+      if (io.error) fail("cannot write ", tmp, ": ", errno_str(io.error));
+    } catch (const Error& e) {
+      failed = true;
+      close_and_remove();
+      // A failed write is the cause of whatever HDF5 said after it.
+      if (io.error)
+        fail("cannot write checkpoint ", path, ": cannot write ", tmp, ": ", errno_str(io.error));
+      fail("cannot write checkpoint ", path, ": ", e.what());
+    } catch (...) {
+      failed = true;
+      close_and_remove();
+      throw;
+    }
+  }
+
+  void add(const HostTensor& p, const HostTensor* m, const HostTensor* v) {
+    check_usable();
+    checked([&] {
+      if (optimizer != (m != nullptr))
+        fail("cannot write checkpoint ", path, ": parameter ", p.name,
+             optimizer ? " comes without its AdamW moments" : " comes with AdamW moments",
+             " (the checkpoint was started ", optimizer ? "with" : "without", " optimizer state)");
+      validate_entry(path, names.size(), p, m, v, seen);
+    });
+    io_step([&] {
+      const Writer w{file.get()};
+      w.tensor(params.get(), "params", p);
+      if (m) {
+        w.tensor(adam_m.get(), "adam_m", *m);
+        w.tensor(adam_v.get(), "adam_v", *v);
+      }
+    });
+    names.push_back(p.name);
+  }
+
+  void finish(int64_t step, const std::string& config_yaml,
+              const std::map<std::string, std::vector<uint64_t>>& state) {
+    check_usable();
+    checked([&] { validate_state_keys(path, state); });
+    io_step([&] {
+      const Writer w{file.get()};
+      w.attr_i64(file.get(), "format_version", kCheckpointFormatVersion);
+      w.attr_i64(file.get(), "step", step);
+      json::Value manifest = json::Value::object();
+      json::Value list = json::Value::array();
+      for (const auto& n : names) list.push(n);
+      json::Value keys = json::Value::array();
+      for (const auto& [k, v] : state) keys.push(k);
+      manifest.set("params", std::move(list));
+      manifest.set("optimizer", optimizer);
+      manifest.set("state", std::move(keys));
+      w.string("manifest", json::dump(manifest));
+      w.string("config_yaml", config_yaml);
+      {
+        H5 g = w.make_group("state");
+        for (const auto& [key, v] : state)
+          w.dataset(g.get(), key, "/state/" + key, H5T_STD_U64LE, H5T_NATIVE_UINT64,
+                    Shape{static_cast<int64_t>(v.size())}, v.data(), v.size() * sizeof(uint64_t));
+      }
+      adam_v.reset();
+      adam_m.reset();
+      params.reset();
+      // The driver fails no call, so HDF5 closes the file whatever the disk did.
+      if (!file.close()) fail("closing ", tmp, " failed: ", h5_detail());
+    });
+    done = true;  // commit_file removes the temp file itself when it fails
+    try {
+      commit_file(tmp, path);
+    } catch (const Error& e) {
+      fail("cannot write checkpoint ", path, ": ", e.what());
+    }
+  }
+};
+
+CheckpointWriter::CheckpointWriter(const std::string& path, bool optimizer)
+    : impl_(std::make_unique<Impl>()) {
+  Impl& w = *impl_;
+  w.path = path;
+  w.tmp = temp_path(path);
+  w.optimizer = optimizer;
+  w.io_step([&] {
     H5 fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
-    const CheckedFapl info{&io};
+    const CheckedFapl info{&w.io};
     if (!fapl.ok() || H5Pset_libver_bounds(fapl.get(), H5F_LIBVER_V18, H5F_LIBVER_LATEST) < 0 ||
         H5Pset_fclose_degree(fapl.get(), H5F_CLOSE_STRONG) < 0 || checked_driver() < 0 ||
         H5Pset_driver(fapl.get(), checked_driver(), &info) < 0)
       fail("cannot set HDF5 file properties: ", h5_detail());
-    H5 file(H5Fcreate(tmp.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get()), H5Fclose);
-    if (!file.ok()) {
-      if (io.open_error) fail("cannot create ", tmp, ": ", errno_str(io.open_error));
-      fail("cannot create ", tmp, ": ", h5_detail());
+    w.file = H5(H5Fcreate(w.tmp.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get()), H5Fclose);
+    if (!w.file.ok()) {
+      if (w.io.open_error) fail("cannot create ", w.tmp, ": ", errno_str(w.io.open_error));
+      fail("cannot create ", w.tmp, ": ", h5_detail());
     }
-    write_contents(Writer{file.get()}, ckpt);
-    // The driver fails no call, so HDF5 closes the file whatever the disk did.
-    if (!file.close()) fail("closing ", tmp, " failed: ", h5_detail());
-    if (io.error) fail("cannot write ", tmp, ": ", errno_str(io.error));
-  } catch (const Error& e) {
-    ::unlink(tmp.c_str());
-    // A failed write is the cause of whatever HDF5 said after it.
-    if (io.error) fail("cannot write checkpoint ", path, ": cannot write ", tmp, ": ",
-                       errno_str(io.error));
-    fail("cannot write checkpoint ", path, ": ", e.what());
-  } catch (...) {
-    ::unlink(tmp.c_str());
-    throw;
+    const Writer wr{w.file.get()};
+    w.params = wr.make_group("params");
+    if (optimizer) {
+      w.adam_m = wr.make_group("adam_m");
+      w.adam_v = wr.make_group("adam_v");
+    }
+  });
+}
+
+CheckpointWriter::~CheckpointWriter() = default;
+
+void CheckpointWriter::add(const HostTensor& param) { impl_->add(param, nullptr, nullptr); }
+
+void CheckpointWriter::add(const HostTensor& param, const HostTensor& m, const HostTensor& v) {
+  impl_->add(param, &m, &v);
+}
+
+void CheckpointWriter::finish(int64_t step, const std::string& config_yaml,
+                              const std::map<std::string, std::vector<uint64_t>>& state) {
+  impl_->finish(step, config_yaml, state);
+}
+
+const std::string& CheckpointWriter::path() const { return impl_->path; }
+
+// All checks first (nothing is created for a malformed checkpoint), then the streaming writer.
+void write_checkpoint(const std::string& path, const CheckpointData& ckpt) {
+  validate_for_write(path, ckpt);
+  const bool has_opt = !ckpt.adam_m.empty();
+  CheckpointWriter w(path, has_opt);
+  for (size_t i = 0; i < ckpt.params.size(); ++i) {
+    if (has_opt)
+      w.add(ckpt.params[i], ckpt.adam_m[i], ckpt.adam_v[i]);
+    else
+      w.add(ckpt.params[i]);
   }
-  try {
-    commit_file(tmp, path);  // removes tmp when it fails
-  } catch (const Error& e) {
-    fail("cannot write checkpoint ", path, ": ", e.what());
-  }
+  w.finish(ckpt.step, ckpt.config_yaml, ckpt.state);
 }
 
 CheckpointData read_checkpoint(const std::string& path) {

@@ -2,6 +2,7 @@
 #pragma once
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -26,10 +27,39 @@ struct CheckpointData {
   std::string source;
 };
 
-// Writes <path> atomically: tensor by tensor into temp_path(path) (no copy of the file in
-// memory), fsync, rename, fsync the directory. A failed write (ENOSPC...) throws naming path and
-// the errno, and leaves neither file. Every dataset carries a checksum verified by
-// read_checkpoint.
+// Writes a checkpoint to <path> as its tensors arrive, so the writer holds no more than the
+// tensor it is given: the constructor creates temp_path(path); add() writes one parameter (and,
+// when the checkpoint has optimizer state, its AdamW moments: same name and shape) in table
+// order; finish() writes the step, the config, the small state and the manifest (the names as
+// they were added), then fsyncs, renames onto path and fsyncs the directory. The file is the one
+// write_checkpoint writes for the same contents, verified by read_checkpoint.
+// Every call checks what it is given first (the checks of write_checkpoint: names, shapes,
+// sizes, moments matching their parameter) and throws ssd::Error naming path on a bad tensor or
+// a failed write (ENOSPC...: with the errno); after any error the temp file is removed and the
+// writer refuses further calls. Destroyed without a successful finish(), it removes the temp
+// file: path is then untouched (an earlier checkpoint there stays as it was).
+class CheckpointWriter {
+ public:
+  CheckpointWriter(const std::string& path, bool optimizer);
+  ~CheckpointWriter();
+  CheckpointWriter(const CheckpointWriter&) = delete;
+  CheckpointWriter& operator=(const CheckpointWriter&) = delete;
+
+  void add(const HostTensor& param);  // a checkpoint without optimizer state
+  void add(const HostTensor& param, const HostTensor& adam_m, const HostTensor& adam_v);
+  void finish(int64_t step, const std::string& config_yaml,
+              const std::map<std::string, std::vector<uint64_t>>& state);
+  const std::string& path() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Writes <path> atomically through CheckpointWriter: tensor by tensor into temp_path(path) (no
+// copy of the file in memory), fsync, rename, fsync the directory. The whole checkpoint is
+// checked before the file is created. A failed write (ENOSPC...) throws naming path and the
+// errno, and leaves neither file. Every dataset carries a checksum verified by read_checkpoint.
 void write_checkpoint(const std::string& path, const CheckpointData& ckpt);
 
 // Reads and verifies a checkpoint. Throws ssd::Error naming the file and what is wrong

@@ -180,27 +180,33 @@ std::vector<ShardLayout::CountedRange> ShardLayout::counted_ranges(int64_t span)
   return out;
 }
 
+std::vector<float> gather_full(Communicator& tp, const ParamSpec& spec, const ModelConfig& m,
+                               const std::vector<float>& local) {
+  const int64_t size = tp.size(), me = tp.rank();
+  if (me != 0) {
+    tp.send(local.data(), static_cast<int64_t>(local.size()), DType::F32, 0);
+    return {};
+  }
+  std::vector<float> full(shape_numel(spec.shape), 0.f);
+  shard_layout(spec, tp_dims(m, size, 0), m).to_full(local.data(), full.data());
+  std::vector<float> part;
+  for (int64_t q = 1; q < size; ++q) {
+    const ShardLayout sl = shard_layout(spec, tp_dims(m, size, q), m);
+    part.resize(shape_numel(sl.local_shape));
+    tp.recv(part.data(), static_cast<int64_t>(part.size()), DType::F32, static_cast<int>(q));
+    sl.to_full(part.data(), full.data());
+  }
+  return full;
+}
+
 std::vector<std::vector<float>> gather_full(Communicator& tp, const std::vector<ParamSpec>& table,
                                             const ModelConfig& m,
                                             const std::vector<std::vector<float>>& local) {
   SSD_CHECK(local.size() == table.size());
-  const int64_t size = tp.size(), me = tp.rank();
   std::vector<std::vector<float>> full;
-  if (me == 0) full.resize(table.size());
   for (size_t i = 0; i < table.size(); ++i) {
-    if (me == 0) {
-      full[i].assign(shape_numel(table[i].shape), 0.f);
-      shard_layout(table[i], tp_dims(m, size, 0), m).to_full(local[i].data(), full[i].data());
-      std::vector<float> part;
-      for (int64_t q = 1; q < size; ++q) {
-        const ShardLayout sl = shard_layout(table[i], tp_dims(m, size, q), m);
-        part.resize(shape_numel(sl.local_shape));
-        tp.recv(part.data(), static_cast<int64_t>(part.size()), DType::F32, static_cast<int>(q));
-        sl.to_full(part.data(), full[i].data());
-      }
-    } else {
-      tp.send(local[i].data(), static_cast<int64_t>(local[i].size()), DType::F32, 0);
-    }
+    std::vector<float> t = gather_full(tp, table[i], m, local[i]);
+    if (tp.rank() == 0) full.push_back(std::move(t));
   }
   return full;
 }

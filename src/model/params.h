@@ -95,5 +95,9 @@ class Communicator;
 std::vector<std::vector<float>> gather_full(Communicator& tp, const std::vector<ParamSpec>& table,
                                             const ModelConfig& m,
                                             const std::vector<std::vector<float>>& local);
+// The same for one tensor: `local` is this rank's part of `spec`; the full tensor lands on the
+// group's rank 0 (empty elsewhere). Collective over `tp` (every rank with the same spec).
+std::vector<float> gather_full(Communicator& tp, const ParamSpec& spec, const ModelConfig& m,
+                               const std::vector<float>& local);
 
 }  // namespace ssd

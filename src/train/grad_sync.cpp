@@ -73,16 +73,18 @@ std::vector<GradSync::Part> GradSync::parts(int q) const {
   return out;
 }
 
+void GradSync::pieces_of(const std::vector<Part>& ps, int i, std::vector<Piece>& out) const {
+  const int64_t off = model_.flat_offset(i);
+  const int64_t n = shape_numel(model_.shard(i).local_shape);
+  for (const Part& p : ps) {
+    const int64_t lo = std::max(off, p.lo), hi = std::min(off + n, p.lo + p.len);
+    if (hi > lo) out.push_back({i, lo, hi - lo, p.at + (lo - p.lo)});
+  }
+}
+
 void GradSync::build_pieces() {
   const auto own = parts(rank_);
-  for (size_t i = 0; i < model_.table().size(); ++i) {
-    const int64_t off = model_.flat_offset(static_cast<int>(i));
-    const int64_t n = shape_numel(model_.shard(static_cast<int>(i)).local_shape);
-    for (const Part& p : own) {
-      const int64_t lo = std::max(off, p.lo), hi = std::min(off + n, p.lo + p.len);
-      if (hi > lo) pieces_.push_back({static_cast<int>(i), lo, hi - lo, p.at + (lo - p.lo)});
-    }
-  }
+  for (size_t i = 0; i < model_.table().size(); ++i) pieces_of(own, static_cast<int>(i), pieces_);
 }
 
 std::map<int64_t, std::vector<Tensor>> GradSync::counted_tensors(bool of_master) {
@@ -210,16 +212,20 @@ void GradSync::load_master(const std::vector<std::vector<float>>& local) {
 
 std::vector<float> GradSync::download_range(const Tensor& flat, int64_t lo, int64_t len) {
   std::vector<float> out(len);
-  if (len == 0) return out;
+  download_into(flat, lo, len, out.data());
+  return out;
+}
+
+void GradSync::download_into(const Tensor& flat, int64_t lo, int64_t len, float* out) {
+  if (len == 0) return;
   Tensor piece = flat.rows(lo, len);
   if (piece.dtype == DType::F32) {
-    be_.download(out.data(), piece);
+    be_.download(out, piece);
   } else {
     std::vector<double> tmp(len);
     be_.download(tmp.data(), piece);
     for (int64_t i = 0; i < len; ++i) out[i] = static_cast<float>(tmp[i]);
   }
-  return out;
 }
 
 void GradSync::upload_range(Tensor& flat, int64_t lo, const float* src, int64_t len) {
@@ -233,37 +239,63 @@ void GradSync::upload_range(Tensor& flat, int64_t lo, const float* src, int64_t 
   }
 }
 
-std::vector<std::vector<float>> GradSync::shards_to_root(const std::vector<const Tensor*>& bufs) {
-  Communicator& host = grid_.host(Group::DpCp);
-  const int64_t total = model_.grad_buffer().numel();
-  std::vector<std::vector<float>> full(bufs.size());
-  if (!zero_) {  // every rank holds them whole
+std::vector<std::vector<float>> GradSync::tensor_to_root(int i,
+                                                         const std::vector<const Tensor*>& bufs) {
+  const int64_t off = model_.flat_offset(i);
+  const int64_t n = shape_numel(model_.shard(i).local_shape);
+  const size_t K = bufs.size();
+  std::vector<std::vector<float>> out(K);
+  if (!zero_) {  // every rank holds the full flat buffers
     if (rank_ == 0)
-      for (size_t k = 0; k < bufs.size(); ++k) full[k] = download_range(*bufs[k], 0, total);
-    return full;
+      for (size_t k = 0; k < K; ++k) out[k] = download_range(*bufs[k], off, n);
+    return out;
   }
-  std::vector<std::vector<float>> mine;
-  for (const Tensor* t : bufs) mine.push_back(download_range(*t, 0, shard_len_));
+  Communicator& host = grid_.host(Group::DpCp);
   if (rank_ == 0)
-    for (auto& f : full) f.assign(total, 0.f);
+    for (auto& o : out) o.resize(n);
+  int64_t placed = 0;
+  std::vector<Piece> ps;
+  std::vector<float> buf;
   for (int q = 0; q < group_; ++q) {
-    std::vector<std::vector<float>> got(bufs.size());
-    for (size_t k = 0; k < bufs.size(); ++k) {
-      if (rank_ == 0 && q == 0) {
-        got[k] = std::move(mine[k]);
-      } else if (rank_ == 0) {
-        got[k].resize(shard_len_);  // every rank's shard has the same length
-        host.recv(got[k].data(), shard_len_, DType::F32, q);
-      } else if (rank_ == q) {
-        host.send(mine[k].data(), shard_len_, DType::F32, 0);
+    if (rank_ != 0 && rank_ != q) continue;
+    ps.clear();
+    pieces_of(parts(q), i, ps);
+    int64_t len = 0;
+    for (const Piece& p : ps) len += p.len;
+    if (len == 0) continue;  // rank q holds nothing of this tensor (both sides know it)
+    // Rank q's pieces of the tensor, buffer after buffer, in one message.
+    buf.resize(K * len);
+    if (rank_ == q) {
+      int64_t pos = 0;
+      for (size_t k = 0; k < K; ++k)
+        for (const Piece& p : ps) {
+          download_into(*bufs[k], p.at, p.len, buf.data() + pos);
+          pos += p.len;
+        }
+      if (q != 0) {
+        host.send(buf.data(), static_cast<int64_t>(buf.size()), DType::F32, 0);
+        continue;
       }
+    } else {
+      host.recv(buf.data(), static_cast<int64_t>(buf.size()), DType::F32, q);
     }
-    if (rank_ != 0) continue;
-    for (const Part& p : parts(q))
-      for (size_t k = 0; k < bufs.size(); ++k)
-        std::copy_n(got[k].begin() + p.at, p.len, full[k].begin() + p.lo);
+    int64_t pos = 0;
+    for (size_t k = 0; k < K; ++k)
+      for (const Piece& p : ps) {
+        std::copy_n(buf.begin() + pos, p.len, out[k].begin() + (p.lo - off));
+        pos += p.len;
+      }
+    placed += len;
   }
-  return full;
+  // The parts cover every bucket, and the buckets every parameter: each value came once.
+  if (rank_ == 0)
+    SSD_CHECK(placed == n, model_.table()[i].name, ": ", placed, " of ", n, " values");
+  return out;
+}
+
+GradSync::TensorState GradSync::tensor_to_root(int i) {
+  auto got = tensor_to_root(i, {&master(), &m_, &v_});
+  return {std::move(got[0]), std::move(got[1]), std::move(got[2])};
 }
 
 void GradSync::shards_from_root(std::vector<std::vector<float>>& full,
@@ -315,12 +347,14 @@ std::vector<float> GradSync::to_flat(const std::vector<std::vector<float>>& per_
 
 void GradSync::moments_to_root(std::vector<std::vector<float>>& m,
                                std::vector<std::vector<float>>& v) {
-  auto full = shards_to_root({&m_, &v_});
   m.clear();
   v.clear();
-  if (rank_ != 0) return;
-  m = by_param(full[0]);
-  v = by_param(full[1]);
+  for (size_t i = 0; i < model_.table().size(); ++i) {
+    auto got = tensor_to_root(static_cast<int>(i), {&m_, &v_});
+    if (rank_ != 0) continue;
+    m.push_back(std::move(got[0]));
+    v.push_back(std::move(got[1]));
+  }
 }
 
 void GradSync::moments_from_root(const std::vector<std::vector<float>>& m,
@@ -331,9 +365,12 @@ void GradSync::moments_from_root(const std::vector<std::vector<float>>& m,
 }
 
 std::vector<std::vector<float>> GradSync::params_to_root() {
-  auto full = shards_to_root({&master()});
-  if (rank_ != 0) return {};
-  return by_param(full[0]);
+  std::vector<std::vector<float>> out;
+  for (size_t i = 0; i < model_.table().size(); ++i) {
+    auto got = tensor_to_root(static_cast<int>(i), {&master()});
+    if (rank_ == 0) out.push_back(std::move(got[0]));
+  }
+  return out;
 }
 
 std::vector<std::vector<float>> GradSync::gathered_grads() {

@@ -17,7 +17,8 @@
 // model: each rank writes its parts into zeros and the buffer is summed over the group (exact:
 // one term). The CPU runs the same steps, so its multi-process tests check the GPU's algorithm.
 // The model is made with master_in_shards; every load of its weights (init, resume) reaches the
-// master shard through its master loader, and checkpoints gather the shards (params_to_root).
+// master shard through its master loader, and checkpoints gather the shards tensor by tensor
+// (tensor_to_root).
 #pragma once
 #include <cstdint>
 #include <map>
@@ -57,6 +58,16 @@ class GradSync {
   // 0, empty elsewhere: the ZeRO-1 shards gathered, or the model's full master. Collective over
   // the dp x cp group. (Loading goes through the model: Mamba2LM::params_from_host.)
   std::vector<std::vector<float>> params_to_root();
+  // One tensor of the table, for a checkpoint written tensor by tensor: table[i]'s master
+  // parameter (the ZeRO-1 shards' pieces of it, or the model's full master) and its AdamW
+  // moments, as host fp32 of this tensor-parallel rank's local shape, on the group's rank 0 (empty
+  // elsewhere). Each rank sends its pieces of the tensor (all three in one message) to rank 0,
+  // which holds this one tensor only. Collective over the dp x cp group: every rank calls it with
+  // the same i.
+  struct TensorState {
+    std::vector<float> param, m, v;
+  };
+  TensorState tensor_to_root(int i);
   // The reduced gradients (this tensor-parallel rank's parts) as host tensors in table order,
   // on every rank; for tests.
   std::vector<std::vector<float>> gathered_grads();
@@ -95,6 +106,13 @@ class GradSync {
   };
   void on_ready(int stage);
   void build_pieces();
+  // The pieces of parameter i in `parts` (one rank's parts), appended to out in parts order: the
+  // one walk behind the optimizer's slots (this rank's pieces) and the gathers to rank 0.
+  void pieces_of(const std::vector<Part>& parts, int i, std::vector<Piece>& out) const;
+  // Parameter i of each flat buffer in `bufs` (the master and/or the moments: shard buffers
+  // with zero=1, full flat ones with zero=0), host fp32 of its local shape, on the group's
+  // rank 0 (empty elsewhere). Collective over the dp x cp group.
+  std::vector<std::vector<float>> tensor_to_root(int i, const std::vector<const Tensor*>& bufs);
   // Tensors of the master (master) or of the reduced gradients, grouped by how many
   // tensor-parallel ranks hold the same values (tp = 1: all in one group of 1).
   std::map<int64_t, std::vector<Tensor>> counted_tensors(bool master);
@@ -102,9 +120,7 @@ class GradSync {
   double sum_squares(const std::map<int64_t, std::vector<Tensor>>& groups);
   Tensor& master() { return zero_ ? master_ : model_.param_buffer(); }
   void load_master(const std::vector<std::vector<float>>& local);
-  // Host fp32 full flat buffers (flat layout) of the shard buffers `bufs` on the group's rank
-  // 0 (empty elsewhere), and the reverse: rank 0's full flat buffers into every rank's shards.
-  std::vector<std::vector<float>> shards_to_root(const std::vector<const Tensor*>& bufs);
+  // Rank 0's full flat buffers (host fp32, flat layout) into every rank's shard buffers `bufs`.
   void shards_from_root(std::vector<std::vector<float>>& full, const std::vector<Tensor*>& bufs);
   // A host flat buffer cut into parameters (table order, local shapes), and the reverse.
   std::vector<std::vector<float>> by_param(const std::vector<float>& flat) const;
@@ -113,8 +129,9 @@ class GradSync {
   // This rank's part of bucket b: [own_lo, own_lo + part) of the flat buffers.
   int64_t part(const Bucket& b) const { return b.len / group_; }
   int64_t own_lo(const Bucket& b, int r) const { return b.lo + r * part(b); }
-  // Host fp32 copy of a flat range of a device/host buffer.
+  // Host fp32 copy of a flat range of a device/host buffer (into out: len values).
   std::vector<float> download_range(const Tensor& flat, int64_t lo, int64_t len);
+  void download_into(const Tensor& flat, int64_t lo, int64_t len, float* out);
   void upload_range(Tensor& flat, int64_t lo, const float* src, int64_t len);
 
   Mamba2LM& model_;

@@ -8,6 +8,8 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <optional>
 #include <sstream>
 
 #include "data/data.h"
@@ -249,42 +251,53 @@ void Trainer::start_state() {
 }
 
 void Trainer::save_checkpoint() {
-  // Master parameters and moments gathered to rank 0 of each dp x cp group (ZeRO shards
-  // included): full tensors of this tensor-parallel rank's parts.
-  std::vector<std::vector<float>> m, v, params;
-  sync_->moments_to_root(m, v);
-  params = sync_->params_to_root();
-  if (layout_.tp > 1 && in_root_tp_group()) {  // full tensors from the root tp group's parts
-    Communicator& tp = grid_->host(Group::Tp);
-    params = gather_full(tp, model_->table(), cfg_.model, params);
-    m = gather_full(tp, model_->table(), cfg_.model, m);
-    v = gather_full(tp, model_->table(), cfg_.model, v);
-  }
-  std::string path = checkpoint_path(cfg_.checkpoint.dir, step_);
-  // A failed write (disk full, say) ends every rank with the message, not with a hang.
+  // Streamed tensor by tensor: for each parameter of the table, its master values and AdamW
+  // moments are gathered to rank 0 of each dp x cp group (the ZeRO shards' pieces of it), then,
+  // under tensor parallelism, the root tp group's parts into the full tensor on rank 0, which
+  // writes them and drops them. So rank 0 holds one tensor (and its moments) at a time, never
+  // the model. After each tensor every rank learns how rank 0's write went (agree): a failure
+  // (disk full, a non-finite parameter) ends every rank with its message instead of a hang, the
+  // writer removes its temp file and the previous checkpoint stays the latest.
+  const std::string path = checkpoint_path(cfg_.checkpoint.dir, step_);
+  const auto& table = model_->table();
+  std::optional<CheckpointWriter> writer;
   agree(grid_->base(), [&] {
     if (!grid_->is_root()) return;
-    CheckpointData ck;
-    ck.step = step_;
-    ck.config_yaml = config_to_yaml(cfg_);
-    double sumsq = 0;
-    for (size_t i = 0; i < params.size(); ++i) {
-      for (float x : params[i]) sumsq += double(x) * x;
-      ck.params.push_back({model_->table()[i].name, model_->table()[i].shape, std::move(params[i])});
+    std::error_code ec;
+    fs::create_directories(cfg_.checkpoint.dir, ec);
+    if (ec)
+      fail("cannot create checkpoint directory ", cfg_.checkpoint.dir, ": ", ec.message());
+    writer.emplace(path, /*optimizer=*/true);
+  });
+  double sumsq = 0;
+  for (size_t i = 0; i < table.size(); ++i) {
+    GradSync::TensorState t = sync_->tensor_to_root(static_cast<int>(i));
+    if (layout_.tp > 1 && in_root_tp_group()) {  // the full tensor from the tp group's parts
+      Communicator& tp = grid_->host(Group::Tp);
+      t.param = gather_full(tp, table[i], cfg_.model, t.param);
+      t.m = gather_full(tp, table[i], cfg_.model, t.m);
+      t.v = gather_full(tp, table[i], cfg_.model, t.v);
     }
-    if (!std::isfinite(sumsq))
-      fail_all("step ", step_, ": the update made the parameters non-finite; no checkpoint written. "
-               "The last good checkpoint is ", last_ckpt_.empty() ? std::string("(none written yet)")
-               : last_ckpt_, ". Lower train.lr.");
-    for (size_t i = 0; i < ck.params.size(); ++i) {
-      ck.adam_m.push_back({ck.params[i].name, ck.params[i].shape, std::move(m[i])});
-      ck.adam_v.push_back({ck.params[i].name, ck.params[i].shape, std::move(v[i])});
-    }
-    ck.state["data.position"] = {static_cast<uint64_t>(position_)};
-    ck.state["tokens_seen"] = {static_cast<uint64_t>(tokens_seen_)};
-    ck.state["skipped_steps"] = {static_cast<uint64_t>(skipped_)};
-    fs::create_directories(cfg_.checkpoint.dir);
-    write_checkpoint(path, ck);
+    agree(grid_->base(), [&] {
+      if (!grid_->is_root()) return;
+      for (float x : t.param) sumsq += double(x) * x;
+      if (!std::isfinite(sumsq))
+        fail_all("step ", step_, ": the update made the parameters non-finite; no checkpoint "
+                 "written. The last good checkpoint is ",
+                 last_ckpt_.empty() ? std::string("(none written yet)") : last_ckpt_,
+                 ". Lower train.lr.");
+      writer->add({table[i].name, table[i].shape, std::move(t.param)},
+                  {table[i].name, table[i].shape, std::move(t.m)},
+                  {table[i].name, table[i].shape, std::move(t.v)});
+    });
+  }
+  agree(grid_->base(), [&] {
+    if (!grid_->is_root()) return;
+    std::map<std::string, std::vector<uint64_t>> state;
+    state["data.position"] = {static_cast<uint64_t>(position_)};
+    state["tokens_seen"] = {static_cast<uint64_t>(tokens_seen_)};
+    state["skipped_steps"] = {static_cast<uint64_t>(skipped_)};
+    writer->finish(step_, config_to_yaml(cfg_), state);
     prune_checkpoints(cfg_.checkpoint.dir, cfg_.checkpoint.keep_last);
   });
   last_ckpt_ = path;

@@ -129,6 +129,39 @@ TEST_F(Hardening, DiskFullAtACheckpointFailsCleanly) {
   EXPECT_FALSE(fs::exists(run_dir / "checkpoints" / "step_00000003.h5"));
 }
 
+// The same on 2 ranks (ZeRO-1: rank 0 receives the other rank's pieces of every tensor): the
+// checkpoint of step 1 fits, the disk fills up part-way through step 2's, which rank 0 writes
+// tensor by tensor while the ranks gather the next ones. Every rank ends with exit 1 (no hang,
+// no abort), the message is printed once, no temp file is left and step 1 stays the latest.
+TEST_F(Hardening, DiskFullPartWayThroughAMultiRankCheckpoint) {
+  if (!mount_small_fs("2500k")) GTEST_SKIP() << "cannot mount a tmpfs here (needs root)";
+  const fs::path run_dir = fs::path(mount_) / "run", ck = run_dir / "checkpoints";
+  std::string cmd = "cd " + quote(tmp_.string()) + " && OMP_NUM_THREADS=1 " + quote(SSD_MPIEXEC) +
+                    " --allow-run-as-root --oversubscribe -np 2 bash -c " +
+                    quote("\"$0\" \"$@\"; echo $? >rc.$OMPI_COMM_WORLD_RANK") + " " +
+                    quote(SSD_BINARY);
+  for (const auto& a : train_args(run_dir, 4, {"checkpoint.every=1", "checkpoint.keep_last=0",
+                                               "parallel.zero=1"}))
+    cmd += " " + quote(a);
+  cmd += " >stdout.txt 2>stderr.txt </dev/null";
+  std::system(cmd.c_str());
+  Result r;
+  r.out = read_file(tmp_ / "stdout.txt");
+  r.err = read_file(tmp_ / "stderr.txt");
+  for (const char* rank : {"0", "1"})
+    EXPECT_EQ(std::atoi(read_file(tmp_ / (std::string("rc.") + rank)).c_str()), 1)
+        << "rank " << rank << "\n" << r;
+  const std::string msg = "cannot write checkpoint " + (ck / "step_00000002.h5").string();
+  EXPECT_TRUE(has(r.err, msg + ": cannot write ")) << r;
+  EXPECT_TRUE(has(r.err, "No space left on device")) << r;
+  EXPECT_EQ(r.err.find(msg), r.err.rfind(msg)) << "printed once\n" << r;
+  EXPECT_TRUE(has(r.out, "checkpoint " + (ck / "step_00000001.h5").string())) << r;
+  EXPECT_TRUE(temp_files(run_dir).empty()) << temp_files(run_dir)[0];
+  EXPECT_FALSE(fs::exists(ck / "step_00000002.h5"));
+  EXPECT_EQ(ssd::latest_checkpoint(ck.string()).value_or(""), (ck / "step_00000001.h5").string());
+  EXPECT_EQ(ssd::read_checkpoint((ck / "step_00000001.h5").string()).step, 1);
+}
+
 TEST_F(Hardening, DiskFullAtStartLeavesNoTempFile) {
   if (!mount_small_fs("64k")) GTEST_SKIP() << "cannot mount a tmpfs here (needs root)";
   {  // fill it up
@@ -345,6 +378,38 @@ TEST_F(Hardening, NonFiniteCheckpointsAndLossesAreErrors) {
   Result r = run({"eval", "--checkpoint", (d2 / "checkpoints" / "step_00000001.h5").string()});
   EXPECT_EQ(r.rc, 1) << r;
   EXPECT_TRUE(has(r.err, "not finite")) << r;
+}
+
+// An update that makes the parameters non-finite (lr 1e39 is inf in fp32): the checkpoint of
+// that step is refused, naming the last good one, on 1 and on 2 ranks (ZeRO-1), before anything
+// is committed: no temp file, and the good checkpoint stays the latest.
+TEST_F(Hardening, NonFiniteParametersAreNotCheckpointed) {
+  for (int np : {1, 2}) {
+    const fs::path d = tmp_ / ("run" + std::to_string(np)), ck = d / "checkpoints";
+    ASSERT_EQ(run(train_args(d, 4, {"train.stop_after=1"})).rc, 0);
+    const std::string good = (ck / "step_00000001.h5").string();
+    ASSERT_TRUE(fs::exists(good));
+    std::string cmd = "cd " + quote(tmp_.string()) + " && OMP_NUM_THREADS=1 " +
+                      quote(SSD_MPIEXEC) + " --allow-run-as-root --oversubscribe -np " +
+                      std::to_string(np) + " " + quote(SSD_BINARY);
+    for (const auto& a :
+         train_args(d, 4, {"train.lr=1e39", "train.warmup_steps=0", "train.grad_clip=0",
+                           "train.resume_config=override", "checkpoint.every=1",
+                           "parallel.zero=1"}))
+      cmd += " " + quote(a);
+    cmd += " >stdout.txt 2>stderr.txt </dev/null";
+    const int status = std::system(cmd.c_str());
+    Result r;
+    r.rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    r.out = read_file(tmp_ / "stdout.txt");
+    r.err = read_file(tmp_ / "stderr.txt");
+    EXPECT_NE(r.rc, 0) << r;
+    EXPECT_TRUE(has(r.err, "step 2: the update made the parameters non-finite; no checkpoint "
+                           "written. The last good checkpoint is " + good)) << r;
+    EXPECT_TRUE(temp_files(d).empty()) << temp_files(d)[0];
+    EXPECT_FALSE(fs::exists(ck / "step_00000002.h5")) << r;
+    EXPECT_EQ(ssd::latest_checkpoint(ck.string()).value_or(""), good);
+  }
 }
 
 // ---------------------------------------------------------------- wording
