@@ -449,7 +449,8 @@ int bench_train(const std::vector<std::string>& in) {
   if (!grid.is_root()) return 0;
   std::sort(times.begin(), times.end());
   const double med = times[times.size() / 2];
-  std::vector<double> lt(load_times.end() - steps, load_times.end());
+  // The timed steps' loading (the extra steps after them load too).
+  std::vector<double> lt(load_times.begin() + warmup, load_times.begin() + warmup + steps);
   std::sort(lt.begin(), lt.end());
   const double load_med = lt[lt.size() / 2];
   const auto& m = cfg.model;
