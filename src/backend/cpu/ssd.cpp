@@ -528,29 +528,44 @@ void ssd_bwd(const SsdDims& d, const T* xBC, const T* dt, int64_t ld_dt, const T
 // decays. The pieces below give S, g, and the gradient reaching the entering state through the
 // segment's own outputs, each for less than a full pass.
 
+// The frame of both cheap passes: for every (sequence, group) in parallel, the group's heads'
+// states (adjacent in `states`, [hpg, P, N]) start as `start`'s (zeros without it), then
+// body(b, g, group_states, gc, hc, scratch) runs with the thread's chunk buffers and `scratch`
+// (scratch_len values of its own).
+template <class T, class Body>
+void per_group_states(const SsdDims& d, const T* start, T* states, int64_t scratch_len,
+                      Body&& body) {
+  check_dims(d);
+  const Layout lay(d);
+  const int64_t PN = lay.P * lay.N, hpg = lay.heads_per_group;
+  const int64_t max_len = std::min(d.chunk, d.seqlen);
+#pragma omp parallel
+  {
+    GroupChunk<T> gc(max_len, lay.N);
+    HeadChunk<T> hc(max_len, lay.P, lay.N);
+    std::vector<T> scratch(scratch_len);
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < d.batch; ++b) {
+      for (int64_t g = 0; g < d.ngroups; ++g) {
+        const int64_t off = (b * d.nheads + g * hpg) * PN;
+        T* st = states + off;
+        for (int64_t i = 0; i < hpg * PN; ++i) st[i] = start ? start[off + i] : T(0);
+        body(lay, b, g, st, gc, hc, scratch);
+      }
+    }
+  }
+}
+
 template <class T>
 void ssd_final_state(const SsdDims& d, const T* xBC, const T* dt, int64_t ld_dt,
                      const T* dt_bias, const T* A_log, const T* initial_state, T* final_state,
                      const int32_t* reset) {
-  check_dims(d);
-  const Layout lay(d);
-  const int64_t P = lay.P, N = lay.N, PN = P * N, hpg = lay.heads_per_group;
-  const int64_t max_len = std::min(d.chunk, d.seqlen);
-#pragma omp parallel
-  {
-    GroupChunk<T> gc(max_len, N);
-    HeadChunk<T> hc(max_len, P, N);
-#pragma omp for collapse(2) schedule(static)
-    for (int64_t b = 0; b < d.batch; ++b) {
-      for (int64_t g = 0; g < d.ngroups; ++g) {
-        T* states = final_state + (b * d.nheads + g * hpg) * PN;  // the group's heads, adjacent
-        for (int64_t i = 0; i < hpg * PN; ++i)
-          states[i] = initial_state ? initial_state[(b * d.nheads + g * hpg) * PN + i] : T(0);
-        pass_states(d, lay, xBC, dt, ld_dt, dt_bias, A_log, reset, b, g, d.nchunks(), gc, hc,
-                    states, [](int64_t) {});
-      }
-    }
-  }
+  per_group_states<T>(d, initial_state, final_state, 0,
+                      [&](const Layout& lay, int64_t b, int64_t g, T* states, GroupChunk<T>& gc,
+                          HeadChunk<T>& hc, std::vector<T>&) {
+                        pass_states(d, lay, xBC, dt, ld_dt, dt_bias, A_log, reset, b, g,
+                                    d.nchunks(), gc, hc, states, [](int64_t) {});
+                      });
 }
 
 // dS_in = exp(cum_last) dS_out + dY^T C_in per chunk, from the last: ssd_bwd's recursion for
@@ -559,21 +574,11 @@ template <class T>
 void ssd_dinitial(const SsdDims& d, const T* xBC, const T* dt, int64_t ld_dt, const T* dt_bias,
                   const T* A_log, const T* dy, const T* dfinal_state, T* d_initial_state,
                   const int32_t* reset) {
-  check_dims(d);
-  const Layout lay(d);
-  const int64_t P = lay.P, N = lay.N, PN = P * N, hpg = lay.heads_per_group;
-  const int64_t max_len = std::min(d.chunk, d.seqlen);
-#pragma omp parallel
-  {
-    GroupChunk<T> gc(max_len, N);
-    HeadChunk<T> hc(max_len, P, N);
-    std::vector<T> dY(max_len * P);
-#pragma omp for collapse(2) schedule(static)
-    for (int64_t b = 0; b < d.batch; ++b) {
-      for (int64_t g = 0; g < d.ngroups; ++g) {
-        const int64_t off = (b * d.nheads + g * hpg) * PN;
-        T* dS = d_initial_state + off;
-        for (int64_t i = 0; i < hpg * PN; ++i) dS[i] = dfinal_state ? dfinal_state[off + i] : T(0);
+  per_group_states<T>(
+      d, dfinal_state, d_initial_state, std::min(d.chunk, d.seqlen) * d.headdim,
+      [&](const Layout& lay, int64_t b, int64_t g, T* dS, GroupChunk<T>& gc, HeadChunk<T>& hc,
+          std::vector<T>& dY) {
+        const int64_t P = lay.P, N = lay.N, PN = P * N, hpg = lay.heads_per_group;
         for (int64_t c = d.nchunks() - 1; c >= 0; --c) {
           const int64_t t0 = c * d.chunk, tok0 = b * d.seqlen + t0;
           gc.load(lay, xBC, g, tok0, std::min(d.chunk, d.seqlen - t0), /*with_CB=*/false,
@@ -588,9 +593,7 @@ void ssd_dinitial(const SsdDims& d, const T* xBC, const T* dt, int64_t ld_dt, co
                  dS + hh * PN, N);
           }
         }
-      }
-    }
-  }
+      });
 }
 
 // g = the product of the chunks' decay(cum_last), as advance_state applies them (decay()'s
