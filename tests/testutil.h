@@ -2,6 +2,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <filesystem>
 #include <sstream>
 #include <fstream>
@@ -12,6 +13,15 @@
 #include <vector>
 
 namespace ssdtest {
+
+// f rounded to the nearest bfloat16 (ties to even), as a float: what a bf16 tensor holds.
+inline float round_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u = (u + 0x7fff + ((u >> 16) & 1)) & 0xffff0000u;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
 
 template <class T>
 std::vector<T> randn(size_t n, uint64_t seed, double scale = 1.0) {

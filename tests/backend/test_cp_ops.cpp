@@ -24,13 +24,7 @@ using namespace ssd;
 
 namespace {
 
-float round_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u = (u + 0x7fff + ((u >> 16) & 1)) & 0xffff0000u;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+using ssdtest::round_bf16;
 
 // Host data of one op call over `batch` sequences of `len` tokens, rows batch-major.
 struct Rows {

@@ -32,13 +32,7 @@ constexpr double kTolBf16 = 1e-2;
 constexpr double kTolF32 = 1e-4;
 double g_worst_bf16 = 0, g_worst_f32 = 0;
 
-float round_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u = (u + 0x7fff + ((u >> 16) & 1)) & 0xffff0000u;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+using ssdtest::round_bf16;
 Vf bf16(Vf v) {
   for (auto& x : v) x = round_bf16(x);
   return v;
